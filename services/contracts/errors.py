@@ -1,0 +1,99 @@
+"""The error tree every part of tierlab raises, each class carrying its HTTP status.
+
+One handler (``services.tier.app``) renders any of them as the Open Inference Protocol error body
+``{"error": "<message>"}`` with the class's status, so the data plane never thinks about HTTP and a
+client always gets a message that names the problem::
+
+    TierlabError (500)
+    ├── ConfigError (500)              a manifest / deployment / settings file is wrong (start-up)
+    │   └── ChecksumMismatch (500)     a submodel file's sha256 differs from its manifest
+    ├── BadRequest (400)
+    │   ├── MalformedBody (400)        JSON or binary framing cannot be parsed
+    │   ├── TensorMismatch (400)       wrong tensor name, datatype or shape for the model
+    │   └── BadParameter (400)         a pipeline parameter is missing, of the wrong type or out of range
+    ├── NotFound (404)
+    │   └── ModelNotFound (404)
+    ├── PayloadTooLarge (413)
+    ├── Unavailable (503)              not ready yet, or more work than the tier admits (Retry-After)
+    └── NextTierError (502)            the next tier refused, broke or answered an error
+        └── NextTierTimeout (504)      the next tier did not answer within the forward timeout
+"""
+
+from __future__ import annotations
+
+
+class TierlabError(Exception):
+    """Base of every error tierlab raises on purpose; ``status_code`` is what HTTP shows."""
+
+    status_code: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def headers(self) -> dict[str, str]:
+        """Extra HTTP headers the response for this error must carry."""
+        return {}
+
+    def to_json(self) -> dict[str, str]:
+        """The Open Inference Protocol error body."""
+        return {"error": self.message}
+
+
+class ConfigError(TierlabError):
+    """A manifest, deployment or settings file is invalid; raised before a tier serves."""
+
+
+class ChecksumMismatch(ConfigError):
+    """A submodel file does not hash to the sha256 its manifest records."""
+
+
+class BadRequest(TierlabError):
+    status_code = 400
+
+
+class MalformedBody(BadRequest):
+    """The request body is not valid V2 JSON or its binary framing does not add up."""
+
+
+class TensorMismatch(BadRequest):
+    """A tensor's name, datatype or shape does not match what the model takes."""
+
+
+class BadParameter(BadRequest):
+    """A request parameter (placement, exit_threshold, stage, …) is invalid."""
+
+
+class NotFound(TierlabError):
+    status_code = 404
+
+
+class ModelNotFound(NotFound):
+    """The tier serves no model by that name."""
+
+
+class PayloadTooLarge(TierlabError):
+    status_code = 413
+
+
+class Unavailable(TierlabError):
+    """The tier cannot take the request now; the client may retry after ``retry_after_s``."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class NextTierError(TierlabError):
+    """Forwarding to the next tier failed; the message names the hop (``edge -> cloud``)."""
+
+    status_code = 502
+
+
+class NextTierTimeout(NextTierError):
+    status_code = 504

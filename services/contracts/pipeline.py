@@ -1,0 +1,127 @@
+"""Pipeline control and per-hop timings as they travel in V2 ``parameters``.
+
+V2 parameter values may only be booleans, numbers or strings, so the hop records are flattened:
+``hop0_tier``, ``hop0_queue_ms``, … ``hop{k}_…`` for the k-th tier a request visited. A tier that
+forwards adds its own ``hop{k}`` record to the ones its next tier answered with.
+
+Timing model of one hop (all in milliseconds, measured with ``perf_counter_ns`` in the tier):
+
+- ``queue_ms``: body received → first local stage starts computing (decode + waiting for a compute slot);
+- ``compute_ms``: onnxruntime time of this tier's stages, exit checks included;
+- ``send_ms``: forward call to the next tier (encode + link + the next tier's whole ``total_ms`` + decode);
+- ``total_ms``: body received → response encoded, so ``send_ms[k] - total_ms[k+1]`` is the link's transfer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from services.contracts.codec import Parameters, ParamValue
+from services.contracts.errors import BadParameter
+
+# request parameters a client may set
+PLACEMENT = "placement"
+REQUEST_ID = "request_id"
+EXIT_THRESHOLD = "exit_threshold"
+# request parameters only tiers set when they forward
+STAGE = "tierlab_stage"
+HOP = "tierlab_hop"
+# response parameters
+STRATEGY = "strategy"
+EXIT_STAGE = "exit_stage"
+EXITED_EARLY = "exited_early"
+HOP_COUNT = "hops"
+
+
+def _number(params: Parameters, key: str) -> float | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadParameter(f"parameter '{key}' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _index(params: Parameters, key: str) -> int:
+    value = params.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadParameter(f"parameter '{key}' must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _string(params: Parameters, key: str) -> str | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadParameter(f"parameter '{key}' must be a string, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineRequest:
+    """The pipeline control a request carries; absent fields take the model's defaults."""
+
+    placement: str | None = None
+    request_id: str | None = None
+    exit_threshold: float | None = None
+    stage: int = 0
+    hop: int = 0
+
+    @classmethod
+    def from_parameters(cls, params: Parameters) -> PipelineRequest:
+        threshold = _number(params, EXIT_THRESHOLD)
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise BadParameter(f"parameter '{EXIT_THRESHOLD}' must be within [0, 1], got {threshold}")
+        return cls(
+            placement=_string(params, PLACEMENT),
+            request_id=_string(params, REQUEST_ID),
+            exit_threshold=threshold,
+            stage=_index(params, STAGE),
+            hop=_index(params, HOP),
+        )
+
+    def forward_parameters(self, *, placement: str, stage: int, hop: int) -> Parameters:
+        params: Parameters = {PLACEMENT: placement, STAGE: stage, HOP: hop}
+        if self.request_id is not None:
+            params[REQUEST_ID] = self.request_id
+        if self.exit_threshold is not None:
+            params[EXIT_THRESHOLD] = self.exit_threshold
+        return params
+
+
+@dataclass(frozen=True, slots=True)
+class HopTiming:
+    """What one tier visit cost; see the module docstring for what each time covers."""
+
+    tier: str
+    first_stage: int
+    last_stage: int
+    queue_ms: float
+    compute_ms: float
+    send_ms: float
+    total_ms: float
+    bytes_in: int
+    bytes_out: int
+
+    def to_parameters(self, index: int) -> Parameters:
+        return {f"hop{index}_{key}": value for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_parameters(cls, params: Parameters, index: int) -> HopTiming:
+        values: dict[str, ParamValue] = {}
+        for spec in fields(cls):
+            key = f"hop{index}_{spec.name}"
+            if key not in params:
+                raise BadParameter(f"response parameters lack '{key}'")
+            values[spec.name] = params[key]
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def hops_from_parameters(params: Parameters) -> list[HopTiming]:
+    """Every hop record in a response's parameters, in visiting order."""
+    count = params.get(HOP_COUNT, 0)
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise BadParameter(f"response parameter '{HOP_COUNT}' must be an integer, got {count!r}")
+    return [HopTiming.from_parameters(params, index) for index in range(count)]

@@ -1,0 +1,164 @@
+"""Tier, link, placement and deployment specs: the data that says what runs where.
+
+``Placement`` maps a variant's stages to tiers (``M-E-C``: stage 0 on mobile, 1 on edge, 2 on cloud;
+``E``: every stage on edge). ``LinkSpec`` is one link's conditions. ``DeploymentSpec`` is the file every
+tier of a stack reads: which variants to serve under which placements, where each tier listens, and the
+links between them. Specs are data; the things that realise them live in ``services.tier``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Literal, get_args
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from services.contracts.errors import ConfigError
+from services.contracts.manifest import FrozenSpec
+
+TierName = Literal["mobile", "edge", "cloud"]
+TIERS: tuple[TierName, ...] = get_args(TierName)
+TIER_LETTERS: dict[str, TierName] = {"M": "mobile", "E": "edge", "C": "cloud"}
+LETTER_OF: dict[TierName, str] = {tier: letter for letter, tier in TIER_LETTERS.items()}
+
+LinkName = Literal["mobile-edge", "edge-cloud", "mobile-cloud"]
+LINKS: tuple[LinkName, ...] = get_args(LinkName)
+
+
+def link_between(a: TierName, b: TierName) -> LinkName:
+    """The link joining two different tiers, named in the mobile → edge → cloud order."""
+    first, second = sorted((a, b), key=TIERS.index)
+    name = f"{first}-{second}"
+    if name not in LINKS or a == b:
+        raise ValueError(f"there is no link between {a} and {b}")
+    return name  # type: ignore[return-value]
+
+
+class Placement(FrozenSpec):
+    """Which tier runs which stage: one tier for all stages, or one tier per stage, mobile → cloud order."""
+
+    tiers: tuple[TierName, ...] = Field(min_length=1)
+
+    @field_validator("tiers")
+    @classmethod
+    def _left_to_right(cls, tiers: tuple[TierName, ...]) -> tuple[TierName, ...]:
+        order = [TIERS.index(t) for t in tiers]
+        if any(b <= a for a, b in itertools.pairwise(order)):
+            raise ValueError(f"tiers must go mobile → edge → cloud without repeats, got {'-'.join(tiers)}")
+        return tiers
+
+    @classmethod
+    def parse(cls, text: str) -> Placement:
+        """``"M-E-C"`` → Placement(mobile, edge, cloud); raises ValueError naming the problem."""
+        letters = [part.strip().upper() for part in text.split("-")]
+        unknown = [p for p in letters if p not in TIER_LETTERS]
+        if unknown or not text.strip():
+            raise ValueError(f"placement {text!r} must be tier letters M, E, C joined by '-' (e.g. M-E-C)")
+        try:
+            return cls(tiers=tuple(TIER_LETTERS[p] for p in letters))
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
+    @property
+    def name(self) -> str:
+        return "-".join(LETTER_OF[t] for t in self.tiers)
+
+    def stage_tiers(self, stage_count: int) -> tuple[TierName, ...]:
+        """The tier of each of ``stage_count`` stages."""
+        if len(self.tiers) == 1:
+            return self.tiers * stage_count
+        if len(self.tiers) == stage_count:
+            return self.tiers
+        raise ValueError(
+            f"placement {self.name} names {len(self.tiers)} tiers but the variant has {stage_count} stages "
+            "(give one tier, or one per stage)"
+        )
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def placements_for(stage_count: int) -> tuple[Placement, ...]:
+    """Every placement a variant of ``stage_count`` stages can run under, single tiers first."""
+    single = [Placement(tiers=(t,)) for t in TIERS]
+    if stage_count == 1:
+        return tuple(single)
+    split = [Placement(tiers=combo) for combo in itertools.combinations(TIERS, stage_count)]
+    return tuple(single + split)
+
+
+class LinkSpec(FrozenSpec):
+    """One link's conditions, applied on the sending side of each end (so RTT = 2 × delay_ms)."""
+
+    delay_ms: float = Field(default=0.0, ge=0.0, description="one-way delay")
+    jitter_ms: float = Field(default=0.0, ge=0.0, description="standard deviation of the one-way delay")
+    loss_pct: float = Field(default=0.0, ge=0.0, le=100.0, description="packet loss, percent")
+    rate_mbit: float | None = Field(default=None, gt=0.0, description="bandwidth cap; None = unlimited")
+    queue_limit_packets: int | None = Field(
+        default=None, gt=0, description="netem queue; None = sized to the bandwidth-delay product"
+    )
+
+    @property
+    def is_shaped(self) -> bool:
+        return bool(self.delay_ms or self.jitter_ms or self.loss_pct or self.rate_mbit)
+
+    @property
+    def rtt_ms(self) -> float:
+        return 2.0 * self.delay_ms
+
+
+class TierEndpointSpec(FrozenSpec):
+    url: str = Field(pattern=r"^https?://[^/\s]+/?$", description="base URL, e.g. http://edge:8000")
+
+    @property
+    def base_url(self) -> str:
+        return self.url.rstrip("/")
+
+
+class ModelEntrySpec(FrozenSpec):
+    manifest: str = Field(min_length=1, description="manifest.json (or its folder), relative to models_dir")
+    placements: tuple[str, ...] | None = Field(default=None, description="default: every valid placement")
+
+    @field_validator("placements")
+    @classmethod
+    def _parse(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("placements, when given, must list at least one placement")
+        return tuple(Placement.parse(p).name for p in value)
+
+
+class DeploymentSpec(FrozenSpec):
+    """What a stack serves: read by every tier, the role given separately."""
+
+    models_dir: str = Field(default="models", description="relative to the deployment file's folder")
+    models: tuple[ModelEntrySpec, ...] = Field(min_length=1)
+    tiers: dict[TierName, TierEndpointSpec]
+    links: dict[LinkName, LinkSpec] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _every_tier_has_an_endpoint(self) -> DeploymentSpec:
+        missing = [t for t in TIERS if t not in self.tiers]
+        if missing:
+            raise ValueError(f"tiers must give a url for every tier; missing: {', '.join(missing)}")
+        return self
+
+    def link(self, a: TierName, b: TierName) -> LinkSpec:
+        return self.links.get(link_between(a, b), LinkSpec())
+
+
+def load_deployment(path: Path) -> DeploymentSpec:
+    """Read a deployment file (YAML or JSON) and validate it."""
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read deployment {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"deployment {path} is not valid YAML: {exc}") from None
+    try:
+        return DeploymentSpec.model_validate(document)
+    except ValidationError as exc:
+        raise ConfigError(f"deployment {path} is invalid:\n{exc}") from None

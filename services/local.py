@@ -1,0 +1,129 @@
+"""Run the three tiers as plain processes on this host: no Docker, for tests and fast iteration.
+
+Each tier is the same entry point the containers use (``python -m services tier``), listening where
+the deployment file says. ``LocalStack`` starts them, waits until every tier is ready, and stops them
+(also on errors); a tier that dies while starting is reported with the end of its log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from services.contracts.specs import TIERS, TierName, load_deployment
+
+_POLL_INTERVAL_S = 0.1
+_LOG_TAIL_BYTES = 4000
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the OS says are free now on 127.0.0.1 (for tests that start tiers side by side)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def http_get_json(url: str, timeout_s: float = 2.0) -> tuple[int, dict[str, object]]:
+    """GET a JSON document; (status, body), with status 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+            return reply.status, json.loads(reply.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+    except (OSError, ValueError):
+        return 0, {}
+
+
+class LocalStack:
+    """Three (or fewer) tier processes on this host, from one deployment file."""
+
+    def __init__(
+        self,
+        deployment: Path,
+        *,
+        tiers: Sequence[TierName] = TIERS,
+        tier_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.deployment = deployment
+        self.spec = load_deployment(deployment)
+        self.tiers = tuple(tiers)
+        self.tier_args = tuple(tier_args)
+        self.env = {**os.environ, **(env or {})}
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="tierlab-local-"))
+        self.processes: dict[TierName, subprocess.Popen[bytes]] = {}
+
+    def url(self, tier: TierName) -> str:
+        return self.spec.tiers[tier].base_url
+
+    def log_path(self, tier: TierName) -> Path:
+        return self.log_dir / f"{tier}.log"
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for tier in self.tiers:
+            port = self.url(tier).rsplit(":", 1)[1]
+            argv = [sys.executable, "-m", "services", "tier", "--tier", tier, "--deployment", str(self.deployment),
+                    "--port", port, *self.tier_args]  # fmt: skip
+            with self.log_path(tier).open("wb") as log:
+                self.processes[tier] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        waiting = set(self.tiers)
+        while waiting:
+            for tier in sorted(waiting):
+                code = self.processes[tier].poll()
+                if code is not None:
+                    raise RuntimeError(f"{tier} tier exited with code {code} while starting:\n{self.log_tail(tier)}")
+                status, _ = http_get_json(f"{self.url(tier)}/v2/health/ready")
+                if status == 200:
+                    waiting.discard(tier)
+            if waiting and time.monotonic() > deadline:
+                raise TimeoutError(f"tiers {sorted(waiting)} not ready after {timeout_s:g} s; logs in {self.log_dir}")
+            if waiting:
+                time.sleep(_POLL_INTERVAL_S)
+
+    def log_tail(self, tier: TierName) -> str:
+        data = self.log_path(tier).read_bytes() if self.log_path(tier).exists() else b""
+        return data[-_LOG_TAIL_BYTES:].decode(errors="replace")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,248 @@
+"""The tier's data plane: run this tier's stages of a pipeline, exit early or forward, time every hop.
+
+It knows nothing of HTTP: it takes a decoded :class:`~services.contracts.codec.InferRequest` and gives an
+:class:`~services.contracts.codec.InferResponse`, raising the contract's errors. A request names a
+model (a variant) and optionally a placement; the tier runs the consecutive stages the placement gives
+it, stops at a confident exit head, or forwards the next stage's inputs to the tier that runs it and
+relays the answer with its own hop record added.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from services.contracts import pipeline as p
+from services.contracts.codec import InferRequest, InferResponse
+from services.contracts.errors import BadParameter, ConfigError, ModelNotFound, TensorMismatch, Unavailable
+from services.contracts.manifest import ManifestSpec, load_manifest, verify_stage_files
+from services.contracts.pipeline import HopTiming, PipelineRequest
+from services.contracts.specs import DeploymentSpec, Placement, TierName, placements_for
+from services.tier.forwarder import Forwarder
+from services.tier.runtime import StageSession, StagesResult, check_inputs, run_stages
+from services.tier.telemetry import TierTelemetry
+
+log = logging.getLogger(__name__)
+
+_NS_PER_MS = 1_000_000
+
+
+def _ms(ns: int) -> float:
+    return round(ns / _NS_PER_MS, 4)
+
+
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """A variant this stack serves, with the placements a request may choose (the first is default)."""
+
+    manifest: ManifestSpec
+    folder: Path
+    placements: dict[str, Placement]
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def default_placement(self) -> str:
+        return next(iter(self.placements))
+
+    def strategy(self, placement: str) -> str:
+        return f"{self.name}@{placement}"
+
+    def stages_on(self, tier: TierName) -> list[int]:
+        """Every stage some served placement puts on ``tier`` (the sessions the tier must load)."""
+        count = len(self.manifest.stages)
+        return sorted({i for pl in self.placements.values() for i, t in enumerate(pl.stage_tiers(count)) if t == tier})
+
+
+def resolve_models(deployment: DeploymentSpec, deployment_dir: Path) -> dict[str, ServedModel]:
+    """Read every manifest the deployment names, verify its files, and check its placements."""
+    root = deployment_dir / deployment.models_dir
+    models: dict[str, ServedModel] = {}
+    for entry in deployment.models:
+        path = root / entry.manifest
+        manifest = load_manifest(path)
+        folder = path if path.is_dir() else path.parent
+        verify_stage_files(manifest, folder)
+        if manifest.name in models:
+            raise ConfigError(f"two manifests name the model '{manifest.name}' ({models[manifest.name].folder}, {folder})")
+        count = len(manifest.stages)
+        names = entry.placements or tuple(pl.name for pl in placements_for(count))
+        placements: dict[str, Placement] = {}
+        for name in names:
+            placement = Placement.parse(name)
+            try:
+                placement.stage_tiers(count)
+            except ValueError as exc:
+                raise ConfigError(f"model '{manifest.name}': {exc}") from None
+            placements[placement.name] = placement
+        models[manifest.name] = ServedModel(manifest, folder, placements)
+    return models
+
+
+@dataclass
+class DataPlane:
+    tier: TierName
+    models: dict[str, ServedModel]
+    forwarder: Forwarder
+    telemetry: TierTelemetry
+    compute_slots: int = 1
+    max_queue: int = 64
+    sessions: dict[tuple[str, int], StageSession] = field(default_factory=dict)
+    ready: bool = False
+    load_error: str | None = None
+    _executor: ThreadPoolExecutor = field(init=False)
+    _compute_pending: int = 0
+
+    def __post_init__(self) -> None:
+        self._executor = ThreadPoolExecutor(self.compute_slots, thread_name_prefix=f"{self.tier}-compute")
+
+    # ------------------------------------------------------------------------------------- lifecycle
+
+    def load(self, options: ort.SessionOptions, warmup_runs: int) -> None:
+        """Create and warm a session for every stage this tier may run (blocking; run it in a thread)."""
+        try:
+            for model in self.models.values():
+                for index in model.stages_on(self.tier):
+                    stage = StageSession.load(model.manifest, model.folder, index, options)
+                    stage.warm(warmup_runs)
+                    self.sessions[(model.name, index)] = stage
+        except ConfigError as exc:
+            self.load_error = exc.message
+            log.critical("%s cannot serve: %s", self.tier, exc.message)
+            return
+        self.ready = True
+        self.telemetry.ready.labels(self.tier).set(1)
+        log.info("%s ready: %d stage session(s) of %d model(s)", self.tier, len(self.sessions), len(self.models))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ----------------------------------------------------------------------------------------- infer
+
+    def model(self, name: str) -> ServedModel:
+        served = self.models.get(name)
+        if served is None:
+            raise ModelNotFound(f"model '{name}' is not served here; served: {sorted(self.models)}")
+        return served
+
+    def strategies(self) -> set[str]:
+        return {m.strategy(pl) for m in self.models.values() for pl in m.placements}
+
+    def _check_ready(self) -> None:
+        if not self.ready:
+            reason = self.load_error or "sessions are still loading"
+            raise Unavailable(f"{self.tier} is not ready: {reason}", retry_after_s=1 if self.load_error is None else 30)
+
+    def _plan(self, model: ServedModel, control: PipelineRequest) -> tuple[str, tuple[TierName, ...], list[int]]:
+        placement = control.placement or model.default_placement
+        try:
+            placement = Placement.parse(placement).name
+        except ValueError as exc:
+            raise BadParameter(f"parameter 'placement': {exc}") from None
+        if placement not in model.placements:
+            raise BadParameter(
+                f"placement {placement} is not served for '{model.name}'; served: {list(model.placements)}"
+            )
+        stage_tiers = model.placements[placement].stage_tiers(len(model.manifest.stages))
+        first = control.stage
+        if first >= len(stage_tiers):
+            raise BadParameter(f"stage {first} does not exist; '{model.name}' has {len(stage_tiers)} stages")
+        if stage_tiers[first] != self.tier:
+            raise BadParameter(
+                f"stage {first} of {model.strategy(placement)} runs on {stage_tiers[first]}, not {self.tier}: "
+                f"send the request to {stage_tiers[first]}"
+            )
+        local = [first]
+        while local[-1] + 1 < len(stage_tiers) and stage_tiers[local[-1] + 1] == self.tier:
+            local.append(local[-1] + 1)
+        return placement, stage_tiers, local
+
+    async def infer(self, model_name: str, request: InferRequest, *, received_ns: int, bytes_in: int) -> InferResponse:
+        """Run this tier's part of the request's pipeline; ``received_ns`` is when its body was read."""
+        self._check_ready()
+        model = self.model(model_name)
+        control = PipelineRequest.from_parameters(request.parameters)
+        placement, stage_tiers, local = self._plan(model, control)
+        final_names = [t.name for t in model.manifest.outputs]
+        unknown = [o.name for o in request.outputs if o.name not in final_names]
+        if unknown:
+            raise TensorMismatch(f"unknown output(s) {unknown}; '{model.name}' gives {final_names}")
+        check_inputs(model.manifest.stages[local[0]].inputs, request.inputs)
+
+        self.telemetry.inflight.labels(self.tier).inc()
+        try:
+            result = await self._compute(model, local, request.inputs, control.exit_threshold, received_ns)
+            answered_here = result.exited or result.last_stage == len(stage_tiers) - 1
+            if answered_here:
+                outputs, parameters = self._answer(model, result), {}
+                send_ns = bytes_out = 0
+            else:
+                next_stage = result.last_stage + 1
+                feeds = {s.name: result.tensors[s.name] for s in model.manifest.stages[next_stage].inputs}
+                forwarded = await self.forwarder.forward(
+                    stage_tiers[next_stage], model.name, feeds,
+                    control.forward_parameters(placement=placement, stage=next_stage, hop=control.hop + 1),
+                )  # fmt: skip
+                outputs, parameters = forwarded.response.outputs, dict(forwarded.response.parameters)
+                send_ns, bytes_out = forwarded.send_ns, forwarded.bytes_out
+        finally:
+            self.telemetry.inflight.labels(self.tier).dec()
+
+        hop = HopTiming(
+            tier=self.tier, first_stage=local[0], last_stage=result.last_stage,
+            queue_ms=_ms(result.queue_ns), compute_ms=_ms(result.compute_ns), send_ms=_ms(send_ns),
+            total_ms=_ms(time.perf_counter_ns() - received_ns), bytes_in=bytes_in, bytes_out=bytes_out,
+        )  # fmt: skip
+        strategy = model.strategy(placement)
+        self.telemetry.record_hop(model.name, strategy, hop, exited_here=answered_here and result.exited)
+        parameters.update(hop.to_parameters(control.hop))
+        parameters[p.STRATEGY] = strategy
+        if answered_here:
+            parameters.update({p.EXIT_STAGE: result.last_stage, p.EXITED_EARLY: result.exited, p.HOP_COUNT: control.hop + 1})
+        request_id = control.request_id or request.id
+        if request_id is not None:
+            parameters[p.REQUEST_ID] = request_id
+        return InferResponse(model.name, self._select(outputs, request), parameters, request.id, "1")
+
+    async def _compute(
+        self, model: ServedModel, local: list[int], inputs: Mapping[str, np.ndarray],
+        exit_threshold: float | None, received_ns: int,
+    ) -> StagesResult:  # fmt: skip
+        limit = self.compute_slots + self.max_queue
+        if self._compute_pending >= limit:
+            raise Unavailable(
+                f"{self.tier} has {self._compute_pending} requests in or waiting for compute (limit {limit}); retry later"
+            )
+        stages = [self.sessions[(model.name, index)] for index in local]
+        self._compute_pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, run_stages, stages, inputs, exit_threshold, received_ns)
+        finally:
+            self._compute_pending -= 1
+
+    @staticmethod
+    def _answer(model: ServedModel, result: StagesResult) -> dict[str, np.ndarray]:
+        if result.exited:
+            head = model.manifest.stages[result.last_stage].exit
+            assert head is not None  # run_stages exits only at a head
+            final = model.manifest.final_output_for(head)
+            assert final is not None  # the manifest validator guarantees it
+            return {final.name: result.tensors[head.output]}
+        return {t.name: result.tensors[t.name] for t in model.manifest.outputs}
+
+    @staticmethod
+    def _select(outputs: dict[str, np.ndarray], request: InferRequest) -> dict[str, np.ndarray]:
+        if not request.outputs:
+            return outputs
+        return {o.name: outputs[o.name] for o in request.outputs if o.name in outputs}

@@ -1,0 +1,160 @@
+"""The CPU and memory limits a tier runs under, read from its cgroup (v1 or v2), not the host.
+
+A container limited to 1.5 CPUs on a 16-core host must run onnxruntime with 1 intra-op thread, not 16:
+threads beyond the quota only get throttled. Parsers are pure functions of file text; ``read_limits``
+walks the process's cgroup and its ancestors (the tightest limit wins) under a root that tests replace
+with a fake tree.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Literal, TypeVar
+
+# cgroup v1 reports "no memory limit" as a page-rounded LONG_MAX; anything this large means unlimited
+_V1_UNLIMITED_MEMORY_BYTES = 1 << 62
+_N = TypeVar("_N", int, float)
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupLimits:
+    version: Literal["v1", "v2", "none"]
+    cpu_quota_cores: float | None  # None: no CFS quota
+    cpuset_cpu_count: int | None  # None: cpuset not readable
+    memory_limit_bytes: int | None  # None: unlimited
+
+    def cpu_cores(self, host_cpu_count: int) -> float:
+        """The cores this process may use: quota, cpuset and host count, the smallest."""
+        candidates = [float(host_cpu_count)]
+        if self.cpu_quota_cores is not None:
+            candidates.append(self.cpu_quota_cores)
+        if self.cpuset_cpu_count is not None:
+            candidates.append(float(self.cpuset_cpu_count))
+        return min(candidates)
+
+    def intra_op_threads(self, host_cpu_count: int) -> int:
+        """onnxruntime intra-op threads: whole cores available, at least one (like Go's automaxprocs)."""
+        return max(1, math.floor(self.cpu_cores(host_cpu_count)))
+
+
+def parse_cpu_max(text: str) -> float | None:
+    """cgroup v2 ``cpu.max`` ("max 100000" or "150000 100000") → cores, None when unlimited."""
+    parts = text.split()
+    if not parts or parts[0] == "max":
+        return None
+    period = int(parts[1]) if len(parts) > 1 else 100_000
+    return int(parts[0]) / period
+
+
+def parse_cfs(quota_text: str, period_text: str) -> float | None:
+    """cgroup v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` → cores, None when the quota is -1."""
+    quota = int(quota_text.strip())
+    if quota <= 0:
+        return None
+    return quota / int(period_text.strip())
+
+
+def parse_memory_limit(text: str) -> int | None:
+    """``memory.max`` (v2) or ``memory.limit_in_bytes`` (v1) → bytes, None when unlimited."""
+    value = text.strip()
+    if value == "max":
+        return None
+    limit = int(value)
+    return None if limit >= _V1_UNLIMITED_MEMORY_BYTES else limit
+
+
+def parse_cpu_list(text: str) -> int:
+    """A cpuset list ("0-3,6,8-9") → how many CPUs it names."""
+    count = 0
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        count += int(high or low) - int(low) + 1
+    return count
+
+
+def parse_proc_cgroup(text: str) -> dict[str, str]:
+    """``/proc/self/cgroup`` → {controller: path}; the v2 unified entry is keyed ""."""
+    paths: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        for controller in parts[1].split(","):
+            paths[controller] = parts[2]
+    return paths
+
+
+def _candidates(base: Path, cgroup_path: str) -> list[Path]:
+    """The process's cgroup folder and its ancestors (that exist), innermost first, plus ``base``."""
+    folders: list[Path] = []
+    relative = PurePosixPath(cgroup_path)
+    for ancestor in [relative, *relative.parents]:
+        folder = base / str(ancestor).lstrip("/")
+        if folder.is_dir() and folder not in folders:
+            folders.append(folder)
+    if base.is_dir() and base not in folders:
+        folders.append(base)
+    return folders
+
+
+def _read(folder: Path, name: str) -> str | None:
+    try:
+        return (folder / name).read_text()
+    except OSError:
+        return None
+
+
+def _tightest(values: list[_N | None]) -> _N | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
+def read_limits(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> CgroupLimits:
+    """Read this process's CPU quota, cpuset and memory limit, whichever cgroup version is mounted."""
+    try:
+        paths = parse_proc_cgroup(proc_cgroup.read_text())
+    except OSError:
+        paths = {}
+    if (root / "cpu").is_dir() or (root / "cpu,cpuacct").is_dir():
+        return _read_v1(root, paths)
+    if (root / "cgroup.controllers").is_file():
+        return _read_v2(root, paths.get("", "/"))
+    return CgroupLimits("none", None, None, None)
+
+
+def _read_v1(root: Path, paths: dict[str, str]) -> CgroupLimits:
+    cpu_base = root / "cpu" if (root / "cpu").is_dir() else root / "cpu,cpuacct"
+    quotas: list[float | None] = []
+    for folder in _candidates(cpu_base, paths.get("cpu", "/")):
+        quota, period = _read(folder, "cpu.cfs_quota_us"), _read(folder, "cpu.cfs_period_us")
+        if quota is not None and period is not None:
+            quotas.append(parse_cfs(quota, period))
+    memories = [
+        parse_memory_limit(text)
+        for folder in _candidates(root / "memory", paths.get("memory", "/"))
+        if (text := _read(folder, "memory.limit_in_bytes")) is not None
+    ]
+    cpuset_folders = _candidates(root / "cpuset", paths.get("cpuset", "/"))
+    cpuset = next((t for f in cpuset_folders if (t := _read(f, "cpuset.effective_cpus") or _read(f, "cpuset.cpus"))), None)
+    return CgroupLimits(
+        "v1", _tightest(quotas), parse_cpu_list(cpuset) if cpuset and cpuset.strip() else None, _tightest(memories)
+    )
+
+
+def _read_v2(root: Path, path: str) -> CgroupLimits:
+    folders = _candidates(root, path)
+    quotas = [parse_cpu_max(t) for f in folders if (t := _read(f, "cpu.max")) is not None]
+    memories = [parse_memory_limit(t) for f in folders if (t := _read(f, "memory.max")) is not None]
+    cpuset = next((t for f in folders if (t := _read(f, "cpuset.cpus.effective"))), None)
+    return CgroupLimits(
+        "v2", _tightest(quotas), parse_cpu_list(cpuset) if cpuset and cpuset.strip() else None, _tightest(memories)
+    )
+
+
+def host_cpu_count() -> int:
+    return os.cpu_count() or 1

@@ -1,0 +1,303 @@
+"""Link emulation: make the links a tier sends on behave like the deployment's ``LinkSpec``.
+
+Backends, best first (the one in force is reported in health, metrics and the run bundle):
+
+``netem``          kernel ``tc netem`` on the device towards the peer: delay, jitter (normal), loss, rate,
+                   queue ``limit`` sized to the bandwidth-delay product. Each tier shapes its own egress,
+                   so a round trip crosses the delay twice.
+``tbf+userspace``  the kernel has no ``sch_netem`` (this build machine's kernel): ``tc tbf`` caps the rate
+                   in the kernel; delay and jitter are added in userspace by the tier that sends the
+                   request, once for each direction. Loss is not emulated.
+``userspace``      no usable ``tc`` (no CAP_NET_ADMIN, no route, or the peer is on loopback as with local
+                   tier processes): delay, jitter and rate (as serialisation delay through a FIFO
+                   bottleneck) are all added in userspace by the requesting tier. Loss is not emulated.
+``none``           the link is unshaped.
+
+Command builders are pure functions returning argv lists (tested without root); ``plan_links`` runs them
+through an injectable runner and falls back on the errors it recognises, never crashing a tier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import math
+import random
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from services.contracts.specs import LinkName, LinkSpec, TierName
+
+MTU_BYTES = 1500
+# netem with no rate still queues every delayed packet; size for a fast veth
+_UNLIMITED_RATE_MBIT = 10_000.0
+_NETEM_DEFAULT_LIMIT_PACKETS = 1000
+_TBF_MAX_QUEUE_LATENCY_MS = 50.0
+# below this the event loop's timer cannot be trusted (epoll has 1 ms resolution); spin the rest
+_SPIN_WINDOW_S = 0.0015
+
+
+class LinkBackend(StrEnum):
+    NETEM = "netem"
+    TBF_USERSPACE = "tbf+userspace"
+    USERSPACE = "userspace"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+CommandRunner = Callable[[Sequence[str]], CommandResult]
+
+
+def run_command(argv: Sequence[str]) -> CommandResult:
+    """Run a command, never raising: a missing binary is a failed command like any other."""
+    try:
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return CommandResult(127, "", str(exc))
+    return CommandResult(done.returncode, done.stdout, done.stderr)
+
+
+# ------------------------------------------------------------------------------------- command builders
+
+
+def netem_limit_packets(spec: LinkSpec, mtu_bytes: int = MTU_BYTES) -> int:
+    """netem queue size: twice the bandwidth-delay product in packets, never below netem's default."""
+    if spec.queue_limit_packets is not None:
+        return spec.queue_limit_packets
+    rate_bit_s = (spec.rate_mbit or _UNLIMITED_RATE_MBIT) * 1e6
+    window_s = (spec.delay_ms + 3.0 * spec.jitter_ms) / 1000.0
+    bdp_packets = rate_bit_s * window_s / (8.0 * mtu_bytes)
+    return max(_NETEM_DEFAULT_LIMIT_PACKETS, math.ceil(2.0 * bdp_packets))
+
+
+def _ms(value: float) -> str:
+    return f"{value:g}ms"
+
+
+def netem_argv(device: str, spec: LinkSpec) -> list[str]:
+    argv = ["tc", "qdisc", "replace", "dev", device, "root", "netem", "delay", _ms(spec.delay_ms)]
+    if spec.jitter_ms:
+        argv += [_ms(spec.jitter_ms), "distribution", "normal"]
+    if spec.loss_pct:
+        argv += ["loss", f"{spec.loss_pct:g}%"]
+    if spec.rate_mbit:
+        argv += ["rate", f"{spec.rate_mbit:g}mbit"]
+    return [*argv, "limit", str(netem_limit_packets(spec))]
+
+
+def tbf_burst_bytes(rate_mbit: float, mtu_bytes: int = MTU_BYTES) -> int:
+    """Token bucket depth: what the rate delivers in 4 ms (a 250 Hz tick), at least ten frames."""
+    return max(10 * mtu_bytes, math.ceil(rate_mbit * 1e6 / 8.0 * 0.004))
+
+
+def tbf_argv(device: str, rate_mbit: float) -> list[str]:
+    return [
+        "tc", "qdisc", "replace", "dev", device, "root", "tbf",
+        "rate", f"{rate_mbit:g}mbit",
+        "burst", str(tbf_burst_bytes(rate_mbit)),
+        "latency", _ms(_TBF_MAX_QUEUE_LATENCY_MS),
+    ]  # fmt: skip
+
+
+def clear_argv(device: str) -> list[str]:
+    return ["tc", "qdisc", "del", "dev", device, "root"]
+
+
+def route_argv(address: str) -> list[str]:
+    return ["ip", "-o", "route", "get", address]
+
+
+def parse_route_device(text: str) -> str | None:
+    match = re.search(r"\bdev (\S+)", text)
+    return match.group(1) if match else None
+
+
+def tc_failure_kind(stderr: str) -> str:
+    """Classify a failed ``tc``: ``no-qdisc`` (kernel lacks it), ``no-privilege`` or ``other``."""
+    lowered = stderr.lower()
+    if "qdisc kind is unknown" in lowered or "unknown qdisc" in lowered:
+        return "no-qdisc"
+    if "operation not permitted" in lowered or "permission denied" in lowered:
+        return "no-privilege"
+    return "other"
+
+
+# ------------------------------------------------------------------------------------------- planning
+
+
+@dataclass(frozen=True, slots=True)
+class LinkState:
+    """How one link of this tier is emulated right now."""
+
+    link: LinkName
+    peer: TierName
+    spec: LinkSpec
+    backend: LinkBackend
+    device: str | None = None
+    note: str = ""
+    userspace_delay: bool = False
+    userspace_rate: bool = False
+
+    @property
+    def loss_emulated(self) -> bool:
+        return self.backend is LinkBackend.NETEM
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "link": self.link,
+            "peer": self.peer,
+            "backend": self.backend.value,
+            "device": self.device,
+            "note": self.note,
+            **self.spec.model_dump(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class LinkTarget:
+    link: LinkName
+    peer: TierName
+    peer_host: str
+    spec: LinkSpec
+
+
+def _resolve(host: str) -> str | None:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return None
+
+
+def _userspace(target: LinkTarget, note: str) -> LinkState:
+    return LinkState(
+        target.link, target.peer, target.spec, LinkBackend.USERSPACE, None, note,
+        userspace_delay=True, userspace_rate=target.spec.rate_mbit is not None,
+    )  # fmt: skip
+
+
+def plan_link(target: LinkTarget, run: CommandRunner, devices_in_use: dict[str, LinkName]) -> LinkState:
+    """Shape one link with the best backend that works here, and say which."""
+    spec = target.spec
+    if not spec.is_shaped:
+        return LinkState(target.link, target.peer, spec, LinkBackend.NONE)
+    address = _resolve(target.peer_host)
+    if address is None:
+        return _userspace(target, f"cannot resolve {target.peer_host}; shaping in userspace")
+    if ipaddress.ip_address(address).is_loopback:
+        return _userspace(target, "peer is on loopback; shaping in userspace")
+    route = run(route_argv(address))
+    device = parse_route_device(route.stdout) if route.returncode == 0 else None
+    if device is None:
+        return _userspace(target, f"no route device towards {address}; shaping in userspace")
+    if device in devices_in_use:
+        return _userspace(target, f"{device} already shapes {devices_in_use[device]}; shaping in userspace")
+
+    netem = run(netem_argv(device, spec))
+    if netem.returncode == 0:
+        devices_in_use[device] = target.link
+        return LinkState(target.link, target.peer, spec, LinkBackend.NETEM, device)
+    kind = tc_failure_kind(netem.stderr)
+    if kind == "no-privilege":
+        return _userspace(target, "no CAP_NET_ADMIN for tc; shaping in userspace")
+    if kind != "no-qdisc":
+        return _userspace(target, f"tc netem failed ({netem.stderr.strip()}); shaping in userspace")
+    lost = "; loss not emulated" if spec.loss_pct else ""
+    if spec.rate_mbit is None:
+        return _userspace(target, f"kernel has no sch_netem; delay in userspace{lost}")
+    tbf = run(tbf_argv(device, spec.rate_mbit))
+    if tbf.returncode != 0:
+        return _userspace(target, f"kernel has no sch_netem and tbf failed ({tbf.stderr.strip()}){lost}")
+    devices_in_use[device] = target.link
+    return LinkState(
+        target.link, target.peer, spec, LinkBackend.TBF_USERSPACE, device,
+        f"kernel has no sch_netem; rate by tbf, delay in userspace{lost}", userspace_delay=True,
+    )  # fmt: skip
+
+
+def plan_links(targets: Sequence[LinkTarget], run: CommandRunner = run_command) -> list[LinkState]:
+    devices_in_use: dict[str, LinkName] = {}
+    return [plan_link(target, run, devices_in_use) for target in targets]
+
+
+def clear_links(states: Sequence[LinkState], run: CommandRunner = run_command) -> None:
+    for state in states:
+        if state.device is not None:
+            run(clear_argv(state.device))
+
+
+# ------------------------------------------------------------------------------- userspace emulation
+
+
+async def sleep_until(deadline_s: float) -> None:
+    """Sleep until ``time.perf_counter() >= deadline_s``, sub-millisecond precise.
+
+    The event loop's timers overshoot by a few hundred microseconds (epoll's 1 ms resolution), so sleep
+    coarsely to just before the deadline, then yield to the loop until it passes.
+    """
+    remaining = deadline_s - time.perf_counter()
+    if remaining > _SPIN_WINDOW_S:
+        await asyncio.sleep(remaining - _SPIN_WINDOW_S)
+    while time.perf_counter() < deadline_s:
+        await asyncio.sleep(0)
+
+
+@dataclass
+class _Direction:
+    busy_until_s: float = 0.0
+
+
+@dataclass
+class UserspaceLink:
+    """Delay, jitter and (optionally) rate of one link, added by the tier that sends the request.
+
+    Rate is serialisation delay through one FIFO bottleneck per direction: a message of ``n`` bytes
+    occupies the link for ``8n / rate`` seconds after everything queued before it.
+    """
+
+    spec: LinkSpec
+    emulate_delay: bool
+    emulate_rate: bool
+    rng: random.Random = field(default_factory=random.Random)
+    _up: _Direction = field(default_factory=_Direction)
+    _down: _Direction = field(default_factory=_Direction)
+
+    @classmethod
+    def for_state(cls, state: LinkState, seed: int | None = None) -> UserspaceLink | None:
+        if not (state.userspace_delay or state.userspace_rate):
+            return None
+        return cls(state.spec, state.userspace_delay, state.userspace_rate, random.Random(seed))
+
+    def one_way_delay_s(self) -> float:
+        if not self.emulate_delay:
+            return 0.0
+        delay_ms = self.spec.delay_ms
+        if self.spec.jitter_ms:
+            delay_ms = max(0.0, self.rng.gauss(delay_ms, self.spec.jitter_ms))
+        return delay_ms / 1000.0
+
+    def _deadline(self, direction: _Direction, size_bytes: int, now_s: float) -> float:
+        arrival = now_s
+        if self.emulate_rate and self.spec.rate_mbit:
+            start = max(now_s, direction.busy_until_s)
+            direction.busy_until_s = start + size_bytes * 8.0 / (self.spec.rate_mbit * 1e6)
+            arrival = direction.busy_until_s
+        return arrival + self.one_way_delay_s()
+
+    async def send(self, size_bytes: int) -> None:
+        """Hold a request of ``size_bytes`` as long as the link would before it reaches the peer."""
+        await sleep_until(self._deadline(self._up, size_bytes, time.perf_counter()))
+
+    async def receive(self, size_bytes: int) -> None:
+        """Hold a response of ``size_bytes`` as long as the link would on its way back."""
+        await sleep_until(self._deadline(self._down, size_bytes, time.perf_counter()))

@@ -1,0 +1,146 @@
+"""onnxruntime sessions for the stages a tier runs: created once, checked against the manifest, warmed.
+
+A ``StageSession`` is one submodel in one persistent ``InferenceSession`` whose thread counts come from
+the tier's CPU quota. ``run_stages`` runs a tier's consecutive stages in one call (one thread hop per
+request), checking each stage's exit head on the way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from services.contracts.dtypes import NUMPY_DTYPES, ORT_TYPE_NAMES, datatype_of
+from services.contracts.errors import ConfigError, TensorMismatch
+from services.contracts.manifest import ExitSpec, ManifestSpec, StageSpec, TensorSpec
+
+
+def session_options(intra_op_threads: int, *, allow_spinning: bool) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # spinning threads burn a CPU quota the stage could use; only spin when the tier owns its cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    options.log_severity_level = 3
+    return options
+
+
+def _check_against_onnx(stage: StageSpec, session: ort.InferenceSession, where: str) -> None:
+    declared = {"input": stage.inputs, "output": stage.outputs}
+    actual = {"input": session.get_inputs(), "output": session.get_outputs()}
+    for kind, specs in declared.items():
+        by_name = {node.name: node for node in actual[kind]}
+        for spec in specs:
+            node = by_name.get(spec.name)
+            if node is None:
+                raise ConfigError(f"{where}: the ONNX file has no {kind} '{spec.name}' (has {sorted(by_name)})")
+            datatype = ORT_TYPE_NAMES.get(node.type)
+            if datatype != spec.datatype or len(node.shape) != len(spec.shape):
+                raise ConfigError(
+                    f"{where}: {kind} '{spec.name}' is {node.type}{node.shape} in ONNX but "
+                    f"{spec.datatype}{list(spec.shape)} in the manifest"
+                )
+    extra_inputs = {node.name for node in actual["input"]} - {s.name for s in stage.inputs}
+    if extra_inputs:
+        raise ConfigError(f"{where}: the ONNX file takes inputs the manifest does not list: {sorted(extra_inputs)}")
+
+
+@dataclass(frozen=True, slots=True)
+class StageSession:
+    model: str
+    index: int
+    spec: StageSpec
+    session: ort.InferenceSession
+
+    @classmethod
+    def load(cls, manifest: ManifestSpec, folder: Path, index: int, options: ort.SessionOptions) -> StageSession:
+        stage = manifest.stages[index]
+        where = f"{manifest.name} stage {index} ({folder / stage.file})"
+        try:
+            session = ort.InferenceSession(str(folder / stage.file), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own unexported exception types
+            raise ConfigError(f"{where}: onnxruntime cannot load it: {exc}") from None
+        _check_against_onnx(stage, session, where)
+        return cls(manifest.name, index, stage, session)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.spec.outputs]
+        return dict(zip(names, self.session.run(names, dict(feeds)), strict=True))
+
+    def warm(self, runs: int) -> None:
+        feeds = {spec.name: _zeros(spec) for spec in self.spec.inputs}
+        for _ in range(runs):
+            self.run(feeds)
+
+
+def _zeros(spec: TensorSpec) -> np.ndarray:
+    shape = [1 if d == -1 else d for d in spec.shape]
+    if spec.datatype == "BYTES":
+        return np.full(shape, "", dtype=np.object_)
+    return np.zeros(shape, dtype=NUMPY_DTYPES[spec.datatype])
+
+
+def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) -> None:
+    """Raise TensorMismatch unless ``inputs`` are exactly the tensors ``specs`` describe."""
+
+    wanted = {s.name for s in specs}
+    missing = sorted(wanted - inputs.keys())
+    if missing:
+        raise TensorMismatch(f"missing input(s) {missing}; the model takes {sorted(wanted)}")
+    unexpected = sorted(inputs.keys() - wanted)
+    if unexpected:
+        raise TensorMismatch(f"unexpected input(s) {unexpected}; the model takes {sorted(wanted)}")
+    for spec in specs:
+        array = inputs[spec.name]
+        problem = spec.accepts(datatype_of(array), array.shape)
+        if problem:
+            raise TensorMismatch(problem)
+
+
+def max_softmax(logits: np.ndarray) -> np.ndarray:
+    """Per-item confidence: the largest softmax probability along the last axis."""
+    values = logits.astype(np.float64, copy=False)
+    shifted = values - values.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    probs: np.ndarray = exp.max(axis=-1) / exp.sum(axis=-1)
+    return probs
+
+
+def exit_confident(head: ExitSpec, outputs: Mapping[str, np.ndarray], threshold: float | None) -> bool:
+    """Whether every item of the batch is confident enough to exit at this head."""
+    needed = head.threshold if threshold is None else threshold
+    confidence = max_softmax(outputs[head.output])
+    return bool(np.all(confidence >= needed))
+
+
+@dataclass(frozen=True, slots=True)
+class StagesResult:
+    tensors: dict[str, np.ndarray]
+    last_stage: int  # the last stage that ran
+    exited: bool  # answered by the exit head of ``last_stage``
+    queue_ns: int  # from the caller's clock start until the first stage began
+    compute_ns: int
+
+
+def run_stages(
+    stages: Sequence[StageSession], feeds: Mapping[str, np.ndarray], exit_threshold: float | None, clock_start_ns: int
+) -> StagesResult:
+    """Run consecutive stages, feeding each the previous one's outputs; stop at a confident exit head.
+
+    Runs in a worker thread; ``clock_start_ns`` lets it report how long the request queued for it.
+    """
+    started = time.perf_counter_ns()
+    tensors: dict[str, np.ndarray] = dict(feeds)
+    for stage in stages:
+        tensors = stage.run({spec.name: tensors[spec.name] for spec in stage.spec.inputs})
+        head = stage.spec.exit
+        if head is not None and exit_confident(head, tensors, exit_threshold):
+            return StagesResult(tensors, stage.index, True, started - clock_start_ns, time.perf_counter_ns() - started)
+    return StagesResult(tensors, stages[-1].index, False, started - clock_start_ns, time.perf_counter_ns() - started)

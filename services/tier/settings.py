@@ -1,0 +1,39 @@
+"""What one tier process is told: its role, the deployment file, and its serving limits.
+
+Every field can come from the command line (``python -m services tier --tier edge …``) or from an
+environment variable ``TIERLAB_<FIELD>`` (``TIERLAB_TIER=edge``), which is how the Docker stack sets it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.contracts.specs import TierName
+
+_MIB = 1 << 20
+
+
+class TierSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TIERLAB_", frozen=True, extra="forbid")
+
+    tier: TierName
+    deployment: Path = Field(description="deployment file (YAML or JSON)")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_body_mb: float = Field(default=64.0, gt=0, description="larger request bodies get 413")
+    compute_slots: int = Field(default=1, ge=1, description="stage runs at once (each uses all ORT threads)")
+    max_queue: int = Field(default=64, ge=0, description="requests waiting for a compute slot before 503")
+    forward_timeout_s: float = Field(default=30.0, gt=0, description="next tier answers within this or 504")
+    intra_op_threads: int | None = Field(default=None, ge=1, description="default: from the CPU quota")
+    allow_spinning: bool | None = Field(default=None, description="default: only when no CPU quota is set")
+    warmup_runs: int = Field(default=3, ge=0)
+    shape_links: bool = Field(default=True, description="apply the deployment's link specs")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * _MIB)

@@ -1,0 +1,83 @@
+"""A tier's Prometheus metrics: one registry per tier (tests run several in one process).
+
+Names and label keys come from ``services.contracts.metrics`` so dashboards and the loadgen agree.
+Label values are bounded by construction: callers pass only served model and strategy names, and
+``label_for`` maps anything else to ``unknown``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Sequence
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from services.contracts import metrics as m
+from services.contracts.pipeline import HopTiming
+from services.tier.limits import CgroupLimits
+from services.tier.links import LinkState
+
+_MS_PER_S = 1e3
+
+
+def label_for(value: str | None, allowed: Container[str]) -> str:
+    return value if value is not None and value in allowed else m.UNKNOWN_LABEL
+
+
+class TierTelemetry:
+    def __init__(self, tier: str, registry: CollectorRegistry | None = None) -> None:
+        self.tier = tier
+        self.registry = registry or CollectorRegistry()
+        served = [m.TIER, m.MODEL, m.STRATEGY]
+        r = self.registry
+        self.request_seconds = Histogram(
+            m.REQUEST_SECONDS, "Time in this tier per request, downstream tiers included",
+            served, buckets=m.LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.stage_seconds = Histogram(
+            m.STAGE_SECONDS, "Time per phase of this tier's part of a request (queue, compute, send)",
+            [*served, m.PHASE], buckets=m.LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.bytes = Counter(m.BYTES, "Request bytes received (in) and forwarded (out)", [*served, m.DIRECTION], registry=r)
+        self.early_exits = Counter(m.EARLY_EXITS, "Requests answered by an exit head on this tier", served, registry=r)
+        self.errors = Counter(m.ERRORS, "Requests answered with an error, by status", [m.TIER, m.MODEL, m.STATUS], registry=r)
+        self.inflight = Gauge(m.INFLIGHT, "Infer requests in this tier now", [m.TIER], registry=r)
+        self.cpu_limit = Gauge(m.CPU_LIMIT_CORES, "CPU cores this tier may use (cgroup quota)", [m.TIER], registry=r)
+        self.memory_limit = Gauge(m.MEMORY_LIMIT_BYTES, "Memory limit (cgroup); 0 = unlimited", [m.TIER], registry=r)
+        self.ort_threads = Gauge(m.ORT_THREADS, "onnxruntime intra-op threads per session", [m.TIER], registry=r)
+        self.ready = Gauge(m.READY, "1 when every session is loaded and warmed", [m.TIER], registry=r)
+        link_labels = [m.TIER, m.LINK, m.BACKEND]
+        self.link_info = Gauge(f"{m.LINK_INFO}_info", "Link emulation in force (value 1)", link_labels, registry=r)
+        self.link_delay = Gauge(m.LINK_DELAY_MS, "Configured one-way link delay", link_labels, registry=r)
+        self.link_rate = Gauge(m.LINK_RATE_MBIT, "Configured link rate; 0 = unlimited", link_labels, registry=r)
+        self.inflight.labels(tier).set(0)
+        self.ready.labels(tier).set(0)
+
+    def record_limits(self, limits: CgroupLimits, cpu_cores: float, threads: int) -> None:
+        self.cpu_limit.labels(self.tier).set(cpu_cores)
+        self.memory_limit.labels(self.tier).set(limits.memory_limit_bytes or 0)
+        self.ort_threads.labels(self.tier).set(threads)
+
+    def record_links(self, states: Sequence[LinkState]) -> None:
+        for state in states:
+            labels = (self.tier, state.link, state.backend.value)
+            self.link_info.labels(*labels).set(1)
+            self.link_delay.labels(*labels).set(state.spec.delay_ms)
+            self.link_rate.labels(*labels).set(state.spec.rate_mbit or 0)
+
+    def record_hop(self, model: str, strategy: str, hop: HopTiming, *, exited_here: bool) -> None:
+        labels = (self.tier, model, strategy)
+        self.request_seconds.labels(*labels).observe(hop.total_ms / _MS_PER_S)
+        self.stage_seconds.labels(*labels, "queue").observe(hop.queue_ms / _MS_PER_S)
+        self.stage_seconds.labels(*labels, "compute").observe(hop.compute_ms / _MS_PER_S)
+        if hop.send_ms:
+            self.stage_seconds.labels(*labels, "send").observe(hop.send_ms / _MS_PER_S)
+        self.bytes.labels(*labels, "in").inc(hop.bytes_in)
+        self.bytes.labels(*labels, "out").inc(hop.bytes_out)
+        if exited_here:
+            self.early_exits.labels(*labels).inc()
+
+    def record_error(self, model: str, status: int) -> None:
+        self.errors.labels(self.tier, model, str(status)).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,99 @@
+"""Fixtures shared by the rings: demo variants on disk, deployments on free ports, in-process tiers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from services.contracts.manifest import ManifestSpec, load_manifest
+from services.contracts.specs import TIERS, LinkName, LinkSpec
+from services.demo import build_demo_mlp, local_deployment, write_deployment
+from services.local import free_ports
+from services.tier.app import Tier, build_tier, create_app
+from services.tier.settings import TierSettings
+
+DEMO_MODELS = ("identity", "partition3", "early-exit")
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    build_demo_mlp(root, seed=7)
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_manifests(demo_root: Path) -> dict[str, ManifestSpec]:
+    return {name: load_manifest(demo_root / "demo-mlp" / name) for name in DEMO_MODELS}
+
+
+@pytest.fixture(scope="session")
+def reference_session(demo_root: Path) -> ort.InferenceSession:
+    """The unpartitioned demo model, run in-process: what every pipeline must reproduce."""
+    return ort.InferenceSession(str(demo_root / "demo-mlp" / "identity" / "stage0.onnx"))
+
+
+@pytest.fixture
+def sample_batch() -> np.ndarray:
+    return np.random.default_rng(3).normal(size=(4, 64)).astype(np.float32)
+
+
+DeploymentFactory = Callable[..., Path]
+
+
+@pytest.fixture
+def make_deployment(demo_root: Path, tmp_path: Path) -> DeploymentFactory:
+    """Write a deployment of the demo models on free loopback ports (or the ports given)."""
+
+    def make(ports: Mapping[str, int] | None = None, links: Mapping[LinkName, LinkSpec] | None = None) -> Path:
+        chosen = dict(ports) if ports else dict(zip(TIERS, free_ports(3), strict=True))
+        spec = local_deployment(
+            [f"demo-mlp/{name}/manifest.json" for name in DEMO_MODELS], models_dir=str(demo_root), ports=chosen,
+            links=links,
+        )  # fmt: skip
+        return write_deployment(spec, tmp_path / f"deployment-{len(list(tmp_path.glob('deployment-*')))}.yaml")
+
+    return make
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@contextlib.asynccontextmanager
+async def serve_in_process(settings: TierSettings) -> AsyncIterator[tuple[Tier, httpx.AsyncClient]]:
+    """A tier app in this process behind httpx's ASGI transport, lifespan run, sessions loaded."""
+    tier = build_tier(settings)
+    app = create_app(tier)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=f"http://{settings.tier}") as client:
+            for _ in range(600):
+                if tier.dataplane.ready or tier.dataplane.load_error:
+                    break
+                await asyncio.sleep(0.01)
+            yield tier, client
+
+
+def v2_json_request(x: np.ndarray, **parameters: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}
+    if parameters:
+        body["parameters"] = parameters
+    return body
+
+
+@pytest.fixture
+def tier_settings(make_deployment: DeploymentFactory) -> Callable[..., TierSettings]:
+    def settings(tier: str = "edge", deployment: Path | None = None, **overrides: Any) -> TierSettings:
+        return TierSettings(tier=tier, deployment=deployment or make_deployment(), warmup_runs=1, **overrides)
+
+    return settings
