@@ -198,7 +198,7 @@ def create_app(tier: Tier) -> FastAPI:
             "inputs": tensors(spec.inputs), "outputs": tensors(spec.outputs),
             "parameters": {
                 "subject": spec.subject, "operator": spec.operator, "stages": len(spec.stages),
-                "placements": ",".join(model.placements), "default_placement": model.default_placement,
+                "placements": ",".join(model.placements), "default_placement": model.default_placement(settings.tier),
             },
         }  # fmt: skip
 

@@ -51,9 +51,11 @@ class ServedModel:
     def name(self) -> str:
         return self.manifest.name
 
-    @property
-    def default_placement(self) -> str:
-        return next(iter(self.placements))
+    def default_placement(self, tier: TierName) -> str:
+        """Without a placement, a request runs from the tier it reached: the first placement starting there."""
+        count = len(self.manifest.stages)
+        starting_here = (name for name, pl in self.placements.items() if pl.stage_tiers(count)[0] == tier)
+        return next(starting_here, next(iter(self.placements)))
 
     def strategy(self, placement: str) -> str:
         return f"{self.name}@{placement}"
@@ -144,7 +146,7 @@ class DataPlane:
             raise Unavailable(f"{self.tier} is not ready: {reason}", retry_after_s=1 if self.load_error is None else 30)
 
     def _plan(self, model: ServedModel, control: PipelineRequest) -> tuple[str, tuple[TierName, ...], list[int]]:
-        placement = control.placement or model.default_placement
+        placement = control.placement or model.default_placement(self.tier)
         try:
             placement = Placement.parse(placement).name
         except ValueError as exc:
