@@ -2,13 +2,16 @@
 
 ``tier``   run one tier (the container entry point); options mirror ``TierSettings`` and fall back to
            ``TIERLAB_*`` environment variables.
-``local``  run the three tiers of a deployment as processes on this host until Ctrl-C.
+``local``  run the three tiers of a deployment as processes on this host (until Ctrl-C, or ``--detach``).
+``down``   stop tiers started with ``local --detach``.
+``status`` show each tier's readiness, cgroup limits, onnxruntime threads and link backends.
 ``demo``   write the demo variants and a local deployment file, to try tiers before ``make models``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -62,6 +65,8 @@ def run_tier(args: argparse.Namespace) -> int:
     uvicorn.run(
         create_app(tier), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
         access_log=False, log_level=settings.log_level, timeout_graceful_shutdown=5,
+        # keep idle tier-to-tier connections well past uvicorn's 5 s default
+        timeout_keep_alive=75,
     )  # fmt: skip
     return 0
 
@@ -69,18 +74,28 @@ def run_tier(args: argparse.Namespace) -> int:
 def run_local(args: argparse.Namespace) -> int:
     from services.local import LocalStack
 
+    state_file = Path(args.state)
+    if args.detach and state_file.exists():
+        print(f"tierlab local: {state_file} exists: tiers may be running already (`python -m services down`)",
+              file=sys.stderr)  # fmt: skip
+        return 1
     try:
-        stack = LocalStack(Path(args.deployment), tier_args=args.tier_args or ())
+        stack = LocalStack(Path(args.deployment), tier_args=args.tier_args or (), detach=args.detach,
+                           log_dir=state_file.parent / "logs" if args.detach else None)  # fmt: skip
+        stack.start()
     except ConfigError as exc:
         print(f"tierlab local: {exc.message}", file=sys.stderr)
         return 2
-    try:
-        stack.start()
     except (RuntimeError, TimeoutError) as exc:
         print(f"tierlab local: {exc}", file=sys.stderr)
         return 1
     for tier in stack.tiers:
         print(f"{tier:>6}  {stack.url(tier)}  (log {stack.log_path(tier)})")
+    if args.detach:
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps(stack.state(), indent=2))
+        print(f"tiers ready in the background; stop them with: python -m services down --state {state_file}")
+        return 0
     print("tiers ready; Ctrl-C stops them")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -90,12 +105,57 @@ def run_local(args: argparse.Namespace) -> int:
         pass
     finally:
         stack.stop()
-    dead = [t for t, p in stack.processes.items() if p.poll()]
-    return 1 if dead else 0
+    return 0
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def run_down(args: argparse.Namespace) -> int:
+    from services.local import stop_detached
+
+    state_file = Path(args.state)
+    if not state_file.exists():
+        print("no local tiers running (nothing to stop)")
+        return 0
+    stopped = stop_detached(json.loads(state_file.read_text()))
+    state_file.unlink()
+    print(f"stopped: {', '.join(stopped) or 'none were still running'}")
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from services.contracts.specs import TIERS, load_deployment
+    from services.local import http_get_json
+
+    try:
+        deployment = load_deployment(Path(args.deployment))
+    except ConfigError as exc:
+        print(f"tierlab status: {exc.message}", file=sys.stderr)
+        return 2
+    healthy = True
+    for tier in TIERS:
+        url = deployment.tiers[tier].base_url
+        code, status = http_get_json(f"{url}/tierlab/status")
+        if code != 200:
+            healthy = False
+            print(f"{tier:>6}  {url}  DOWN" if code == 0 else f"{tier:>6}  {url}  answered {code}")
+            continue
+        print(_status_line(tier, url, status))
+        for link in status.get("links", []):
+            print(f"        link {link['link']:<12} {link['backend']:<14} delay {link['delay_ms']:g} ms, "
+                  f"rate {link['rate_mbit'] or 'unlimited'} Mbit/s {link['note']}")  # fmt: skip
+    return 0 if healthy else 1
+
+
+def _status_line(tier: str, url: str, status: dict[str, Any]) -> str:
+    limits = status["limits"]
+    memory = limits["memory_limit_bytes"]
+    memory_text = f"{memory / (1 << 20):.0f} MiB" if memory else "unlimited"
+    ready = "ready" if status["ready"] else f"NOT READY ({status.get('load_error') or 'loading'})"
+    return (f"{tier:>6}  {url}  {ready}; cpu {limits['cpu_cores']:g} cores ({limits['cgroup']}), memory {memory_text}, "
+            f"onnxruntime threads {status['onnxruntime']['intra_op_threads']}, models {len(status['models'])}")  # fmt: skip
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -118,8 +178,18 @@ def main(argv: list[str] | None = None) -> int:
 
     local = commands.add_parser("local", help="run the three tiers of a deployment on this host")
     local.add_argument("--deployment", required=True, help="deployment file (YAML or JSON)")
+    local.add_argument("--detach", action="store_true", help="start in the background and return")
+    local.add_argument("--state", default=".local/stack.json", help="where --detach records the tiers' pids")
     local.add_argument("tier_args", nargs=argparse.REMAINDER, help="options passed to every tier, after --")
     local.set_defaults(handler=run_local)
+
+    down = commands.add_parser("down", help="stop tiers started with local --detach")
+    down.add_argument("--state", default=".local/stack.json")
+    down.set_defaults(handler=run_down)
+
+    status = commands.add_parser("status", help="show each tier's readiness, limits and links")
+    status.add_argument("--deployment", required=True, help="deployment file (YAML or JSON)")
+    status.set_defaults(handler=run_status)
 
     demo = commands.add_parser("demo", help="write demo variants and a local deployment")
     demo.add_argument("directory", nargs="?", default="models/demo", help="where to write (default models/demo)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -60,6 +61,7 @@ class LocalStack:
         tier_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         log_dir: Path | None = None,
+        detach: bool = False,
     ) -> None:
         self.deployment = deployment
         self.spec = load_deployment(deployment)
@@ -67,6 +69,7 @@ class LocalStack:
         self.tier_args = tuple(tier_args)
         self.env = {**os.environ, **(env or {})}
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="tierlab-local-"))
+        self.detach = detach  # tiers outlive this process (own session), stopped later by their pids
         self.processes: dict[TierName, subprocess.Popen[bytes]] = {}
 
     def url(self, tier: TierName) -> str:
@@ -82,7 +85,9 @@ class LocalStack:
             argv = [sys.executable, "-m", "services", "tier", "--tier", tier, "--deployment", str(self.deployment),
                     "--port", port, *self.tier_args]  # fmt: skip
             with self.log_path(tier).open("wb") as log:
-                self.processes[tier] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+                self.processes[tier] = subprocess.Popen(
+                    argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=self.detach
+                )
         try:
             self._wait_ready(timeout_s)
         except BaseException:
@@ -121,9 +126,48 @@ class LocalStack:
                 process.wait()
         self.processes.clear()
 
+    def state(self) -> dict[str, object]:
+        """What ``stop_detached`` needs to find the tiers again from another process."""
+        return {
+            "deployment": str(self.deployment),
+            "tiers": {t: {"pid": p.pid, "url": self.url(t), "log": str(self.log_path(t))} for t, p in self.processes.items()},
+        }
+
     def __enter__(self) -> LocalStack:
         self.start()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+
+
+def stop_detached(state: Mapping[str, object], timeout_s: float = 10.0) -> list[str]:
+    """Stop tiers started with ``detach=True`` from the state they left; returns the tiers stopped."""
+    tiers = state.get("tiers", {})
+    assert isinstance(tiers, dict)
+    stopped = []
+    for tier, info in tiers.items():
+        pid = int(info["pid"])
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(_POLL_INTERVAL_S)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        stopped.append(tier)
+    return stopped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, parent gone or not yet reaped) still answers kill 0: read its state
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

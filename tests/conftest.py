@@ -74,7 +74,7 @@ async def serve_in_process(settings: TierSettings) -> AsyncIterator[tuple[Tier, 
     """A tier app in this process behind httpx's ASGI transport, lifespan run, sessions loaded."""
     tier = build_tier(settings)
     app = create_app(tier)
-    async with app.router.lifespan_context(app):
+    async with app.fastapi.router.lifespan_context(app.fastapi):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url=f"http://{settings.tier}") as client:
             for _ in range(600):

@@ -15,7 +15,7 @@ Timing model of one hop (all in milliseconds, measured with ``perf_counter_ns`` 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 from services.contracts.codec import Parameters, ParamValue
 from services.contracts.errors import BadParameter
@@ -106,17 +106,20 @@ class HopTiming:
     bytes_out: int
 
     def to_parameters(self, index: int) -> Parameters:
-        return {f"hop{index}_{key}": value for key, value in asdict(self).items()}
+        return {f"hop{index}_{name}": getattr(self, name) for name in _HOP_FIELDS}
 
     @classmethod
     def from_parameters(cls, params: Parameters, index: int) -> HopTiming:
         values: dict[str, ParamValue] = {}
-        for spec in fields(cls):
-            key = f"hop{index}_{spec.name}"
+        for name in _HOP_FIELDS:
+            key = f"hop{index}_{name}"
             if key not in params:
                 raise BadParameter(f"response parameters lack '{key}'")
-            values[spec.name] = params[key]
+            values[name] = params[key]
         return cls(**values)  # type: ignore[arg-type]
+
+
+_HOP_FIELDS = tuple(f.name for f in fields(HopTiming))
 
 
 def hops_from_parameters(params: Parameters) -> list[HopTiming]:

@@ -6,7 +6,8 @@ adapt: read the body within the size cap, decode, call the data plane, encode. O
 every :class:`~services.contracts.errors.TierlabError` as ``{"error": …}`` with its status.
 
 Routes: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``,
-``…/ready``, ``POST …/infer``, ``GET /metrics`` (Prometheus) and ``GET /tierlab/status``.
+``…/ready``, ``POST …/infer`` (served straight from ASGI, see ``TierApp``), ``GET /metrics``
+(Prometheus) and ``GET /tierlab/status``.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from services.contracts import codec
 from services.contracts.errors import MalformedBody, PayloadTooLarge, TierlabError
@@ -37,6 +41,7 @@ from services.tier.telemetry import TierTelemetry, label_for
 
 log = logging.getLogger(__name__)
 
+_HEADER_LENGTH_KEY = codec.HEADER_LENGTH_HTTP_HEADER.lower()
 SERVER_NAME = "tierlab"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ("binary_tensor_data", "parameters", "tierlab_pipeline")
@@ -113,26 +118,95 @@ def build_tier(settings: TierSettings, *, run: CommandRunner = run_command) -> T
     return Tier(settings, deployment, plane, states, limits, cores, threads, spinning, run)
 
 
-async def _read_body(request: Request, cap_bytes: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
+def error_reply(exc: TierlabError, model: str | None, plane: DataPlane) -> tuple[int, dict[str, str], bytes]:
+    """The one rendering of an error: status, headers and the V2 ``{"error": …}`` body; counted."""
+    plane.telemetry.record_error(label_for(model, plane.models), exc.status_code)
+    if exc.status_code >= 500:
+        log.warning("%s: %d %s", model or "-", exc.status_code, exc.message)
+    return exc.status_code, {"Content-Type": codec.JSON_CONTENT_TYPE, **exc.headers()}, orjson.dumps(exc.to_json())
+
+
+def unexpected_error(exc: Exception, model: str | None, plane: DataPlane) -> tuple[int, dict[str, str], bytes]:
+    log.error("unexpected error serving %s", model or "-", exc_info=exc)
+    wrapped = TierlabError(f"internal error in {plane.tier}: {type(exc).__name__}: {exc}")
+    return error_reply(wrapped, model, plane)
+
+
+_INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/[^/]+)?/infer$")
+
+
+class _Disconnected(Exception):
+    """The client went away before sending its whole body."""
+
+
+class TierApp:
+    """The ASGI app: ``POST …/infer`` is served straight from ASGI (the hot path, measured in
+    ``benchmarks/overhead.py``); everything else — metadata, health, metrics, lifespan — is FastAPI."""
+
+    def __init__(self, tier: Tier, fastapi: FastAPI) -> None:
+        self.tier = tier
+        self.fastapi = fastapi
+        self.plane = tier.dataplane
+        self.cap_bytes = tier.settings.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = _INFER_PATH.match(scope["path"])
+            if match is not None:
+                await self._infer(match["name"], scope, receive, send)
+                return
+        await self.fastapi(scope, receive, send)
+
+    async def _infer(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            declared_bytes = int(declared)
-        except ValueError:
-            raise MalformedBody(f"Content-Length must be an integer, got {declared!r}") from None
-        if declared_bytes > cap_bytes:
-            raise PayloadTooLarge(f"request body of {declared_bytes} bytes exceeds this tier's cap of {cap_bytes} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap_bytes:
-            raise PayloadTooLarge(f"request body exceeds this tier's cap of {cap_bytes} bytes")
-        chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            body = await self._read_body(headers.get("content-length"), receive)
+            received_ns = time.perf_counter_ns()
+            header_length = codec.parse_header_length(headers.get(_HEADER_LENGTH_KEY))
+            decoded = codec.decode_request(body, header_length)
+            answer = await self.plane.infer(name, decoded, received_ns=received_ns, bytes_in=len(body))
+            encoded = codec.encode_response(
+                answer.model_name, answer.outputs, binary=[decoded.wants_binary(n) for n in answer.outputs],
+                parameters=answer.parameters, request_id=answer.id, model_version=answer.model_version,
+            )  # fmt: skip
+            status, reply_headers, reply = 200, encoded.http_headers(), encoded.body()
+        except _Disconnected:
+            return
+        except TierlabError as exc:
+            status, reply_headers, reply = error_reply(exc, name, self.plane)
+        except Exception as exc:
+            status, reply_headers, reply = unexpected_error(exc, name, self.plane)
+        raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply_headers.items()]
+        raw_headers.append((b"content-length", str(len(reply)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": reply})
+
+    async def _read_body(self, declared: str | None, receive: Receive) -> bytes:
+        if declared is not None:
+            try:
+                declared_bytes = int(declared)
+            except ValueError:
+                raise MalformedBody(f"Content-Length must be an integer, got {declared!r}") from None
+            if declared_bytes > self.cap_bytes:
+                raise PayloadTooLarge(
+                    f"request body of {declared_bytes} bytes exceeds this tier's cap of {self.cap_bytes} bytes"
+                )
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.cap_bytes:
+                raise PayloadTooLarge(f"request body exceeds this tier's cap of {self.cap_bytes} bytes")
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def create_app(tier: Tier) -> FastAPI:
+def create_app(tier: Tier) -> TierApp:
     plane = tier.dataplane
     settings = tier.settings
 
@@ -153,23 +227,18 @@ def create_app(tier: Tier) -> FastAPI:
     app.state.tier = tier
 
     @app.exception_handler(TierlabError)
-    async def _tierlab_error(request: Request, exc: TierlabError) -> JSONResponse:
-        model = label_for(request.path_params.get("name"), plane.models)
-        plane.telemetry.record_error(model, exc.status_code)
-        if exc.status_code >= 500:
-            log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, exc.message)
-        return JSONResponse(exc.to_json(), status_code=exc.status_code, headers=exc.headers())
+    async def _tierlab_error(request: Request, exc: TierlabError) -> Response:
+        status, headers, body = error_reply(exc, request.path_params.get("name"), plane)
+        return Response(body, status_code=status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        model = label_for(request.path_params.get("name"), plane.models)
-        plane.telemetry.record_error(model, 500)
-        return JSONResponse({"error": f"internal error in {settings.tier}: {type(exc).__name__}: {exc}"}, 500)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        status, headers, body = unexpected_error(exc, request.path_params.get("name"), plane)
+        return Response(body, status_code=status, headers=headers)
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
@@ -208,22 +277,9 @@ def create_app(tier: Tier) -> FastAPI:
         is_ready = plane.ready and here
         return JSONResponse({"name": name, "ready": is_ready}, status_code=200 if is_ready else 503)
 
-    async def infer(request: Request, name: str) -> Response:
-        body = await _read_body(request, settings.max_body_bytes)
-        received_ns = time.perf_counter_ns()
-        header_length = codec.parse_header_length(request.headers.get(codec.HEADER_LENGTH_HTTP_HEADER))
-        decoded = codec.decode_request(body, header_length)
-        answer = await plane.infer(name, decoded, received_ns=received_ns, bytes_in=len(body))
-        encoded = codec.encode_response(
-            answer.model_name, answer.outputs, binary=[decoded.wants_binary(n) for n in answer.outputs],
-            parameters=answer.parameters, request_id=answer.id, model_version=answer.model_version,
-        )  # fmt: skip
-        return Response(encoded.body(), headers=encoded.http_headers())
-
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         app.add_api_route(prefix, model_metadata, methods=["GET"])
         app.add_api_route(f"{prefix}/ready", model_ready, methods=["GET"])
-        app.add_api_route(f"{prefix}/infer", infer, methods=["POST"])
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -234,5 +290,5 @@ def create_app(tier: Tier) -> FastAPI:
     async def status() -> dict[str, Any]:
         return tier.status()
 
-    return app
+    return TierApp(tier, app)
 

@@ -33,10 +33,19 @@ from services.tier.telemetry import TierTelemetry
 log = logging.getLogger(__name__)
 
 _NS_PER_MS = 1_000_000
+# stages this cheap run on the event loop: a worker-thread hand-off costs 100-250 µs (benchmarks/overhead.py)
+INLINE_COMPUTE_MAX_US = 300.0
 
 
 def _ms(ns: int) -> float:
     return round(ns / _NS_PER_MS, 4)
+
+
+def _batch_items(stage: StageSession, inputs: Mapping[str, np.ndarray]) -> int:
+    first = stage.spec.inputs[0]
+    if not first.shape or first.shape[0] != -1:
+        return 1
+    return max(1, inputs[first.name].shape[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +109,7 @@ class DataPlane:
     compute_slots: int = 1
     max_queue: int = 64
     sessions: dict[tuple[str, int], StageSession] = field(default_factory=dict)
+    stage_cost_us: dict[tuple[str, int], float] = field(default_factory=dict)  # warm-up median
     ready: bool = False
     load_error: str | None = None
     _executor: ThreadPoolExecutor = field(init=False)
@@ -116,7 +126,7 @@ class DataPlane:
             for model in self.models.values():
                 for index in model.stages_on(self.tier):
                     stage = StageSession.load(model.manifest, model.folder, index, options)
-                    stage.warm(warmup_runs)
+                    self.stage_cost_us[(model.name, index)] = stage.warm(warmup_runs)
                     self.sessions[(model.name, index)] = stage
         except ConfigError as exc:
             self.load_error = exc.message
@@ -226,6 +236,10 @@ class DataPlane:
                 f"{self.tier} has {self._compute_pending} requests in or waiting for compute (limit {limit}); retry later"
             )
         stages = [self.sessions[(model.name, index)] for index in local]
+        # warm-up timed one item; a batch costs about that many times more
+        cost_us = sum(self.stage_cost_us[(model.name, index)] for index in local) * _batch_items(stages[0], inputs)
+        if self._compute_pending == 0 and cost_us <= INLINE_COMPUTE_MAX_US:
+            return run_stages(stages, inputs, exit_threshold, received_ns)
         self._compute_pending += 1
         try:
             loop = asyncio.get_running_loop()

@@ -1,7 +1,12 @@
 """The client a tier uses to hand intermediate tensors to the next tier.
 
-One kept-alive aiohttp connection pool per tier process; tensors always travel as V2 binary data. Any
-failure becomes a :class:`~services.contracts.errors.NextTierError` (502) or
+Tensors always travel as V2 binary data over kept-alive HTTP/1.1 connections, one small pool per next
+tier. The client is an asyncio protocol over ``httptools`` (the parser uvicorn serves with) rather
+than aiohttp or httpx: ``benchmarks/forwarding.py`` measures it against both, and the forward call is
+the hop tax every partitioned request pays. The body's chunks (JSON header, then array views) are
+written with ``writelines``: no join, no copy of the tensors.
+
+Any failure becomes a :class:`~services.contracts.errors.NextTierError` (502) or
 :class:`~services.contracts.errors.NextTierTimeout` (504) whose message names the hop
 (``edge -> cloud``), so a client several hops upstream still learns where the pipeline broke. Where a
 link is emulated in userspace, the forwarder holds the request and the response as the link would.
@@ -11,18 +16,142 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
 
-import aiohttp
+import httptools
 import numpy as np
 import orjson
 
 from services.contracts import codec
-from services.contracts.codec import InferResponse, Parameters
+from services.contracts.codec import Buffer, InferResponse, Parameters
 from services.contracts.errors import MalformedBody, NextTierError, NextTierTimeout
 from services.contracts.specs import TierName
 from services.tier.links import UserspaceLink
+
+_MAX_IDLE_CONNECTIONS = 32
+
+
+class PeerClosed(ConnectionError):
+    """The peer closed the connection before a whole response arrived."""
+
+    def __init__(self, message: str, *, before_response: bool) -> None:
+        super().__init__(message)
+        self.before_response = before_response
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection; one request at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.reusable = True
+        self._waiter: asyncio.Future[Reply] | None = None
+        self._headers: dict[str, str] = {}
+        self._chunks: list[bytes] = []
+        self._started = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._started = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(ConnectionError(f"unparsable HTTP response: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(PeerClosed("connection closed before the response ended", before_response=not self._started))
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        self.reusable = self.parser.should_keep_alive()
+        body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(Reply(self.parser.get_status_code(), self._headers, body))
+
+    def _fail(self, exc: Exception) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc)
+
+    async def exchange(self, head: bytes, body: Sequence[Buffer]) -> Reply:
+        assert self.transport is not None
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._headers, self._chunks, self._started = {}, [], False
+        self.transport.writelines([head, *body])
+        return await self._waiter
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Pool:
+    """Idle kept-alive connections to one peer."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.idle: deque[_Connection] = deque()
+
+    async def _connect(self) -> _Connection:
+        _, connection = await asyncio.get_running_loop().create_connection(_Connection, self.host, self.port)
+        return connection
+
+    async def request(self, head: bytes, body: Sequence[Buffer]) -> Reply:
+        while self.idle:
+            connection = self.idle.pop()
+            if connection.closed:
+                continue
+            try:
+                return self._done(connection, await connection.exchange(head, body))
+            except PeerClosed as exc:
+                # the peer dropped an idle connection as we reused it: nothing was processed, try anew
+                if not exc.before_response:
+                    raise
+            except BaseException:
+                connection.close()
+                raise
+        connection = await self._connect()
+        try:
+            return self._done(connection, await connection.exchange(head, body))
+        except BaseException:
+            connection.close()
+            raise
+
+    def _done(self, connection: _Connection, reply: Reply) -> Reply:
+        if connection.reusable and not connection.closed and len(self.idle) < _MAX_IDLE_CONNECTIONS:
+            self.idle.append(connection)
+        else:
+            connection.close()
+        return reply
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop().close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,18 +187,17 @@ class Forwarder:
         self._endpoints = dict(endpoints)
         self._links = dict(links)
         self._timeout_s = timeout_s
-        self._session: aiohttp.ClientSession | None = None
+        self._pools: dict[TierName, _Pool] = {}
+        for peer, url in self._endpoints.items():
+            parts = urlsplit(url)
+            self._pools[peer] = _Pool(parts.hostname or "127.0.0.1", parts.port or 80)
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0, enable_cleanup_closed=True)
-        self._session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False
-        )
+        """Nothing to open ahead: connections are made on first use and kept alive."""
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for pool in self._pools.values():
+            pool.close()
 
     async def forward(
         self, next_tier: TierName, model: str, inputs: Mapping[str, np.ndarray], parameters: Parameters
@@ -77,36 +205,31 @@ class Forwarder:
         hop = f"{self._tier} -> {next_tier}"
         started = time.perf_counter_ns()
         encoded = codec.encode_request(inputs, parameters=parameters)
-        body = encoded.body()
+        pool = self._pools[next_tier]
+        size = encoded.size_bytes
+        head = "".join([
+            f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {pool.host}:{pool.port}\r\n",
+            *(f"{k}: {v}\r\n" for k, v in encoded.http_headers().items()),
+            f"Content-Length: {size}\r\n\r\n",
+        ]).encode("latin-1")  # fmt: skip
+        link = self._links.get(next_tier)
         try:
             async with asyncio.timeout(self._timeout_s):
-                status, headers, answer = await self._exchange(next_tier, model, body, encoded.http_headers())
+                if link is not None:
+                    await link.send(size)
+                reply = await pool.request(head, encoded.chunks)
+                if link is not None:
+                    await link.receive(len(reply.body))
         except TimeoutError:
             raise NextTierTimeout(f"{hop}: no answer within {self._timeout_s:g} s") from None
-        except aiohttp.ClientError as exc:
+        except OSError as exc:
             raise NextTierError(f"{hop}: cannot reach {self._endpoints[next_tier]}: {exc}") from None
-        if status != 200:
-            message = f"{hop} answered {status}: {_error_message(answer)}"
-            raise NextTierTimeout(message) if status == NextTierTimeout.status_code else NextTierError(message)
+        if reply.status != 200:
+            message = f"{hop} answered {reply.status}: {_error_message(reply.body)}"
+            raise NextTierTimeout(message) if reply.status == NextTierTimeout.status_code else NextTierError(message)
         try:
-            header_length = codec.parse_header_length(headers.get(codec.HEADER_LENGTH_HTTP_HEADER))
-            response = codec.decode_response(answer, header_length)
+            header_length = codec.parse_header_length(reply.headers.get(codec.HEADER_LENGTH_HTTP_HEADER.lower()))
+            response = codec.decode_response(reply.body, header_length)
         except MalformedBody as exc:
             raise NextTierError(f"{hop} answered a malformed body: {exc.message}") from None
-        return Forwarded(response, len(body), len(answer), time.perf_counter_ns() - started)
-
-    async def _exchange(
-        self, next_tier: TierName, model: str, body: bytes, headers: dict[str, str]
-    ) -> tuple[int, Mapping[str, str], bytes]:
-        if self._session is None:
-            raise NextTierError(f"{self._tier} -> {next_tier}: forwarder is not started")
-        link = self._links.get(next_tier)
-        if link is not None:
-            await link.send(len(body))
-        url = f"{self._endpoints[next_tier]}/v2/models/{model}/infer"
-        async with self._session.post(url, data=body, headers=headers) as reply:
-            answer = await reply.read()
-            status, reply_headers = reply.status, reply.headers
-        if link is not None:
-            await link.receive(len(answer))
-        return status, reply_headers, answer
+        return Forwarded(response, size, len(reply.body), time.perf_counter_ns() - started)

@@ -7,6 +7,8 @@ request), checking each stage's exit head on the way.
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -74,10 +76,15 @@ class StageSession:
         names = [o.name for o in self.spec.outputs]
         return dict(zip(names, self.session.run(names, dict(feeds)), strict=True))
 
-    def warm(self, runs: int) -> None:
+    def warm(self, runs: int) -> float:
+        """Run on zeros ``runs`` times; returns the median time of a run in microseconds (inf if none)."""
         feeds = {spec.name: _zeros(spec) for spec in self.spec.inputs}
+        times_us = []
         for _ in range(runs):
+            started = time.perf_counter_ns()
             self.run(feeds)
+            times_us.append((time.perf_counter_ns() - started) / 1000)
+        return statistics.median(times_us) if times_us else math.inf
 
 
 def _zeros(spec: TensorSpec) -> np.ndarray:

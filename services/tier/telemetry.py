@@ -8,6 +8,8 @@ Label values are bounded by construction: callers pass only served model and str
 from __future__ import annotations
 
 from collections.abc import Container, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -17,6 +19,19 @@ from services.tier.limits import CgroupLimits
 from services.tier.links import LinkState
 
 _MS_PER_S = 1e3
+
+
+@dataclass(frozen=True, slots=True)
+class _StrategySeries:
+    """The labelled children of one (model, strategy), resolved once."""
+
+    request: Any
+    queue: Any
+    compute: Any
+    send: Any
+    bytes_in: Any
+    bytes_out: Any
+    early_exits: Any
 
 
 def label_for(value: str | None, allowed: Container[str]) -> str:
@@ -51,6 +66,7 @@ class TierTelemetry:
         self.link_rate = Gauge(m.LINK_RATE_MBIT, "Configured link rate; 0 = unlimited", link_labels, registry=r)
         self.inflight.labels(tier).set(0)
         self.ready.labels(tier).set(0)
+        self._by_strategy: dict[tuple[str, str], _StrategySeries] = {}
 
     def record_limits(self, limits: CgroupLimits, cpu_cores: float, threads: int) -> None:
         self.cpu_limit.labels(self.tier).set(cpu_cores)
@@ -64,17 +80,34 @@ class TierTelemetry:
             self.link_delay.labels(*labels).set(state.spec.delay_ms)
             self.link_rate.labels(*labels).set(state.spec.rate_mbit or 0)
 
+    def _series(self, model: str, strategy: str) -> _StrategySeries:
+        # .labels() hashes and locks on every call: resolve a strategy's children once, on the hot path never
+        series = self._by_strategy.get((model, strategy))
+        if series is None:
+            labels = (self.tier, model, strategy)
+            series = _StrategySeries(
+                request=self.request_seconds.labels(*labels),
+                queue=self.stage_seconds.labels(*labels, "queue"),
+                compute=self.stage_seconds.labels(*labels, "compute"),
+                send=self.stage_seconds.labels(*labels, "send"),
+                bytes_in=self.bytes.labels(*labels, "in"),
+                bytes_out=self.bytes.labels(*labels, "out"),
+                early_exits=self.early_exits.labels(*labels),
+            )
+            self._by_strategy[(model, strategy)] = series
+        return series
+
     def record_hop(self, model: str, strategy: str, hop: HopTiming, *, exited_here: bool) -> None:
-        labels = (self.tier, model, strategy)
-        self.request_seconds.labels(*labels).observe(hop.total_ms / _MS_PER_S)
-        self.stage_seconds.labels(*labels, "queue").observe(hop.queue_ms / _MS_PER_S)
-        self.stage_seconds.labels(*labels, "compute").observe(hop.compute_ms / _MS_PER_S)
+        series = self._series(model, strategy)
+        series.request.observe(hop.total_ms / _MS_PER_S)
+        series.queue.observe(hop.queue_ms / _MS_PER_S)
+        series.compute.observe(hop.compute_ms / _MS_PER_S)
         if hop.send_ms:
-            self.stage_seconds.labels(*labels, "send").observe(hop.send_ms / _MS_PER_S)
-        self.bytes.labels(*labels, "in").inc(hop.bytes_in)
-        self.bytes.labels(*labels, "out").inc(hop.bytes_out)
+            series.send.observe(hop.send_ms / _MS_PER_S)
+        series.bytes_in.inc(hop.bytes_in)
+        series.bytes_out.inc(hop.bytes_out)
         if exited_here:
-            self.early_exits.labels(*labels).inc()
+            series.early_exits.inc()
 
     def record_error(self, model: str, status: int) -> None:
         self.errors.labels(self.tier, model, str(status)).inc()

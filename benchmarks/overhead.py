@@ -1,0 +1,273 @@
+"""What the testbed itself costs, measured side by side in one run (``make bench-overhead``).
+
+P1 hop tax     a 3-stage pipeline (M-E-C) on loopback, unshaped, whose stages only relay a tensor of
+               4 KB, 200 KB or 1 MB; e2e latency minus the same submodels' in-process onnxruntime
+               compute, divided by the 3 hops it crosses (client → mobile → edge → cloud). Goal ≤ 1 ms p50.
+P2 codec       encode + decode throughput of the V2 binary codec vs base64-in-JSON (what the studies sent)
+               on a 1 MB tensor. Goal ≥ 2 GB/s and ≥ 20× base64-JSON.
+P3 throughput  requests/s of one tier at concurrency 4 vs the same model in-process with the same
+               onnxruntime threads. Goal ≥ 90 %.
+
+The last line printed is one JSON object for tracking results over time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnx import helper
+
+from services.contracts import codec
+from services.contracts.specs import TIERS
+from services.contracts.variant import StageModel, write_variant
+from services.demo import local_deployment, onnx_model, write_deployment
+from services.local import LocalStack, free_ports
+from services.tier.limits import host_cpu_count, read_limits
+from services.tier.runtime import session_options
+
+RELAY_SIZES_BYTES = {"4KB": 4 * 1024, "200KB": 200 * 1024, "1MB": 1024 * 1024}
+HOPS = 3
+P3_DIM = 1024
+P3_LAYERS = 4
+P3_BATCH = 8
+P3_CONCURRENCY = 4
+EXTRA_TIER_ARGS: list[str] = ["--no-allow-spinning"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def build_relay(root: Path, label: str, size_bytes: int) -> str:
+    """A 3-stage variant passing a ``size_bytes`` FP32 tensor stage to stage, answering a scalar."""
+    n = size_bytes // 4
+    scale = {"scale": np.array(1.0001, np.float32)}
+    shift = {"shift": np.array(0.5, np.float32)}
+    stages = [
+        onnx_model("relay0", [helper.make_node("Mul", ["x", "scale"], ["h0"])], {"x": [1, n]}, {"h0": [1, n]}, scale),
+        onnx_model("relay1", [helper.make_node("Add", ["h0", "shift"], ["h1"])], {"h0": [1, n]}, {"h1": [1, n]}, shift),
+        onnx_model("relay2", [helper.make_node("ReduceMax", ["h1"], ["y"], axes=[1], keepdims=1)],
+                   {"h1": [1, n]}, {"y": [1, 1]}, {}),  # fmt: skip
+    ]
+    name = f"relay-{label}.partition3"
+    write_variant(root / name, name=name, subject=f"relay-{label}", operator="partition",
+                  stages=[StageModel(m) for m in stages], outputs=["y"])  # fmt: skip
+    return name
+
+
+def build_dense(root: Path) -> str:
+    """A compute-bound one-stage model (a few ms per batch) for the throughput comparison."""
+    rng = np.random.default_rng(0)
+    nodes, weights, source = [], {}, "x"
+    for layer in range(P3_LAYERS):
+        target = "y" if layer == P3_LAYERS - 1 else f"h{layer}"
+        weights[f"w{layer}"] = (rng.normal(size=(P3_DIM, P3_DIM)) / np.sqrt(P3_DIM)).astype(np.float32)
+        nodes.append(helper.make_node("MatMul", [source, f"w{layer}"], [target]))
+        source = target
+    model = onnx_model("dense", nodes, {"x": ["batch", P3_DIM]}, {"y": ["batch", P3_DIM]}, weights)
+    name = "dense.identity"
+    write_variant(root / name, name=name, subject="dense", operator="identity", stages=[StageModel(model)], outputs=["y"])
+    return name
+
+
+# --------------------------------------------------------------------------------------------- P1
+
+
+class Client:
+    """A kept-alive stdlib HTTP client: the leanest way to time a request from Python."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        self.connection = http.client.HTTPConnection(host, int(port), timeout=60)
+
+    def infer(self, model: str, encoded: codec.Encoded) -> bytes:
+        self.connection.request("POST", f"/v2/models/{model}/infer", body=encoded.body(), headers=encoded.http_headers())
+        reply = self.connection.getresponse()
+        body = reply.read()
+        if reply.status != 200:
+            raise RuntimeError(f"{model}: {reply.status} {body[:300]!r}")
+        return body
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def inprocess_stage_ms(folder: Path, feeds: dict[str, np.ndarray], threads: int, repeats: int) -> float:
+    """Median in-process onnxruntime time of each stage of a variant, summed."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    total = 0.0
+    for stage in manifest["stages"]:
+        session = ort.InferenceSession(str(folder / stage["file"]), session_options(threads, allow_spinning=False))
+        outputs = [o["name"] for o in stage["outputs"]]
+        for _ in range(20):
+            result = session.run(outputs, feeds)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter_ns()
+            result = session.run(outputs, feeds)
+            times.append((time.perf_counter_ns() - started) / 1e6)
+        feeds = dict(zip(outputs, result, strict=True))
+        total += statistics.median(times)
+    return total
+
+
+def p1_hop_tax(stack: LocalStack, root: Path, models: dict[str, str], threads: int, requests: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    client = Client(stack.url("mobile"))
+    try:
+        for label, model in models.items():
+            x = np.random.default_rng(0).normal(size=(1, RELAY_SIZES_BYTES[label] // 4)).astype(np.float32)
+            compute_ms = inprocess_stage_ms(root / model, {"x": x}, threads, repeats=100)
+            encoded = codec.encode_request({"x": x}, parameters={"placement": "M-E-C"})
+            for _ in range(max(20, requests // 10)):
+                client.infer(model, encoded)
+            e2e = []
+            for _ in range(requests):
+                started = time.perf_counter_ns()
+                client.infer(model, encoded)
+                e2e.append((time.perf_counter_ns() - started) / 1e6)
+            tax = [(t - compute_ms) / HOPS for t in e2e]
+            results[label] = {"e2e_ms_p50": percentile(e2e, 50), "e2e_ms_p99": percentile(e2e, 99),
+                              "compute_ms": compute_ms, "hop_tax_ms_p50": percentile(tax, 50),
+                              "hop_tax_ms_p99": percentile(tax, 99)}  # fmt: skip
+    finally:
+        client.close()
+    return results
+
+
+# --------------------------------------------------------------------------------------------- P2
+
+
+def _rate_gb_s(work: Callable[[], object], size_bytes: int, min_time_s: float = 1.0) -> float:
+    work()
+    runs, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < min_time_s:
+        work()
+        runs += 1
+    return runs * size_bytes / elapsed / 1e9
+
+
+def p2_codec() -> dict[str, float]:
+    tensor = np.random.default_rng(0).normal(size=(1, 262144)).astype(np.float32)  # 1 MiB
+
+    def binary() -> object:
+        encoded = codec.encode_request({"x": tensor})
+        return codec.decode_request(encoded.body(), encoded.header_length).inputs["x"]
+
+    def base64_json() -> object:
+        body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": list(tensor.shape),
+                                       "data": base64.b64encode(tensor.tobytes()).decode()}]})  # fmt: skip
+        entry = json.loads(body)["inputs"][0]
+        return np.frombuffer(base64.b64decode(entry["data"]), np.float32).reshape(entry["shape"])
+
+    assert np.array_equal(binary(), base64_json())  # type: ignore[arg-type]
+    binary_gbps, base64_gbps = _rate_gb_s(binary, tensor.nbytes), _rate_gb_s(base64_json, tensor.nbytes)
+    return {"codec_gbps": binary_gbps, "base64_json_gbps": base64_gbps, "vs_base64": binary_gbps / base64_gbps}
+
+
+# --------------------------------------------------------------------------------------------- P3
+
+
+def _closed_loop_rps(call: Callable[[], object], concurrency: int, duration_s: float) -> float:
+    counts = [0] * concurrency
+    stop = time.perf_counter() + duration_s
+
+    def worker(index: int) -> None:
+        while time.perf_counter() < stop:
+            call()
+            counts[index] += 1
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - started)
+
+
+def p3_throughput(stack: LocalStack, root: Path, model: str, threads: int, duration_s: float) -> dict[str, float]:
+    x = np.random.default_rng(0).normal(size=(P3_BATCH, P3_DIM)).astype(np.float32)
+    session = ort.InferenceSession(str(root / model / "stage0.onnx"), session_options(threads, allow_spinning=False))
+    _closed_loop_rps(lambda: session.run(None, {"x": x}), 1, 1.0)
+    inprocess = _closed_loop_rps(lambda: session.run(None, {"x": x}), 1, duration_s)
+
+    encoded = codec.encode_request({"x": x}, parameters={"placement": "E"})
+    local = threading.local()
+
+    def call() -> object:
+        if not hasattr(local, "client"):
+            local.client = Client(stack.url("edge"))
+        return local.client.infer(model, encoded)
+
+    _closed_loop_rps(call, P3_CONCURRENCY, 1.0)
+    served = _closed_loop_rps(call, P3_CONCURRENCY, duration_s)
+    return {"inprocess_rps": inprocess, "tier_rps": served, "ratio": served / inprocess}
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=400, help="P1 requests per tensor size")
+    parser.add_argument("--duration-s", type=float, default=5.0, help="P3 measuring time per side")
+    args = parser.parse_args(argv)
+
+    threads = read_limits().intra_op_threads(host_cpu_count())
+    with tempfile.TemporaryDirectory(prefix="tierlab-bench-") as tmp:
+        root = Path(tmp)
+        relays = {label: build_relay(root, label, size) for label, size in RELAY_SIZES_BYTES.items()}
+        dense = build_dense(root)
+        ports = dict(zip(TIERS, free_ports(3), strict=True))
+        deployment = write_deployment(
+            local_deployment([*relays.values(), dense], models_dir=str(root), ports=ports), root / "deployment.yaml"
+        )
+        print(f"starting three tiers on loopback ({threads} onnxruntime threads each) …", file=sys.stderr)
+        with LocalStack(deployment, log_dir=root / "logs", tier_args=["--log-level", "warning", *EXTRA_TIER_ARGS]) as stack:
+            p1 = p1_hop_tax(stack, root, relays, threads, args.requests)
+            p3 = p3_throughput(stack, root, dense, threads, args.duration_s)
+    p2 = p2_codec()
+
+    print("\nP1 hop tax (M-E-C on loopback, unshaped; per hop = (e2e - in-process compute) / 3)")
+    print(f"{'tensor':>8} {'e2e p50':>9} {'e2e p99':>9} {'compute':>9} {'hop p50':>9} {'hop p99':>9}   (ms)")
+    for label, r in p1.items():
+        print(f"{label:>8} {r['e2e_ms_p50']:9.3f} {r['e2e_ms_p99']:9.3f} {r['compute_ms']:9.3f} "
+              f"{r['hop_tax_ms_p50']:9.3f} {r['hop_tax_ms_p99']:9.3f}")  # fmt: skip
+    worst = max(p1.values(), key=lambda r: r["hop_tax_ms_p50"])
+    print(f"  goal ≤ 1.0 ms p50 per hop up to 1 MB: worst {worst['hop_tax_ms_p50']:.3f} ms")
+    print(f"\nP2 codec on 1 MiB: binary {p2['codec_gbps']:.2f} GB/s, base64-JSON {p2['base64_json_gbps']:.3f} GB/s, "
+          f"{p2['vs_base64']:.0f}×   (goal ≥ 2 GB/s and ≥ 20×)")  # fmt: skip
+    print(f"\nP3 throughput ({P3_LAYERS}×{P3_DIM}² MatMul, batch {P3_BATCH}): tier {p3['tier_rps']:.1f} req/s at "
+          f"concurrency {P3_CONCURRENCY} vs in-process {p3['inprocess_rps']:.1f} req/s = {p3['ratio']:.1%}   (goal ≥ 90 %)")  # fmt: skip
+    summary = {
+        "p1_hop_tax_ms_p50": round(worst["hop_tax_ms_p50"], 3),
+        "p1_hop_tax_ms_p99": round(max(r["hop_tax_ms_p99"] for r in p1.values()), 3),
+        "p1_hop_tax_ms_p50_by_size": {k: round(r["hop_tax_ms_p50"], 3) for k, r in p1.items()},
+        "p2_codec_gbps": round(p2["codec_gbps"], 2),
+        "p2_vs_base64": round(p2["vs_base64"], 1),
+        "p3_throughput_ratio": round(p3["ratio"], 3),
+        "onnxruntime_threads": threads,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
