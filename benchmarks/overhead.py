@@ -15,14 +15,20 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import http.client
 import json
+import multiprocessing
+import re
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +50,6 @@ P3_DIM = 1024
 P3_LAYERS = 4
 P3_BATCH = 8
 P3_CONCURRENCY = 4
-EXTRA_TIER_ARGS: list[str] = ["--no-allow-spinning"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -61,13 +66,30 @@ def build_relay(root: Path, label: str, size_bytes: int) -> str:
     shift = {"shift": np.array(0.5, np.float32)}
     stages = [
         onnx_model("relay0", [helper.make_node("Mul", ["x", "scale"], ["h0"])], {"x": [1, n]}, {"h0": [1, n]}, scale),
-        onnx_model("relay1", [helper.make_node("Add", ["h0", "shift"], ["h1"])], {"h0": [1, n]}, {"h1": [1, n]}, shift),
-        onnx_model("relay2", [helper.make_node("ReduceMax", ["h1"], ["y"], axes=[1], keepdims=1)],
-                   {"h1": [1, n]}, {"y": [1, 1]}, {}),  # fmt: skip
+        onnx_model(
+            "relay1",
+            [helper.make_node("Add", ["h0", "shift"], ["h1"])],
+            {"h0": [1, n]},
+            {"h1": [1, n]},
+            shift,
+        ),
+        onnx_model(
+            "relay2",
+            [helper.make_node("ReduceMax", ["h1"], ["y"], axes=[1], keepdims=1)],
+            {"h1": [1, n]},
+            {"y": [1, 1]},
+            {},
+        ),
     ]
     name = f"relay-{label}.partition3"
-    write_variant(root / name, name=name, subject=f"relay-{label}", operator="partition",
-                  stages=[StageModel(m) for m in stages], outputs=["y"])  # fmt: skip
+    write_variant(
+        root / name,
+        name=name,
+        subject=f"relay-{label}",
+        operator="partition",
+        stages=[StageModel(m) for m in stages],
+        outputs=["y"],
+    )
     return name
 
 
@@ -82,7 +104,14 @@ def build_dense(root: Path) -> str:
         source = target
     model = onnx_model("dense", nodes, {"x": ["batch", P3_DIM]}, {"y": ["batch", P3_DIM]}, weights)
     name = "dense.identity"
-    write_variant(root / name, name=name, subject="dense", operator="identity", stages=[StageModel(model)], outputs=["y"])
+    write_variant(
+        root / name,
+        name=name,
+        subject="dense",
+        operator="identity",
+        stages=[StageModel(model)],
+        outputs=["y"],
+    )
     return name
 
 
@@ -96,16 +125,100 @@ class Client:
         host, port = url.removeprefix("http://").rsplit(":", 1)
         self.connection = http.client.HTTPConnection(host, int(port), timeout=60)
 
-    def infer(self, model: str, encoded: codec.Encoded) -> bytes:
-        self.connection.request("POST", f"/v2/models/{model}/infer", body=encoded.body(), headers=encoded.http_headers())
+    def post(self, path: str, encoded: codec.Encoded) -> bytes:
+        self.connection.request("POST", path, body=encoded.body(), headers=encoded.http_headers())
         reply = self.connection.getresponse()
         body = reply.read()
         if reply.status != 200:
-            raise RuntimeError(f"{model}: {reply.status} {body[:300]!r}")
+            raise RuntimeError(f"{path}: {reply.status} {body[:300]!r}")
         return body
 
     def close(self) -> None:
         self.connection.close()
+
+
+def _sink(listener: socket.socket, size: int) -> None:
+    connection, _ = listener.accept()
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buffer = memoryview(bytearray(size))
+    while True:
+        received = 0
+        while received < size:
+            n = connection.recv_into(buffer[received:])
+            if not n:
+                return
+            received += n
+        connection.sendall(b"ok")
+
+
+def socket_floor_ms(size_bytes: int, requests: int) -> list[float]:
+    """Send ``size_bytes`` to another process over loopback TCP and wait for 2 bytes back: the kernel's floor."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    sink = multiprocessing.get_context("fork").Process(target=_sink, args=(listener, size_bytes), daemon=True)
+    sink.start()
+    data = b"x" * size_bytes
+    times = []
+    with socket.create_connection(listener.getsockname()) as client:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(requests + requests // 10):
+            started = time.perf_counter_ns()
+            client.sendall(data)
+            client.recv(2)
+            if i >= requests // 10:
+                times.append((time.perf_counter_ns() - started) / 1e6)
+    sink.join(5)
+    listener.close()
+    return times
+
+
+@contextlib.contextmanager
+def null_tier(port: int) -> Iterator[str]:
+    """The null tier under uvicorn with the tiers' settings (uvloop, httptools), in its own process."""
+    argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "benchmarks.null_tier:app",
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    process = subprocess.Popen(argv)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("the null tier did not start") from None
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def round_trips_ms(url: str, path: str, encoded: codec.Encoded, requests: int) -> list[float]:
+    client = Client(url)
+    try:
+        for _ in range(max(20, requests // 10)):
+            client.post(path, encoded)
+        times = []
+        for _ in range(requests):
+            started = time.perf_counter_ns()
+            client.post(path, encoded)
+            times.append((time.perf_counter_ns() - started) / 1e6)
+        return times
+    finally:
+        client.close()
 
 
 def inprocess_stage_ms(folder: Path, feeds: dict[str, np.ndarray], threads: int, repeats: int) -> float:
@@ -129,25 +242,24 @@ def inprocess_stage_ms(folder: Path, feeds: dict[str, np.ndarray], threads: int,
 
 def p1_hop_tax(stack: LocalStack, root: Path, models: dict[str, str], threads: int, requests: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    client = Client(stack.url("mobile"))
-    try:
+    with null_tier(free_ports(1)[0]) as null_url:
         for label, model in models.items():
             x = np.random.default_rng(0).normal(size=(1, RELAY_SIZES_BYTES[label] // 4)).astype(np.float32)
             compute_ms = inprocess_stage_ms(root / model, {"x": x}, threads, repeats=100)
             encoded = codec.encode_request({"x": x}, parameters={"placement": "M-E-C"})
-            for _ in range(max(20, requests // 10)):
-                client.infer(model, encoded)
-            e2e = []
-            for _ in range(requests):
-                started = time.perf_counter_ns()
-                client.infer(model, encoded)
-                e2e.append((time.perf_counter_ns() - started) / 1e6)
+            e2e = round_trips_ms(stack.url("mobile"), f"/v2/models/{model}/infer", encoded, requests)
             tax = [(t - compute_ms) / HOPS for t in e2e]
-            results[label] = {"e2e_ms_p50": percentile(e2e, 50), "e2e_ms_p99": percentile(e2e, 99),
-                              "compute_ms": compute_ms, "hop_tax_ms_p50": percentile(tax, 50),
-                              "hop_tax_ms_p99": percentile(tax, 99)}  # fmt: skip
-    finally:
-        client.close()
+            null = round_trips_ms(null_url, "/", encoded, requests)
+            floor = socket_floor_ms(encoded.size_bytes, requests)
+            results[label] = {
+                "e2e_ms_p50": percentile(e2e, 50),
+                "e2e_ms_p99": percentile(e2e, 99),
+                "compute_ms": compute_ms,
+                "hop_tax_ms_p50": percentile(tax, 50),
+                "hop_tax_ms_p99": percentile(tax, 99),
+                "null_uvicorn_ms_p50": percentile(null, 50),
+                "socket_floor_ms_p50": percentile(floor, 50),
+            }
     return results
 
 
@@ -171,14 +283,28 @@ def p2_codec() -> dict[str, float]:
         return codec.decode_request(encoded.body(), encoded.header_length).inputs["x"]
 
     def base64_json() -> object:
-        body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": list(tensor.shape),
-                                       "data": base64.b64encode(tensor.tobytes()).decode()}]})  # fmt: skip
+        body = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "FP32",
+                        "shape": list(tensor.shape),
+                        "data": base64.b64encode(tensor.tobytes()).decode(),
+                    }
+                ]
+            }
+        )
         entry = json.loads(body)["inputs"][0]
         return np.frombuffer(base64.b64decode(entry["data"]), np.float32).reshape(entry["shape"])
 
     assert np.array_equal(binary(), base64_json())  # type: ignore[arg-type]
     binary_gbps, base64_gbps = _rate_gb_s(binary, tensor.nbytes), _rate_gb_s(base64_json, tensor.nbytes)
-    return {"codec_gbps": binary_gbps, "base64_json_gbps": base64_gbps, "vs_base64": binary_gbps / base64_gbps}
+    return {
+        "codec_gbps": binary_gbps,
+        "base64_json_gbps": base64_gbps,
+        "vs_base64": binary_gbps / base64_gbps,
+    }
 
 
 # --------------------------------------------------------------------------------------------- P3
@@ -214,11 +340,27 @@ def p3_throughput(stack: LocalStack, root: Path, model: str, threads: int, durat
     def call() -> object:
         if not hasattr(local, "client"):
             local.client = Client(stack.url("edge"))
-        return local.client.infer(model, encoded)
+        return local.client.post(f"/v2/models/{model}/infer", encoded)
 
     _closed_loop_rps(call, P3_CONCURRENCY, 1.0)
+    before, started = _compute_seconds(stack.url("edge")), time.perf_counter()
     served = _closed_loop_rps(call, P3_CONCURRENCY, duration_s)
-    return {"inprocess_rps": inprocess, "tier_rps": served, "ratio": served / inprocess}
+    busy_s, elapsed_s = _compute_seconds(stack.url("edge")) - before, time.perf_counter() - started
+    return {
+        "inprocess_rps": inprocess,
+        "tier_rps": served,
+        "ratio": served / inprocess,
+        "tier_compute_utilisation": busy_s / elapsed_s,
+        "tier_compute_ms": busy_s / (served * elapsed_s) * 1e3,
+        "inprocess_compute_ms": 1e3 / inprocess,
+    }
+
+
+def _compute_seconds(url: str) -> float:
+    """Seconds the tier's stages have spent computing, from its own Prometheus metrics."""
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    pattern = re.compile(r'^tierlab_stage_duration_seconds_sum\{[^}]*phase="compute"[^}]*\} (\S+)$', re.MULTILINE)
+    return sum(float(v) for v in pattern.findall(text))
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -230,43 +372,87 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=5.0, help="P3 measuring time per side")
     args = parser.parse_args(argv)
 
-    threads = read_limits().intra_op_threads(host_cpu_count())
+    cores = read_limits().intra_op_threads(host_cpu_count())
+    tier_args = ["--log-level", "warning", "--no-allow-spinning"]
     with tempfile.TemporaryDirectory(prefix="tierlab-bench-") as tmp:
         root = Path(tmp)
         relays = {label: build_relay(root, label, size) for label, size in RELAY_SIZES_BYTES.items()}
         dense = build_dense(root)
-        ports = dict(zip(TIERS, free_ports(3), strict=True))
-        deployment = write_deployment(
-            local_deployment([*relays.values(), dense], models_dir=str(root), ports=ports), root / "deployment.yaml"
-        )
-        print(f"starting three tiers on loopback ({threads} onnxruntime threads each) …", file=sys.stderr)
-        with LocalStack(deployment, log_dir=root / "logs", tier_args=["--log-level", "warning", *EXTRA_TIER_ARGS]) as stack:
-            p1 = p1_hop_tax(stack, root, relays, threads, args.requests)
-            p3 = p3_throughput(stack, root, dense, threads, args.duration_s)
-    p2 = p2_codec()
 
-    print("\nP1 hop tax (M-E-C on loopback, unshaped; per hop = (e2e - in-process compute) / 3)")
-    print(f"{'tensor':>8} {'e2e p50':>9} {'e2e p99':>9} {'compute':>9} {'hop p50':>9} {'hop p99':>9}   (ms)")
+        def deployment(models: list[str], name: str) -> Path:
+            ports = dict(zip(TIERS, free_ports(3), strict=True))
+            return write_deployment(local_deployment(models, models_dir=str(root), ports=ports), root / name)
+
+        print(f"P1: three tiers on loopback ({cores} onnxruntime threads each) …", file=sys.stderr)
+        with LocalStack(
+            deployment(list(relays.values()), "p1.yaml"),
+            log_dir=root / "logs-p1",
+            tier_args=[*tier_args, "--intra-op-threads", str(cores)],
+        ) as stack:
+            p1 = p1_hop_tax(stack, root, relays, cores, args.requests)
+        p3: dict[int, dict[str, float]] = {}
+        for threads in sorted({1, cores}):
+            print(f"P3: one tier, {threads} onnxruntime thread(s) …", file=sys.stderr)
+            with LocalStack(
+                deployment([dense], f"p3-{threads}.yaml"),
+                tiers=("edge",),
+                log_dir=root / f"logs-p3-{threads}",
+                tier_args=[*tier_args, "--intra-op-threads", str(threads)],
+            ) as stack:
+                p3[threads] = p3_throughput(stack, root, dense, threads, args.duration_s)
+    p2 = p2_codec()
+    report(p1, p2, p3, cores)
+    return 0
+
+
+def report(p1: dict[str, Any], p2: dict[str, float], p3: dict[int, dict[str, float]], cores: int) -> None:
+    print("\nP1 hop tax (M-E-C on loopback, unshaped; per hop = (e2e - in-process compute) / 3), ms")
+    print(
+        f"{'tensor':>8} {'e2e p50':>8} {'e2e p99':>8} {'compute':>8} {'hop p50':>8} {'hop p99':>8}"
+        f" {'null-uvicorn':>13} {'socket floor':>13}"
+    )
     for label, r in p1.items():
-        print(f"{label:>8} {r['e2e_ms_p50']:9.3f} {r['e2e_ms_p99']:9.3f} {r['compute_ms']:9.3f} "
-              f"{r['hop_tax_ms_p50']:9.3f} {r['hop_tax_ms_p99']:9.3f}")  # fmt: skip
+        print(
+            f"{label:>8} {r['e2e_ms_p50']:8.3f} {r['e2e_ms_p99']:8.3f} {r['compute_ms']:8.3f} "
+            f"{r['hop_tax_ms_p50']:8.3f} "
+            f"{r['hop_tax_ms_p99']:8.3f} {r['null_uvicorn_ms_p50']:13.3f} {r['socket_floor_ms_p50']:13.3f}"
+        )
     worst = max(p1.values(), key=lambda r: r["hop_tax_ms_p50"])
-    print(f"  goal ≤ 1.0 ms p50 per hop up to 1 MB: worst {worst['hop_tax_ms_p50']:.3f} ms")
-    print(f"\nP2 codec on 1 MiB: binary {p2['codec_gbps']:.2f} GB/s, base64-JSON {p2['base64_json_gbps']:.3f} GB/s, "
-          f"{p2['vs_base64']:.0f}×   (goal ≥ 2 GB/s and ≥ 20×)")  # fmt: skip
-    print(f"\nP3 throughput ({P3_LAYERS}×{P3_DIM}² MatMul, batch {P3_BATCH}): tier {p3['tier_rps']:.1f} req/s at "
-          f"concurrency {P3_CONCURRENCY} vs in-process {p3['inprocess_rps']:.1f} req/s = {p3['ratio']:.1%}   (goal ≥ 90 %)")  # fmt: skip
+    print(
+        f"  goal ≤ 1.0 ms p50 per hop up to 1 MB: worst {worst['hop_tax_ms_p50']:.3f} ms; the floors are one round trip"
+        " of the same body to a null uvicorn app and over a bare socket between two processes"
+    )
+    print(
+        f"\nP2 codec on 1 MiB: binary {p2['codec_gbps']:.2f} GB/s, base64-JSON {p2['base64_json_gbps']:.3f} GB/s, "
+        f"{p2['vs_base64']:.0f}×   (goal ≥ 2 GB/s and ≥ 20×)"
+    )
+    print(
+        f"\nP3 throughput ({P3_LAYERS}×{P3_DIM}² MatMul, batch {P3_BATCH}, concurrency {P3_CONCURRENCY}; "
+        "the client shares this machine)"
+    )
+    for threads, r in p3.items():
+        print(
+            f"  {threads} thread(s): tier {r['tier_rps']:.1f} req/s vs in-process {r['inprocess_rps']:.1f} req/s "
+            f"= {r['ratio']:.1%}   (goal ≥ 90 %)"
+        )
+        print(
+            f"      the tier computed {r['tier_compute_utilisation']:.1%} of the time, {r['tier_compute_ms']:.2f} ms a "
+            f"request vs {r['inprocess_compute_ms']:.2f} ms in-process (same onnxruntime, sharing the cores)"
+        )
     summary = {
         "p1_hop_tax_ms_p50": round(worst["hop_tax_ms_p50"], 3),
         "p1_hop_tax_ms_p99": round(max(r["hop_tax_ms_p99"] for r in p1.values()), 3),
         "p1_hop_tax_ms_p50_by_size": {k: round(r["hop_tax_ms_p50"], 3) for k, r in p1.items()},
+        "p1_null_uvicorn_ms_p50_by_size": {k: round(r["null_uvicorn_ms_p50"], 3) for k, r in p1.items()},
+        "p1_socket_floor_ms_p50_by_size": {k: round(r["socket_floor_ms_p50"], 3) for k, r in p1.items()},
         "p2_codec_gbps": round(p2["codec_gbps"], 2),
         "p2_vs_base64": round(p2["vs_base64"], 1),
-        "p3_throughput_ratio": round(p3["ratio"], 3),
-        "onnxruntime_threads": threads,
+        "p3_throughput_ratio": round(p3[1]["ratio"], 3),
+        "p3_throughput_ratio_by_threads": {str(t): round(r["ratio"], 3) for t, r in p3.items()},
+        "p3_tier_compute_utilisation": round(p3[1]["tier_compute_utilisation"], 3),
+        "cores": cores,
     }
     print(json.dumps(summary))
-    return 0
 
 
 if __name__ == "__main__":

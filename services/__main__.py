@@ -56,18 +56,26 @@ def run_tier(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"tierlab tier: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s {settings.tier} %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format=f"%(asctime)s {settings.tier} %(levelname)s %(message)s"
+    )
     try:
         tier = build_tier(settings)
     except ConfigError as exc:
         print(f"tierlab tier {settings.tier}: {exc.message}", file=sys.stderr)
         return 2
     uvicorn.run(
-        create_app(tier), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-        access_log=False, log_level=settings.log_level, timeout_graceful_shutdown=5,
+        create_app(tier),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
         # keep idle tier-to-tier connections well past uvicorn's 5 s default
         timeout_keep_alive=75,
-    )  # fmt: skip
+    )
     return 0
 
 
@@ -76,12 +84,18 @@ def run_local(args: argparse.Namespace) -> int:
 
     state_file = Path(args.state)
     if args.detach and state_file.exists():
-        print(f"tierlab local: {state_file} exists: tiers may be running already (`python -m services down`)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"tierlab local: {state_file} exists: tiers may be running already (`python -m services down`)",
+            file=sys.stderr,
+        )
         return 1
     try:
-        stack = LocalStack(Path(args.deployment), tier_args=args.tier_args or (), detach=args.detach,
-                           log_dir=state_file.parent / "logs" if args.detach else None)  # fmt: skip
+        stack = LocalStack(
+            Path(args.deployment),
+            tier_args=args.tier_args or (),
+            detach=args.detach,
+            log_dir=state_file.parent / "logs" if args.detach else None,
+        )
         stack.start()
     except ConfigError as exc:
         print(f"tierlab local: {exc.message}", file=sys.stderr)
@@ -144,8 +158,10 @@ def run_status(args: argparse.Namespace) -> int:
             continue
         print(_status_line(tier, url, status))
         for link in status.get("links", []):
-            print(f"        link {link['link']:<12} {link['backend']:<14} delay {link['delay_ms']:g} ms, "
-                  f"rate {link['rate_mbit'] or 'unlimited'} Mbit/s {link['note']}")  # fmt: skip
+            print(
+                f"        link {link['link']:<12} {link['backend']:<14} delay {link['delay_ms']:g} ms, "
+                f"rate {link['rate_mbit'] or 'unlimited'} Mbit/s {link['note']}"
+            )
     return 0 if healthy else 1
 
 
@@ -154,8 +170,10 @@ def _status_line(tier: str, url: str, status: dict[str, Any]) -> str:
     memory = limits["memory_limit_bytes"]
     memory_text = f"{memory / (1 << 20):.0f} MiB" if memory else "unlimited"
     ready = "ready" if status["ready"] else f"NOT READY ({status.get('load_error') or 'loading'})"
-    return (f"{tier:>6}  {url}  {ready}; cpu {limits['cpu_cores']:g} cores ({limits['cgroup']}), memory {memory_text}, "
-            f"onnxruntime threads {status['onnxruntime']['intra_op_threads']}, models {len(status['models'])}")  # fmt: skip
+    return (
+        f"{tier:>6}  {url}  {ready}; cpu {limits['cpu_cores']:g} cores ({limits['cgroup']}), memory {memory_text}, "
+        f"onnxruntime threads {status['onnxruntime']['intra_op_threads']}, models {len(status['models'])}"
+    )
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -168,8 +186,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m services", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     tier = commands.add_parser("tier", help="run one tier")

@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from services.contracts.specs import TIERS, TierName, load_deployment
 
@@ -39,7 +40,7 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def http_get_json(url: str, timeout_s: float = 2.0) -> tuple[int, dict[str, object]]:
+def http_get_json(url: str, timeout_s: float = 2.0) -> tuple[int, dict[str, Any]]:
     """GET a JSON document; (status, body), with status 0 when nothing answers."""
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as reply:
@@ -82,8 +83,19 @@ class LocalStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for tier in self.tiers:
             port = self.url(tier).rsplit(":", 1)[1]
-            argv = [sys.executable, "-m", "services", "tier", "--tier", tier, "--deployment", str(self.deployment),
-                    "--port", port, *self.tier_args]  # fmt: skip
+            argv = [
+                sys.executable,
+                "-m",
+                "services",
+                "tier",
+                "--tier",
+                tier,
+                "--deployment",
+                str(self.deployment),
+                "--port",
+                port,
+                *self.tier_args,
+            ]
             with self.log_path(tier).open("wb") as log:
                 self.processes[tier] = subprocess.Popen(
                     argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=self.detach
@@ -130,7 +142,9 @@ class LocalStack:
         """What ``stop_detached`` needs to find the tiers again from another process."""
         return {
             "deployment": str(self.deployment),
-            "tiers": {t: {"pid": p.pid, "url": self.url(t), "log": str(self.log_path(t))} for t, p in self.processes.items()},
+            "tiers": {
+                t: {"pid": p.pid, "url": self.url(t), "log": str(self.log_path(t))} for t, p in self.processes.items()
+            },
         }
 
     def __enter__(self) -> LocalStack:

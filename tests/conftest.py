@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from services.contracts.manifest import ManifestSpec, load_manifest
-from services.contracts.specs import TIERS, LinkName, LinkSpec
+from services.contracts.specs import TIERS, LinkName, LinkSpec, TierName
 from services.demo import build_demo_mlp, local_deployment, write_deployment
 from services.local import free_ports
 from services.tier.app import Tier, build_tier, create_app
@@ -53,12 +53,14 @@ DeploymentFactory = Callable[..., Path]
 def make_deployment(demo_root: Path, tmp_path: Path) -> DeploymentFactory:
     """Write a deployment of the demo models on free loopback ports (or the ports given)."""
 
-    def make(ports: Mapping[str, int] | None = None, links: Mapping[LinkName, LinkSpec] | None = None) -> Path:
+    def make(ports: Mapping[TierName, int] | None = None, links: Mapping[LinkName, LinkSpec] | None = None) -> Path:
         chosen = dict(ports) if ports else dict(zip(TIERS, free_ports(3), strict=True))
         spec = local_deployment(
-            [f"demo-mlp/{name}/manifest.json" for name in DEMO_MODELS], models_dir=str(demo_root), ports=chosen,
+            [f"demo-mlp/{name}/manifest.json" for name in DEMO_MODELS],
+            models_dir=str(demo_root),
+            ports=chosen,
             links=links,
-        )  # fmt: skip
+        )
         return write_deployment(spec, tmp_path / f"deployment-{len(list(tmp_path.glob('deployment-*')))}.yaml")
 
     return make
@@ -85,7 +87,9 @@ async def serve_in_process(settings: TierSettings) -> AsyncIterator[tuple[Tier, 
 
 
 def v2_json_request(x: np.ndarray, **parameters: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}
+    body: dict[str, Any] = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]
+    }
     if parameters:
         body["parameters"] = parameters
     return body

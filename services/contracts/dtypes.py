@@ -11,10 +11,20 @@ from typing import Literal, get_args
 import numpy as np
 
 Datatype = Literal[
-    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64",
-    "INT8", "INT16", "INT32", "INT64",
-    "FP16", "FP32", "FP64", "BYTES",
-]  # fmt: skip
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BYTES",
+]
 
 DATATYPES: tuple[str, ...] = get_args(Datatype)
 
@@ -39,18 +49,37 @@ _BY_KIND_AND_SIZE = {(d.kind, d.itemsize): name for name, d in NUMPY_DTYPES.item
 
 # ONNX TensorProto element types (onnx.TensorProto.FLOAT == 1, …), spelled out so this leaf needs no onnx.
 ONNX_ELEM_TYPES: dict[int, str] = {
-    1: "FP32", 2: "UINT8", 3: "INT8", 4: "UINT16", 5: "INT16", 6: "INT32", 7: "INT64",
-    8: "BYTES", 9: "BOOL", 10: "FP16", 11: "FP64", 12: "UINT32", 13: "UINT64",
-}  # fmt: skip
+    1: "FP32",
+    2: "UINT8",
+    3: "INT8",
+    4: "UINT16",
+    5: "INT16",
+    6: "INT32",
+    7: "INT64",
+    8: "BYTES",
+    9: "BOOL",
+    10: "FP16",
+    11: "FP64",
+    12: "UINT32",
+    13: "UINT64",
+}
 
 # onnxruntime reports input types as "tensor(float)" etc.
 ORT_TYPE_NAMES: dict[str, str] = {
-    "tensor(float)": "FP32", "tensor(uint8)": "UINT8", "tensor(int8)": "INT8",
-    "tensor(uint16)": "UINT16", "tensor(int16)": "INT16", "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64", "tensor(string)": "BYTES", "tensor(bool)": "BOOL",
-    "tensor(float16)": "FP16", "tensor(double)": "FP64", "tensor(uint32)": "UINT32",
+    "tensor(float)": "FP32",
+    "tensor(uint8)": "UINT8",
+    "tensor(int8)": "INT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(string)": "BYTES",
+    "tensor(bool)": "BOOL",
+    "tensor(float16)": "FP16",
+    "tensor(double)": "FP64",
+    "tensor(uint32)": "UINT32",
     "tensor(uint64)": "UINT64",
-}  # fmt: skip
+}
 
 
 def datatype_of(array: np.ndarray) -> str:

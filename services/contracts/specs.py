@@ -33,7 +33,7 @@ def link_between(a: TierName, b: TierName) -> LinkName:
     name = f"{first}-{second}"
     if name not in LINKS or a == b:
         raise ValueError(f"there is no link between {a} and {b}")
-    return name  # type: ignore[return-value]
+    return name
 
 
 class Placement(FrozenSpec):

@@ -38,9 +38,11 @@ def tensor_specs(values: Sequence[onnx.ValueInfoProto]) -> tuple[TensorSpec, ...
         tensor_type = value.type.tensor_type
         datatype = ONNX_ELEM_TYPES.get(tensor_type.elem_type)
         if datatype is None:
-            raise ConfigError(f"tensor '{value.name}' has ONNX element type {tensor_type.elem_type}, which V2 cannot carry")
+            raise ConfigError(
+                f"tensor '{value.name}' has ONNX element type {tensor_type.elem_type}, which V2 cannot carry"
+            )
         shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim)
-        specs.append(TensorSpec(name=value.name, datatype=datatype, shape=shape))  # type: ignore[arg-type]
+        specs.append(TensorSpec(name=value.name, datatype=datatype, shape=shape))
     return tuple(specs)
 
 
@@ -64,9 +66,13 @@ def write_variant(
         graph = stage.model.graph
         stage_specs.append(
             StageSpec(
-                file=file.name, sha256=sha256_file(file), size_bytes=file.stat().st_size,
-                inputs=tensor_specs(list(graph.input)), outputs=tensor_specs(list(graph.output)), exit=stage.exit,
-            )  # fmt: skip
+                file=file.name,
+                sha256=sha256_file(file),
+                size_bytes=file.stat().st_size,
+                inputs=tensor_specs(list(graph.input)),
+                outputs=tensor_specs(list(graph.output)),
+                exit=stage.exit,
+            )
         )
     last = stage_specs[-1]
     finals = []
@@ -76,8 +82,13 @@ def write_variant(
             raise ConfigError(f"final output '{output}' is not an output of the last stage of {name}")
         finals.append(spec)
     manifest = ManifestSpec(
-        name=name, subject=subject, operator=operator, stages=tuple(stage_specs), outputs=tuple(finals),
-        accuracy=accuracy, parameters=dict(parameters or {}),
-    )  # fmt: skip
+        name=name,
+        subject=subject,
+        operator=operator,
+        stages=tuple(stage_specs),
+        outputs=tuple(finals),
+        accuracy=accuracy,
+        parameters=dict(parameters or {}),
+    )
     write_manifest(manifest, folder)
     return manifest

@@ -34,7 +34,15 @@ from services.contracts.specs import TIERS, DeploymentSpec, LinkSpec, link_betwe
 from services.tier.dataplane import DataPlane, resolve_models
 from services.tier.forwarder import Forwarder
 from services.tier.limits import CgroupLimits, host_cpu_count, read_limits
-from services.tier.links import CommandRunner, LinkState, LinkTarget, UserspaceLink, clear_links, plan_links, run_command
+from services.tier.links import (
+    CommandRunner,
+    LinkState,
+    LinkTarget,
+    UserspaceLink,
+    clear_links,
+    plan_links,
+    run_command,
+)
 from services.tier.runtime import session_options
 from services.tier.settings import TierSettings
 from services.tier.telemetry import TierTelemetry, label_for
@@ -77,7 +85,10 @@ class Tier:
             "onnxruntime": {"intra_op_threads": self.intra_op_threads, "allow_spinning": self.allow_spinning},
             "links": [state.describe() for state in self.links],
             "models": {
-                name: {"stages_here": model.stages_on(self.settings.tier), "placements": list(model.placements)}
+                name: {
+                    "stages_here": model.stages_on(self.settings.tier),
+                    "placements": list(model.placements),
+                }
                 for name, model in plane.models.items()
             },
         }
@@ -95,10 +106,14 @@ def build_tier(settings: TierSettings, *, run: CommandRunner = run_command) -> T
 
     peers = [t for t in TIERS if t != tier]
     targets = [
-        LinkTarget(link_between(tier, peer), peer, urlsplit(deployment.tiers[peer].base_url).hostname or "",
-                   deployment.link(tier, peer))
+        LinkTarget(
+            link_between(tier, peer),
+            peer,
+            urlsplit(deployment.tiers[peer].base_url).hostname or "",
+            deployment.link(tier, peer),
+        )
         for peer in peers
-    ]  # fmt: skip
+    ]
     if settings.shape_links:
         states = plan_links(targets, run)
     else:
@@ -108,13 +123,17 @@ def build_tier(settings: TierSettings, *, run: CommandRunner = run_command) -> T
             log.info("%s link %s: %s %s", tier, state.link, state.backend.value, state.note)
 
     forwarder = Forwarder(
-        tier, {t: e.base_url for t, e in deployment.tiers.items()},
-        {s.peer: UserspaceLink.for_state(s) for s in states}, timeout_s=settings.forward_timeout_s,
-    )  # fmt: skip
+        tier,
+        {t: e.base_url for t, e in deployment.tiers.items()},
+        {s.peer: UserspaceLink.for_state(s) for s in states},
+        timeout_s=settings.forward_timeout_s,
+    )
     telemetry = TierTelemetry(tier)
     telemetry.record_limits(limits, cores, threads)
     telemetry.record_links(states)
-    plane = DataPlane(tier, models, forwarder, telemetry, compute_slots=settings.compute_slots, max_queue=settings.max_queue)
+    plane = DataPlane(
+        tier, models, forwarder, telemetry, compute_slots=settings.compute_slots, max_queue=settings.max_queue
+    )
     return Tier(settings, deployment, plane, states, limits, cores, threads, spinning, run)
 
 
@@ -123,7 +142,11 @@ def error_reply(exc: TierlabError, model: str | None, plane: DataPlane) -> tuple
     plane.telemetry.record_error(label_for(model, plane.models), exc.status_code)
     if exc.status_code >= 500:
         log.warning("%s: %d %s", model or "-", exc.status_code, exc.message)
-    return exc.status_code, {"Content-Type": codec.JSON_CONTENT_TYPE, **exc.headers()}, orjson.dumps(exc.to_json())
+    return (
+        exc.status_code,
+        {"Content-Type": codec.JSON_CONTENT_TYPE, **exc.headers()},
+        orjson.dumps(exc.to_json()),
+    )
 
 
 def unexpected_error(exc: Exception, model: str | None, plane: DataPlane) -> tuple[int, dict[str, str], bytes]:
@@ -166,9 +189,13 @@ class TierApp:
             decoded = codec.decode_request(body, header_length)
             answer = await self.plane.infer(name, decoded, received_ns=received_ns, bytes_in=len(body))
             encoded = codec.encode_response(
-                answer.model_name, answer.outputs, binary=[decoded.wants_binary(n) for n in answer.outputs],
-                parameters=answer.parameters, request_id=answer.id, model_version=answer.model_version,
-            )  # fmt: skip
+                answer.model_name,
+                answer.outputs,
+                binary=[decoded.wants_binary(n) for n in answer.outputs],
+                parameters=answer.parameters,
+                request_id=answer.id,
+                model_version=answer.model_version,
+            )
             status, reply_headers, reply = 200, encoded.http_headers(), encoded.body()
         except _Disconnected:
             return
@@ -250,7 +277,11 @@ def create_app(tier: Tier) -> TierApp:
 
     @app.get("/v2/health/ready")
     async def ready() -> JSONResponse:
-        body = {"ready": plane.ready, "tier": settings.tier, "links": [s.describe() for s in tier.links]}
+        body: dict[str, Any] = {
+            "ready": plane.ready,
+            "tier": settings.tier,
+            "links": [s.describe() for s in tier.links],
+        }
         if plane.load_error:
             body["error"] = plane.load_error
         return JSONResponse(body, status_code=200 if plane.ready else 503)
@@ -263,13 +294,19 @@ def create_app(tier: Tier) -> TierApp:
             return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items]
 
         return {
-            "name": spec.name, "versions": ["1"], "platform": "onnxruntime_onnx",
-            "inputs": tensors(spec.inputs), "outputs": tensors(spec.outputs),
+            "name": spec.name,
+            "versions": ["1"],
+            "platform": "onnxruntime_onnx",
+            "inputs": tensors(spec.inputs),
+            "outputs": tensors(spec.outputs),
             "parameters": {
-                "subject": spec.subject, "operator": spec.operator, "stages": len(spec.stages),
-                "placements": ",".join(model.placements), "default_placement": model.default_placement(settings.tier),
+                "subject": spec.subject,
+                "operator": spec.operator,
+                "stages": len(spec.stages),
+                "placements": ",".join(model.placements),
+                "default_placement": model.default_placement(settings.tier),
             },
-        }  # fmt: skip
+        }
 
     def model_ready(name: str) -> JSONResponse:
         model = plane.model(name)
@@ -291,4 +328,3 @@ def create_app(tier: Tier) -> TierApp:
         return tier.status()
 
     return TierApp(tier, app)
-

@@ -45,7 +45,7 @@ def _batch_items(stage: StageSession, inputs: Mapping[str, np.ndarray]) -> int:
     first = stage.spec.inputs[0]
     if not first.shape or first.shape[0] != -1:
         return 1
-    return max(1, inputs[first.name].shape[0])
+    return max(1, int(inputs[first.name].shape[0]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +85,9 @@ def resolve_models(deployment: DeploymentSpec, deployment_dir: Path) -> dict[str
         folder = path if path.is_dir() else path.parent
         verify_stage_files(manifest, folder)
         if manifest.name in models:
-            raise ConfigError(f"two manifests name the model '{manifest.name}' ({models[manifest.name].folder}, {folder})")
+            raise ConfigError(
+                f"two manifests name the model '{manifest.name}' ({models[manifest.name].folder}, {folder})"
+            )
         count = len(manifest.stages)
         names = entry.placements or tuple(pl.name for pl in placements_for(count))
         placements: dict[str, Placement] = {}
@@ -202,38 +204,53 @@ class DataPlane:
                 next_stage = result.last_stage + 1
                 feeds = {s.name: result.tensors[s.name] for s in model.manifest.stages[next_stage].inputs}
                 forwarded = await self.forwarder.forward(
-                    stage_tiers[next_stage], model.name, feeds,
+                    stage_tiers[next_stage],
+                    model.name,
+                    feeds,
                     control.forward_parameters(placement=placement, stage=next_stage, hop=control.hop + 1),
-                )  # fmt: skip
+                )
                 outputs, parameters = forwarded.response.outputs, dict(forwarded.response.parameters)
                 send_ns, bytes_out = forwarded.send_ns, forwarded.bytes_out
         finally:
             self.telemetry.inflight.labels(self.tier).dec()
 
         hop = HopTiming(
-            tier=self.tier, first_stage=local[0], last_stage=result.last_stage,
-            queue_ms=_ms(result.queue_ns), compute_ms=_ms(result.compute_ns), send_ms=_ms(send_ns),
-            total_ms=_ms(time.perf_counter_ns() - received_ns), bytes_in=bytes_in, bytes_out=bytes_out,
-        )  # fmt: skip
+            tier=self.tier,
+            first_stage=local[0],
+            last_stage=result.last_stage,
+            queue_ms=_ms(result.queue_ns),
+            compute_ms=_ms(result.compute_ns),
+            send_ms=_ms(send_ns),
+            total_ms=_ms(time.perf_counter_ns() - received_ns),
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+        )
         strategy = model.strategy(placement)
         self.telemetry.record_hop(model.name, strategy, hop, exited_here=answered_here and result.exited)
         parameters.update(hop.to_parameters(control.hop))
         parameters[p.STRATEGY] = strategy
         if answered_here:
-            parameters.update({p.EXIT_STAGE: result.last_stage, p.EXITED_EARLY: result.exited, p.HOP_COUNT: control.hop + 1})
+            parameters.update(
+                {p.EXIT_STAGE: result.last_stage, p.EXITED_EARLY: result.exited, p.HOP_COUNT: control.hop + 1}
+            )
         request_id = control.request_id or request.id
         if request_id is not None:
             parameters[p.REQUEST_ID] = request_id
         return InferResponse(model.name, self._select(outputs, request), parameters, request.id, "1")
 
     async def _compute(
-        self, model: ServedModel, local: list[int], inputs: Mapping[str, np.ndarray],
-        exit_threshold: float | None, received_ns: int,
-    ) -> StagesResult:  # fmt: skip
+        self,
+        model: ServedModel,
+        local: list[int],
+        inputs: Mapping[str, np.ndarray],
+        exit_threshold: float | None,
+        received_ns: int,
+    ) -> StagesResult:
         limit = self.compute_slots + self.max_queue
         if self._compute_pending >= limit:
             raise Unavailable(
-                f"{self.tier} has {self._compute_pending} requests in or waiting for compute (limit {limit}); retry later"
+                f"{self.tier} has {self._compute_pending} requests in or waiting for compute "
+                f"(limit {limit}); retry later"
             )
         stages = [self.sessions[(model.name, index)] for index in local]
         # warm-up timed one item; a batch costs about that many times more

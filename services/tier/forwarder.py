@@ -207,11 +207,13 @@ class Forwarder:
         encoded = codec.encode_request(inputs, parameters=parameters)
         pool = self._pools[next_tier]
         size = encoded.size_bytes
-        head = "".join([
-            f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {pool.host}:{pool.port}\r\n",
-            *(f"{k}: {v}\r\n" for k, v in encoded.http_headers().items()),
-            f"Content-Length: {size}\r\n\r\n",
-        ]).encode("latin-1")  # fmt: skip
+        head = "".join(
+            [
+                f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {pool.host}:{pool.port}\r\n",
+                *(f"{k}: {v}\r\n" for k, v in encoded.http_headers().items()),
+                f"Content-Length: {size}\r\n\r\n",
+            ]
+        ).encode("latin-1")
         link = self._links.get(next_tier)
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -226,7 +228,7 @@ class Forwarder:
             raise NextTierError(f"{hop}: cannot reach {self._endpoints[next_tier]}: {exc}") from None
         if reply.status != 200:
             message = f"{hop} answered {reply.status}: {_error_message(reply.body)}"
-            raise NextTierTimeout(message) if reply.status == NextTierTimeout.status_code else NextTierError(message)
+            raise (NextTierTimeout(message) if reply.status == NextTierTimeout.status_code else NextTierError(message))
         try:
             header_length = codec.parse_header_length(reply.headers.get(codec.HEADER_LENGTH_HTTP_HEADER.lower()))
             response = codec.decode_response(reply.body, header_length)

@@ -140,9 +140,15 @@ def _read_v1(root: Path, paths: dict[str, str]) -> CgroupLimits:
         if (text := _read(folder, "memory.limit_in_bytes")) is not None
     ]
     cpuset_folders = _candidates(root / "cpuset", paths.get("cpuset", "/"))
-    cpuset = next((t for f in cpuset_folders if (t := _read(f, "cpuset.effective_cpus") or _read(f, "cpuset.cpus"))), None)
+    cpuset = next(
+        (t for f in cpuset_folders if (t := _read(f, "cpuset.effective_cpus") or _read(f, "cpuset.cpus"))),
+        None,
+    )
     return CgroupLimits(
-        "v1", _tightest(quotas), parse_cpu_list(cpuset) if cpuset and cpuset.strip() else None, _tightest(memories)
+        "v1",
+        _tightest(quotas),
+        parse_cpu_list(cpuset) if cpuset and cpuset.strip() else None,
+        _tightest(memories),
     )
 
 
@@ -152,7 +158,10 @@ def _read_v2(root: Path, path: str) -> CgroupLimits:
     memories = [parse_memory_limit(t) for f in folders if (t := _read(f, "memory.max")) is not None]
     cpuset = next((t for f in folders if (t := _read(f, "cpuset.cpus.effective"))), None)
     return CgroupLimits(
-        "v2", _tightest(quotas), parse_cpu_list(cpuset) if cpuset and cpuset.strip() else None, _tightest(memories)
+        "v2",
+        _tightest(quotas),
+        parse_cpu_list(cpuset) if cpuset and cpuset.strip() else None,
+        _tightest(memories),
     )
 
 

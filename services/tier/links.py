@@ -103,11 +103,20 @@ def tbf_burst_bytes(rate_mbit: float, mtu_bytes: int = MTU_BYTES) -> int:
 
 def tbf_argv(device: str, rate_mbit: float) -> list[str]:
     return [
-        "tc", "qdisc", "replace", "dev", device, "root", "tbf",
-        "rate", f"{rate_mbit:g}mbit",
-        "burst", str(tbf_burst_bytes(rate_mbit)),
-        "latency", _ms(_TBF_MAX_QUEUE_LATENCY_MS),
-    ]  # fmt: skip
+        "tc",
+        "qdisc",
+        "replace",
+        "dev",
+        device,
+        "root",
+        "tbf",
+        "rate",
+        f"{rate_mbit:g}mbit",
+        "burst",
+        str(tbf_burst_bytes(rate_mbit)),
+        "latency",
+        _ms(_TBF_MAX_QUEUE_LATENCY_MS),
+    ]
 
 
 def clear_argv(device: str) -> list[str]:
@@ -181,9 +190,15 @@ def _resolve(host: str) -> str | None:
 
 def _userspace(target: LinkTarget, note: str) -> LinkState:
     return LinkState(
-        target.link, target.peer, target.spec, LinkBackend.USERSPACE, None, note,
-        userspace_delay=True, userspace_rate=target.spec.rate_mbit is not None,
-    )  # fmt: skip
+        target.link,
+        target.peer,
+        target.spec,
+        LinkBackend.USERSPACE,
+        None,
+        note,
+        userspace_delay=True,
+        userspace_rate=target.spec.rate_mbit is not None,
+    )
 
 
 def plan_link(target: LinkTarget, run: CommandRunner, devices_in_use: dict[str, LinkName]) -> LinkState:
@@ -220,9 +235,14 @@ def plan_link(target: LinkTarget, run: CommandRunner, devices_in_use: dict[str, 
         return _userspace(target, f"kernel has no sch_netem and tbf failed ({tbf.stderr.strip()}){lost}")
     devices_in_use[device] = target.link
     return LinkState(
-        target.link, target.peer, spec, LinkBackend.TBF_USERSPACE, device,
-        f"kernel has no sch_netem; rate by tbf, delay in userspace{lost}", userspace_delay=True,
-    )  # fmt: skip
+        target.link,
+        target.peer,
+        spec,
+        LinkBackend.TBF_USERSPACE,
+        device,
+        f"kernel has no sch_netem; rate by tbf, delay in userspace{lost}",
+        userspace_delay=True,
+    )
 
 
 def plan_links(targets: Sequence[LinkTarget], run: CommandRunner = run_command) -> list[LinkState]:

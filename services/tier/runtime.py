@@ -137,7 +137,10 @@ class StagesResult:
 
 
 def run_stages(
-    stages: Sequence[StageSession], feeds: Mapping[str, np.ndarray], exit_threshold: float | None, clock_start_ns: int
+    stages: Sequence[StageSession],
+    feeds: Mapping[str, np.ndarray],
+    exit_threshold: float | None,
+    clock_start_ns: int,
 ) -> StagesResult:
     """Run consecutive stages, feeding each the previous one's outputs; stop at a confident exit head.
 

@@ -11,7 +11,14 @@ from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from services.contracts import metrics as m
 from services.contracts.pipeline import HopTiming
@@ -45,16 +52,26 @@ class TierTelemetry:
         served = [m.TIER, m.MODEL, m.STRATEGY]
         r = self.registry
         self.request_seconds = Histogram(
-            m.REQUEST_SECONDS, "Time in this tier per request, downstream tiers included",
-            served, buckets=m.LATENCY_BUCKETS_S, registry=r,
-        )  # fmt: skip
+            m.REQUEST_SECONDS,
+            "Time in this tier per request, downstream tiers included",
+            served,
+            buckets=m.LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.stage_seconds = Histogram(
-            m.STAGE_SECONDS, "Time per phase of this tier's part of a request (queue, compute, send)",
-            [*served, m.PHASE], buckets=m.LATENCY_BUCKETS_S, registry=r,
-        )  # fmt: skip
-        self.bytes = Counter(m.BYTES, "Request bytes received (in) and forwarded (out)", [*served, m.DIRECTION], registry=r)
+            m.STAGE_SECONDS,
+            "Time per phase of this tier's part of a request (queue, compute, send)",
+            [*served, m.PHASE],
+            buckets=m.LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.bytes = Counter(
+            m.BYTES, "Request bytes received (in) and forwarded (out)", [*served, m.DIRECTION], registry=r
+        )
         self.early_exits = Counter(m.EARLY_EXITS, "Requests answered by an exit head on this tier", served, registry=r)
-        self.errors = Counter(m.ERRORS, "Requests answered with an error, by status", [m.TIER, m.MODEL, m.STATUS], registry=r)
+        self.errors = Counter(
+            m.ERRORS, "Requests answered with an error, by status", [m.TIER, m.MODEL, m.STATUS], registry=r
+        )
         self.inflight = Gauge(m.INFLIGHT, "Infer requests in this tier now", [m.TIER], registry=r)
         self.cpu_limit = Gauge(m.CPU_LIMIT_CORES, "CPU cores this tier may use (cgroup quota)", [m.TIER], registry=r)
         self.memory_limit = Gauge(m.MEMORY_LIMIT_BYTES, "Memory limit (cgroup); 0 = unlimited", [m.TIER], registry=r)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import re
+import shutil
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 
 from services.contracts import codec
 from services.contracts.codec import InferResponse
+from services.demo import local_deployment, write_deployment
 from services.local import free_ports
 from services.tier.settings import TierSettings
 from tests.conftest import DeploymentFactory, serve_in_process, v2_json_request
@@ -29,7 +31,9 @@ async def infer(client: httpx.AsyncClient, model: str, x: np.ndarray, **paramete
     encoded = codec.encode_request({"x": x}, parameters=parameters)
     reply = await client.post(f"/v2/models/{model}/infer", content=encoded.body(), headers=encoded.http_headers())
     assert reply.status_code == 200, reply.text
-    return codec.decode_response(reply.content, codec.parse_header_length(reply.headers.get(codec.HEADER_LENGTH_HTTP_HEADER)))
+    return codec.decode_response(
+        reply.content, codec.parse_header_length(reply.headers.get(codec.HEADER_LENGTH_HTTP_HEADER))
+    )
 
 
 async def test_health_metadata_and_status(tier_settings: SettingsFactory) -> None:
@@ -62,25 +66,37 @@ async def test_single_tier_inference_matches_onnxruntime(
             assert answer.parameters["request_id"] == "abc"
             assert answer.parameters["hops"] == 1 and answer.parameters["hop0_tier"] == "cloud"
         # a JSON request gets a JSON answer, through the versioned route too
-        reply = await client.post("/v2/models/demo-mlp.identity/versions/1/infer",
-                                  json=v2_json_request(sample_batch[:1], placement="C"))  # fmt: skip
+        reply = await client.post(
+            "/v2/models/demo-mlp.identity/versions/1/infer",
+            json=v2_json_request(sample_batch[:1], placement="C"),
+        )
         assert reply.headers["content-type"] == codec.JSON_CONTENT_TYPE
         np.testing.assert_allclose(reply.json()["outputs"][0]["data"], expected[0], atol=1e-5)
 
 
-async def test_metrics_are_exported_with_bounded_labels(tier_settings: SettingsFactory, sample_batch: np.ndarray) -> None:
+async def test_metrics_are_exported_with_bounded_labels(
+    tier_settings: SettingsFactory, sample_batch: np.ndarray
+) -> None:
     async with serve_in_process(tier_settings("mobile")) as (_, client):
         await infer(client, "demo-mlp.identity", sample_batch, placement="M")
         await client.post("/v2/models/no-such-model/infer", json=v2_json_request(sample_batch))
         text = (await client.get("/metrics")).text
-    assert 'tierlab_request_duration_seconds_bucket{le="0.0001",model="demo-mlp.identity",strategy="demo-mlp.identity@M",tier="mobile"}' in text
+    assert (
+        'tierlab_request_duration_seconds_bucket{le="0.0001",model="demo-mlp.identity",strategy="demo-mlp.identity@M",tier="mobile"}'
+        in text
+    )
     for phase in ("queue", "compute"):
         assert f'phase="{phase}",strategy="demo-mlp.identity@M",tier="mobile"' in text
     assert 'tierlab_bytes_total{direction="in",model="demo-mlp.identity"' in text
     assert 'tierlab_errors_total{model="unknown",status="404",tier="mobile"} 1.0' in text
     assert "no-such-model" not in text
-    for gauge in ("tierlab_cpu_limit_cores", "tierlab_memory_limit_bytes", "tierlab_ort_intra_op_threads",
-                  "tierlab_inflight_requests", "tierlab_ready"):  # fmt: skip
+    for gauge in (
+        "tierlab_cpu_limit_cores",
+        "tierlab_memory_limit_bytes",
+        "tierlab_ort_intra_op_threads",
+        "tierlab_inflight_requests",
+        "tierlab_ready",
+    ):
         assert f'{gauge}{{tier="mobile"}}' in text
     assert 'tierlab_link_info{backend="none",link="mobile-edge",tier="mobile"} 1.0' in text
 
@@ -98,33 +114,88 @@ GOOD = json.dumps(v2_json_request(X, placement="E")).encode()
     [
         ("/v2/models/nope/infer", _bad(GOOD), 404, "model 'nope' is not served"),
         ("/v2/models/demo-mlp.identity/infer", _bad(b"{"), 400, "not valid JSON"),
-        ("/v2/models/demo-mlp.identity/infer", _bad(GOOD, {codec.HEADER_LENGTH_HTTP_HEADER: "99999"}), 400, "exceeds"),
-        ("/v2/models/demo-mlp.identity/infer", _bad(GOOD, {codec.HEADER_LENGTH_HTTP_HEADER: "abc"}), 400, "integer"),
-        ("/v2/models/demo-mlp.identity/infer",
-         _bad(json.dumps({"inputs": [{"name": "x", "datatype": "FP64", "shape": [1, 64], "data": [0] * 64}]}).encode()),
-         400, "must be FP32, got FP64"),
-        ("/v2/models/demo-mlp.identity/infer",
-         _bad(json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 63], "data": [0] * 63}]}).encode()),
-         400, r"must have shape \[-1, 64\]"),
-        ("/v2/models/demo-mlp.identity/infer",
-         _bad(json.dumps({"inputs": [{"name": "y", "datatype": "FP32", "shape": [1, 64], "data": [0] * 64}]}).encode()),
-         400, "missing input"),
-        ("/v2/models/demo-mlp.identity/infer",
-         _bad(json.dumps({**v2_json_request(X), "outputs": [{"name": "probs"}]}).encode()), 400, "unknown output"),
-        ("/v2/models/demo-mlp.identity/infer", _bad(json.dumps(v2_json_request(X, placement="Z")).encode()), 400, "tier letters"),
-        ("/v2/models/demo-mlp.identity/infer", _bad(json.dumps(v2_json_request(X, placement="M-E")).encode()), 400, "not served"),
-        ("/v2/models/demo-mlp.identity/infer", _bad(json.dumps(v2_json_request(X, placement="M")).encode()), 400,
-         "runs on mobile, not edge"),
-        ("/v2/models/demo-mlp.partition3/infer", _bad(json.dumps(v2_json_request(X, placement="M-E-C")).encode()), 400,
-         "send the request to mobile"),
-        ("/v2/models/demo-mlp.identity/infer", _bad(json.dumps(v2_json_request(X, exit_threshold=3)).encode()), 400,
-         "within"),
-        ("/v2/models/demo-mlp.identity/infer", _bad(json.dumps(v2_json_request(X, tierlab_stage=5)).encode()), 400,
-         "does not exist"),
+        (
+            "/v2/models/demo-mlp.identity/infer",
+            _bad(GOOD, {codec.HEADER_LENGTH_HTTP_HEADER: "99999"}),
+            400,
+            "exceeds",
+        ),
+        (
+            "/v2/models/demo-mlp.identity/infer",
+            _bad(GOOD, {codec.HEADER_LENGTH_HTTP_HEADER: "abc"}),
+            400,
+            "integer",
+        ),
+        (
+            "/v2/models/demo-mlp.identity/infer",
+            _bad(
+                json.dumps({"inputs": [{"name": "x", "datatype": "FP64", "shape": [1, 64], "data": [0] * 64}]}).encode()
+            ),
+            400,
+            "must be FP32, got FP64",
+        ),
+        (
+            "/v2/models/demo-mlp.identity/infer",
+            _bad(
+                json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 63], "data": [0] * 63}]}).encode()
+            ),
+            400,
+            r"must have shape \[-1, 64\]",
+        ),
+        (
+            "/v2/models/demo-mlp.identity/infer",
+            _bad(
+                json.dumps({"inputs": [{"name": "y", "datatype": "FP32", "shape": [1, 64], "data": [0] * 64}]}).encode()
+            ),
+            400,
+            "missing input",
+        ),
+        (
+            "/v2/models/demo-mlp.identity/infer",
+            _bad(json.dumps({**v2_json_request(X), "outputs": [{"name": "probs"}]}).encode()),
+            400,
+            "unknown output",
+        ),
+        (
+            "/v2/models/demo-mlp.identity/infer",
+            _bad(json.dumps(v2_json_request(X, placement="Z")).encode()),
+            400,
+            "tier letters",
+        ),
+        (
+            "/v2/models/demo-mlp.identity/infer",
+            _bad(json.dumps(v2_json_request(X, placement="M-E")).encode()),
+            400,
+            "not served",
+        ),
+        (
+            "/v2/models/demo-mlp.identity/infer",
+            _bad(json.dumps(v2_json_request(X, placement="M")).encode()),
+            400,
+            "runs on mobile, not edge",
+        ),
+        (
+            "/v2/models/demo-mlp.partition3/infer",
+            _bad(json.dumps(v2_json_request(X, placement="M-E-C")).encode()),
+            400,
+            "send the request to mobile",
+        ),
+        (
+            "/v2/models/demo-mlp.identity/infer",
+            _bad(json.dumps(v2_json_request(X, exit_threshold=3)).encode()),
+            400,
+            "within",
+        ),
+        (
+            "/v2/models/demo-mlp.identity/infer",
+            _bad(json.dumps(v2_json_request(X, tierlab_stage=5)).encode()),
+            400,
+            "does not exist",
+        ),
         ("/v2/models/nope", _bad(b""), 404, "not served"),
         ("/v2/nowhere", _bad(b""), 404, "Not Found"),
     ],
-)  # fmt: skip
+)
 async def test_bad_requests_get_clear_errors(
     tier_settings: SettingsFactory, path: str, body: tuple[bytes, dict[str, str]], status: int, words: str
 ) -> None:
@@ -141,7 +212,9 @@ async def test_body_over_the_cap_is_413(tier_settings: SettingsFactory) -> None:
     big = np.zeros((600, 64), np.float32)  # 150 KB binary
     async with serve_in_process(tier_settings("edge", max_body_mb=0.1)) as (_, client):
         encoded = codec.encode_request({"x": big}, parameters={"placement": "E"})
-        reply = await client.post("/v2/models/demo-mlp.identity/infer", content=encoded.body(), headers=encoded.http_headers())
+        reply = await client.post(
+            "/v2/models/demo-mlp.identity/infer", content=encoded.body(), headers=encoded.http_headers()
+        )
         assert reply.status_code == 413 and "cap of 104857 bytes" in reply.json()["error"]
 
         async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the cap holds while streaming
@@ -149,11 +222,15 @@ async def test_body_over_the_cap_is_413(tier_settings: SettingsFactory) -> None:
             for start in range(0, len(body), 16384):
                 yield body[start : start + 16384]
 
-        reply = await client.post("/v2/models/demo-mlp.identity/infer", content=chunks(), headers=encoded.http_headers())
+        reply = await client.post(
+            "/v2/models/demo-mlp.identity/infer", content=chunks(), headers=encoded.http_headers()
+        )
         assert reply.status_code == 413
 
 
-async def test_next_tier_down_is_502_naming_the_hop(tier_settings: SettingsFactory, make_deployment: DeploymentFactory) -> None:
+async def test_next_tier_down_is_502_naming_the_hop(
+    tier_settings: SettingsFactory, make_deployment: DeploymentFactory
+) -> None:
     mobile, edge, cloud = free_ports(3)  # nothing listens on edge's port
     deployment = make_deployment({"mobile": mobile, "edge": edge, "cloud": cloud})
     async with serve_in_process(tier_settings("mobile", deployment)) as (_, client):
@@ -180,12 +257,19 @@ async def silent_server() -> AsyncIterator[int]:
         await server.wait_closed()
 
 
-async def test_next_tier_slow_is_504_naming_the_hop(tier_settings: SettingsFactory, make_deployment: DeploymentFactory) -> None:
+async def test_next_tier_slow_is_504_naming_the_hop(
+    tier_settings: SettingsFactory, make_deployment: DeploymentFactory
+) -> None:
     async with silent_server() as port:
         mobile, cloud = free_ports(2)
         deployment = make_deployment({"mobile": mobile, "edge": port, "cloud": cloud})
-        async with serve_in_process(tier_settings("mobile", deployment, forward_timeout_s=0.3)) as (_, client):
-            reply = await client.post("/v2/models/demo-mlp.partition3/infer", json=v2_json_request(X, placement="M-E-C"))
+        async with serve_in_process(tier_settings("mobile", deployment, forward_timeout_s=0.3)) as (
+            _,
+            client,
+        ):
+            reply = await client.post(
+                "/v2/models/demo-mlp.partition3/infer", json=v2_json_request(X, placement="M-E-C")
+            )
             assert reply.status_code == 504
             assert reply.json()["error"] == "mobile -> edge: no answer within 0.3 s"
 
@@ -194,28 +278,38 @@ async def test_more_work_than_admitted_is_503_with_retry_after(tier_settings: Se
     batch = np.random.default_rng(0).normal(size=(2048, 64)).astype(np.float32)
     async with serve_in_process(tier_settings("edge", compute_slots=1, max_queue=1)) as (_, client):
         encoded = codec.encode_request({"x": batch}, parameters={"placement": "E"})
-        replies = await asyncio.gather(*[
-            client.post("/v2/models/demo-mlp.identity/infer", content=encoded.body(), headers=encoded.http_headers())
-            for _ in range(6)
-        ])  # fmt: skip
+        replies = await asyncio.gather(
+            *[
+                client.post(
+                    "/v2/models/demo-mlp.identity/infer",
+                    content=encoded.body(),
+                    headers=encoded.http_headers(),
+                )
+                for _ in range(6)
+            ]
+        )
     statuses = sorted(r.status_code for r in replies)
     assert statuses.count(200) >= 2 and 503 in statuses
     refused = next(r for r in replies if r.status_code == 503)
     assert refused.headers["retry-after"] == "1" and "limit 2" in refused.json()["error"]
 
 
-async def test_a_tier_whose_model_cannot_load_is_not_ready(tier_settings: SettingsFactory, demo_root: Any, tmp_path: Any) -> None:
-    import shutil
-
-    from services.demo import local_deployment, write_deployment
-
+async def test_a_tier_whose_model_cannot_load_is_not_ready(
+    tier_settings: SettingsFactory, demo_root: Any, tmp_path: Any
+) -> None:
     models = tmp_path / "models"
     shutil.copytree(demo_root / "demo-mlp" / "identity", models / "identity")
     manifest = json.loads((models / "identity" / "manifest.json").read_text())
     manifest["stages"][0]["inputs"][0]["shape"] = [-1, 64, 1]  # the ONNX file takes rank 2
     (models / "identity" / "manifest.json").write_text(json.dumps(manifest))
-    deployment = write_deployment(local_deployment(["identity"], models_dir=str(models), ports=dict(
-        zip(("mobile", "edge", "cloud"), free_ports(3), strict=True))), tmp_path / "d.yaml")  # fmt: skip
+    deployment = write_deployment(
+        local_deployment(
+            ["identity"],
+            models_dir=str(models),
+            ports=dict(zip(("mobile", "edge", "cloud"), free_ports(3), strict=True)),
+        ),
+        tmp_path / "d.yaml",
+    )
     async with serve_in_process(tier_settings("edge", deployment)) as (_, client):
         ready = await client.get("/v2/health/ready")
         assert ready.status_code == 503 and "FP32[-1, 64, 1] in the manifest" in ready.json()["error"]

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,7 @@ import tritonclient.http as triton
 from services.contracts import codec
 from services.contracts.manifest import ManifestSpec
 from services.contracts.pipeline import hops_from_parameters
-from services.contracts.specs import TIERS, LinkSpec, Placement, TierName
+from services.contracts.specs import TIERS, LinkName, LinkSpec, Placement, TierName
 from services.demo import local_deployment, write_deployment
 from services.local import LocalStack, free_ports, http_get_json
 from services.tier.runtime import max_softmax
@@ -24,26 +28,31 @@ from services.tier.runtime import max_softmax
 MODELS = ("identity", "partition3", "early-exit")
 
 
-def _deployment(demo_root: Path, folder: Path, links: dict[str, LinkSpec] | None = None) -> Path:
+def _deployment(demo_root: Path, folder: Path, links: Mapping[LinkName, LinkSpec] | None = None) -> Path:
     ports = dict(zip(TIERS, free_ports(3), strict=True))
-    spec = local_deployment([f"demo-mlp/{m}/manifest.json" for m in MODELS], models_dir=str(demo_root), ports=ports,
-                            links=links)  # type: ignore[arg-type]  # fmt: skip
+    spec = local_deployment(
+        [f"demo-mlp/{m}/manifest.json" for m in MODELS], models_dir=str(demo_root), ports=ports, links=links
+    )
     return write_deployment(spec, folder / "deployment.yaml")
 
 
 @pytest.fixture(scope="module")
 def stack(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     folder = tmp_path_factory.mktemp("stack")
-    with LocalStack(_deployment(demo_root, folder), log_dir=folder / "logs", tier_args=["--warmup-runs", "1"]) as running:
+    with LocalStack(
+        _deployment(demo_root, folder), log_dir=folder / "logs", tier_args=["--warmup-runs", "1"]
+    ) as running:
         yield running
 
 
 def post(stack: LocalStack, tier: TierName, model: str, x: np.ndarray, **parameters: object) -> codec.InferResponse:
-    import urllib.request
-
     encoded = codec.encode_request({"x": x}, parameters=parameters)  # type: ignore[arg-type]
-    request = urllib.request.Request(f"{stack.url(tier)}/v2/models/{model}/infer", data=encoded.body(),
-                                     headers=encoded.http_headers(), method="POST")  # fmt: skip
+    request = urllib.request.Request(
+        f"{stack.url(tier)}/v2/models/{model}/infer",
+        data=encoded.body(),
+        headers=encoded.http_headers(),
+        method="POST",
+    )
     with urllib.request.urlopen(request, timeout=30) as reply:
         body, header = reply.read(), reply.headers.get(codec.HEADER_LENGTH_HTTP_HEADER)
     return codec.decode_response(body, codec.parse_header_length(header))
@@ -64,7 +73,7 @@ def test_three_way_cut_equals_the_whole_model(
     assert [(h.first_stage, h.last_stage) for h in hops] == [(0, 0), (1, 1), (2, 2)]
     assert hops[0].bytes_out == hops[1].bytes_in > 256 * 4 * len(sample_batch)  # h1 crosses mobile -> edge
     assert hops[2].bytes_out == 0 and hops[2].send_ms == 0
-    for upstream, downstream in zip(hops, hops[1:], strict=False):
+    for upstream, downstream in itertools.pairwise(hops):
         assert upstream.send_ms >= downstream.total_ms  # the forward call contains the whole next hop
         assert upstream.total_ms >= upstream.send_ms + upstream.compute_ms
     assert answer.parameters["request_id"] == "cut-1"
@@ -74,14 +83,34 @@ def test_three_way_cut_equals_the_whole_model(
 
 @pytest.mark.parametrize(
     ("model", "placement"),
-    [("identity", "M"), ("identity", "E"), ("identity", "C"), ("partition3", "M"), ("partition3", "E"),
-     ("early-exit", "M-E"), ("early-exit", "M-C"), ("early-exit", "E-C"), ("early-exit", "C")],
-)  # fmt: skip
+    [
+        ("identity", "M"),
+        ("identity", "E"),
+        ("identity", "C"),
+        ("partition3", "M"),
+        ("partition3", "E"),
+        ("early-exit", "M-E"),
+        ("early-exit", "M-C"),
+        ("early-exit", "E-C"),
+        ("early-exit", "C"),
+    ],
+)
 def test_every_placement_gives_the_same_answer(
-    stack: LocalStack, reference_session: ort.InferenceSession, sample_batch: np.ndarray, model: str, placement: str
+    stack: LocalStack,
+    reference_session: ort.InferenceSession,
+    sample_batch: np.ndarray,
+    model: str,
+    placement: str,
 ) -> None:
     expected = reference_session.run(None, {"x": sample_batch})[0]
-    answer = post(stack, entry_tier(placement), f"demo-mlp.{model}", sample_batch, placement=placement, exit_threshold=1.0)
+    answer = post(
+        stack,
+        entry_tier(placement),
+        f"demo-mlp.{model}",
+        sample_batch,
+        placement=placement,
+        exit_threshold=1.0,
+    )
     np.testing.assert_allclose(answer.outputs["logits"], expected, atol=1e-5)
     tiers = [h.tier for h in hops_from_parameters(answer.parameters)]
     assert tiers == list(dict.fromkeys(Placement.parse(placement).tiers))
@@ -94,7 +123,10 @@ def exit_head_confidence(demo_root: Path, x: np.ndarray) -> tuple[np.ndarray, np
 
 
 def test_early_exit_answers_at_mobile_when_confident(
-    stack: LocalStack, demo_root: Path, demo_manifests: dict[str, ManifestSpec], reference_session: ort.InferenceSession
+    stack: LocalStack,
+    demo_root: Path,
+    demo_manifests: dict[str, ManifestSpec],
+    reference_session: ort.InferenceSession,
 ) -> None:
     head = demo_manifests["early-exit"].stages[0].exit
     assert head is not None
@@ -136,8 +168,13 @@ def test_a_stock_v2_client_calls_a_tier_unchanged(
             tensor = triton.InferInput("x", list(sample_batch.shape), "FP32")
             tensor.set_data_from_numpy(sample_batch, binary_data=binary)
             outputs = [triton.InferRequestedOutput("logits", binary_data=binary)]
-            result = client.infer("demo-mlp.partition3", [tensor], outputs=outputs, request_id="triton-1",
-                                  parameters={"placement": "M-E-C"})  # fmt: skip
+            result = client.infer(
+                "demo-mlp.partition3",
+                [tensor],
+                outputs=outputs,
+                request_id="triton-1",
+                parameters={"placement": "M-E-C"},
+            )
             np.testing.assert_allclose(result.as_numpy("logits"), expected, atol=1e-5)
             response = result.get_response()
             assert response["id"] == "triton-1" and response["parameters"]["hops"] == 3
@@ -146,10 +183,13 @@ def test_a_stock_v2_client_calls_a_tier_unchanged(
 
 
 def test_userspace_link_delay_holds_each_direction(demo_root: Path, tmp_path: Path, sample_batch: np.ndarray) -> None:
-    links = {"mobile-edge": LinkSpec(delay_ms=15.0), "edge-cloud": LinkSpec(delay_ms=10.0, rate_mbit=100.0)}
+    links: dict[LinkName, LinkSpec] = {
+        "mobile-edge": LinkSpec(delay_ms=15.0),
+        "edge-cloud": LinkSpec(delay_ms=10.0, rate_mbit=100.0),
+    }
     with LocalStack(_deployment(demo_root, tmp_path, links), log_dir=tmp_path / "logs") as shaped:
         _, status = http_get_json(f"{shaped.url('edge')}/tierlab/status")
-        backends = {link["link"]: (link["backend"], link["note"]) for link in status["links"]}  # type: ignore[index,union-attr]
+        backends = {link["link"]: (link["backend"], link["note"]) for link in status["links"]}
         assert backends["mobile-edge"] == ("userspace", "peer is on loopback; shaping in userspace")
         assert backends["edge-cloud"][0] == "userspace"
         for _ in range(3):
@@ -164,8 +204,6 @@ def test_userspace_link_delay_holds_each_direction(demo_root: Path, tmp_path: Pa
 
 
 def test_a_missing_next_tier_is_named_upstream(demo_root: Path, tmp_path: Path, sample_batch: np.ndarray) -> None:
-    import urllib.error
-
     with LocalStack(_deployment(demo_root, tmp_path), tiers=("mobile", "edge"), log_dir=tmp_path / "logs") as partial:
         with pytest.raises(urllib.error.HTTPError) as failure:
             post(partial, "mobile", "demo-mlp.partition3", sample_batch, placement="M-E-C")
@@ -175,8 +213,6 @@ def test_a_missing_next_tier_is_named_upstream(demo_root: Path, tmp_path: Path, 
 
 
 def test_a_tier_refuses_to_start_on_a_tampered_model(demo_root: Path, tmp_path: Path) -> None:
-    import shutil
-
     models = tmp_path / "models"
     shutil.copytree(demo_root / "demo-mlp" / "identity", models / "identity")
     with (models / "identity" / "stage0.onnx").open("ab") as handle:
@@ -185,8 +221,13 @@ def test_a_tier_refuses_to_start_on_a_tampered_model(demo_root: Path, tmp_path: 
         local_deployment(["identity"], models_dir=str(models), ports=dict(zip(TIERS, free_ports(3), strict=True))),
         tmp_path / "d.yaml",
     )
-    done = subprocess.run([sys.executable, "-m", "services", "tier", "--tier", "edge", "--deployment", str(deployment)],
-                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "services", "tier", "--tier", "edge", "--deployment", str(deployment)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2
     assert "has sha256" in done.stderr and "the manifest says" in done.stderr
     with pytest.raises(RuntimeError, match="exited with code 2 while starting"):

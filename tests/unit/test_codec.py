@@ -23,7 +23,7 @@ def sample(datatype: str, shape: tuple[int, ...] = (2, 3)) -> np.ndarray:
     dtype = NUMPY_DTYPES[datatype]
     if dtype.kind == "f":
         return rng.normal(size=shape).astype(dtype)
-    info = np.iinfo(dtype)
+    info = np.iinfo(dtype.str)
     return rng.integers(info.min, info.max, count, dtype=dtype, endpoint=True).reshape(shape)
 
 
@@ -42,8 +42,12 @@ def assert_same(a: np.ndarray, b: np.ndarray) -> None:
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_request_round_trip_every_datatype(datatype: str, binary: bool) -> None:
     tensor = sample(datatype)
-    encoded = codec.encode_request({"t": tensor, "scalar": np.float32(2.5).reshape(())}, binary=binary,
-                                   parameters={"placement": "M-E", "exit_threshold": 0.5}, request_id="r1")  # fmt: skip
+    encoded = codec.encode_request(
+        {"t": tensor, "scalar": np.array(2.5, dtype=np.float32)},
+        binary=binary,
+        parameters={"placement": "M-E", "exit_threshold": 0.5},
+        request_id="r1",
+    )
     decoded = codec.decode_request(encoded.body(), encoded.header_length)
     assert decoded.id == "r1"
     assert decoded.parameters["placement"] == "M-E"
@@ -59,8 +63,8 @@ def test_response_round_trip_mixed_binary_and_json(datatype: str) -> None:
     assert encoded.header_length is not None
     decoded = codec.decode_response(encoded.body(), encoded.header_length)
     assert decoded.model_name == "m" and decoded.id == "x" and decoded.parameters == {"hops": 1}
-    for name in outputs:
-        assert_same(outputs[name], decoded.outputs[name])
+    for name, array in outputs.items():
+        assert_same(array, decoded.outputs[name])
 
 
 def test_all_json_response_has_no_header_length() -> None:
@@ -77,20 +81,29 @@ def test_binary_layout_follows_the_spec_byte_for_byte() -> None:
     encoded = codec.encode_request({"f": floats, "s": strings}, binary_output_default=False)
     body = encoded.body()
     header = json.loads(body[: encoded.header_length])
-    assert header == {"inputs": [
-        {"name": "f", "datatype": "FP32", "shape": [1, 2], "parameters": {"binary_data_size": 8}},
-        {"name": "s", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 10}},
-    ]}  # fmt: skip
-    assert body[encoded.header_length :] == struct.pack("<2f", 1.0, -2.0) + struct.pack("<I", 2) + b"ab" + struct.pack("<I", 0)
+    assert header == {
+        "inputs": [
+            {"name": "f", "datatype": "FP32", "shape": [1, 2], "parameters": {"binary_data_size": 8}},
+            {"name": "s", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 10}},
+        ]
+    }
+    assert body[encoded.header_length :] == struct.pack("<2f", 1.0, -2.0) + struct.pack("<I", 2) + b"ab" + struct.pack(
+        "<I", 0
+    )
+    assert (
+        encoded.header_length is not None and encoded.header_length % 8 == 0
+    )  # padded with spaces so the first tensor is aligned
     assert encoded.http_headers()[codec.HEADER_LENGTH_HTTP_HEADER] == str(encoded.header_length)
 
 
 def test_hand_made_spec_request_decodes() -> None:
-    header = json.dumps({
-        "id": "42",
-        "inputs": [{"name": "x", "shape": [2], "datatype": "INT32", "parameters": {"binary_data_size": 8}}],
-        "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
-    }).encode()  # fmt: skip
+    header = json.dumps(
+        {
+            "id": "42",
+            "inputs": [{"name": "x", "shape": [2], "datatype": "INT32", "parameters": {"binary_data_size": 8}}],
+            "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
     request = codec.decode_request(header + struct.pack("<2i", 7, -9), len(header))
     np.testing.assert_array_equal(request.inputs["x"], [7, -9])
     assert request.wants_binary("y") and not request.wants_binary("z")
@@ -113,9 +126,13 @@ def test_encode_handles_big_endian_and_non_contiguous_arrays() -> None:
 
 
 def test_binary_output_defaults_follow_triton() -> None:
-    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
-                       "parameters": {"binary_data_output": True},
-                       "outputs": [{"name": "a", "parameters": {"binary_data": False}}, {"name": "b"}]}).encode()  # fmt: skip
+    body = json.dumps(
+        {
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],
+            "parameters": {"binary_data_output": True},
+            "outputs": [{"name": "a", "parameters": {"binary_data": False}}, {"name": "b"}],
+        }
+    ).encode()
     request = codec.decode_request(body, None)
     assert not request.wants_binary("a")
     assert request.wants_binary("b")
@@ -137,31 +154,126 @@ def _one_input(**entry: object) -> dict[str, object]:
         (b"{not json", None, MalformedBody, "not valid JSON"),
         (b"[1, 2]", None, MalformedBody, "must be an object"),
         (b'{"inputs": []}', None, MalformedBody, "inputs"),
-        (b'{"inputs": [{"name": "x", "datatype": "FP8", "shape": [1], "data": [1]}]}', None, MalformedBody, "datatype"),
+        (
+            b'{"inputs": [{"name": "x", "datatype": "FP8", "shape": [1], "data": [1]}]}',
+            None,
+            MalformedBody,
+            "datatype",
+        ),
         (b'{"inputs": [{"name": "x", "datatype": "FP32", "data": [1]}]}', None, MalformedBody, "shape"),
         (*_binary_body(_one_input(), b""), MalformedBody, "neither 'data'"),
-        (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [3], "data": [1, 2]}]}', None, TensorMismatch, "needs 3"),
-        (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [-2], "data": []}]}', None, TensorMismatch, "negative"),
-        (b'{"inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": ["a"]}]}', None, TensorMismatch, "integers"),
-        (b'{"inputs": [{"name": "x", "datatype": "BOOL", "shape": [1], "data": [3]}]}', None, TensorMismatch, "true/false"),
-        (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}, '
-         b'{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}', None, MalformedBody, "listed twice"),
-        (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}', 999, MalformedBody, "exceeds"),
-        (*_binary_body(_one_input(parameters={"binary_data_size": 8}), b"\0" * 4), MalformedBody, "runs past"),
+        (
+            b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [3], "data": [1, 2]}]}',
+            None,
+            TensorMismatch,
+            "needs 3",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [-2], "data": []}]}',
+            None,
+            TensorMismatch,
+            "negative",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "datatype": "INT32", "shape": [1], "data": ["a"]}]}',
+            None,
+            TensorMismatch,
+            "integers",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "datatype": "BOOL", "shape": [1], "data": [3]}]}',
+            None,
+            TensorMismatch,
+            "true/false",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}, '
+            b'{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}',
+            None,
+            MalformedBody,
+            "listed twice",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}',
+            999,
+            MalformedBody,
+            "exceeds",
+        ),
+        (
+            *_binary_body(_one_input(parameters={"binary_data_size": 8}), b"\0" * 4),
+            MalformedBody,
+            "runs past",
+        ),
         (*_binary_body(_one_input(parameters={"binary_data_size": 4}), b"\0" * 4), TensorMismatch, "needs 8"),
-        (*_binary_body(_one_input(parameters={"binary_data_size": 8}), b"\0" * 12), MalformedBody, "no tensor"),
+        (
+            *_binary_body(_one_input(parameters={"binary_data_size": 8}), b"\0" * 12),
+            MalformedBody,
+            "no tensor",
+        ),
         (*_binary_body(_one_input(parameters={"binary_data_size": -1}), b""), MalformedBody, "non-negative"),
-        (*_binary_body({"inputs": [{"name": "s", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 6}}]},
-                       struct.pack("<I", 9) + b"ab"), MalformedBody, "runs past"),
-        (*_binary_body({"inputs": [{"name": "s", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 6}}]},
-                       struct.pack("<I", 2) + b"ab"), MalformedBody, "length prefix"),
-        (*_binary_body({"inputs": [{"name": "s", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 7}}]},
-                       struct.pack("<I", 2) + b"abc"), MalformedBody, "left over"),
-        (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}], "parameters": '
-         b'{"binary_data_output": 3}}', None, MalformedBody, "true or false"),
+        (
+            *_binary_body(
+                {
+                    "inputs": [
+                        {
+                            "name": "s",
+                            "datatype": "BYTES",
+                            "shape": [1],
+                            "parameters": {"binary_data_size": 6},
+                        }
+                    ]
+                },
+                struct.pack("<I", 9) + b"ab",
+            ),
+            MalformedBody,
+            "runs past",
+        ),
+        (
+            *_binary_body(
+                {
+                    "inputs": [
+                        {
+                            "name": "s",
+                            "datatype": "BYTES",
+                            "shape": [2],
+                            "parameters": {"binary_data_size": 6},
+                        }
+                    ]
+                },
+                struct.pack("<I", 2) + b"ab",
+            ),
+            MalformedBody,
+            "length prefix",
+        ),
+        (
+            *_binary_body(
+                {
+                    "inputs": [
+                        {
+                            "name": "s",
+                            "datatype": "BYTES",
+                            "shape": [1],
+                            "parameters": {"binary_data_size": 7},
+                        }
+                    ]
+                },
+                struct.pack("<I", 2) + b"abc",
+            ),
+            MalformedBody,
+            "left over",
+        ),
+        (
+            b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}], "parameters": '
+            b'{"binary_data_output": 3}}',
+            None,
+            MalformedBody,
+            "true or false",
+        ),
     ],
-)  # fmt: skip
-def test_malformed_requests_name_the_problem(body: bytes, header_length: int | None, error: type[Exception], words: str) -> None:
+)
+def test_malformed_requests_name_the_problem(
+    body: bytes, header_length: int | None, error: type[Exception], words: str
+) -> None:
     with pytest.raises(error, match=words):
         codec.decode_request(body, header_length)
 

@@ -28,14 +28,23 @@ def test_parsers() -> None:
     assert parse_cpu_list("0-3,6,8-9\n") == 7
     assert parse_cpu_list("1") == 1
     assert parse_proc_cgroup("4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/x\n") == {
-        "memory": "/docker/abc", "cpu": "/docker/abc", "cpuacct": "/docker/abc", "": "/x",
-    }  # fmt: skip
+        "memory": "/docker/abc",
+        "cpu": "/docker/abc",
+        "cpuacct": "/docker/abc",
+        "": "/x",
+    }
 
 
 @pytest.mark.parametrize(
     ("quota", "cpuset", "host", "threads", "cores"),
-    [(None, None, 16, 16, 16.0), (1.5, None, 16, 1, 1.5), (0.25, None, 8, 1, 0.25), (4.0, 2, 16, 2, 2.0), (None, 3, 2, 2, 2.0)],
-)  # fmt: skip
+    [
+        (None, None, 16, 16, 16.0),
+        (1.5, None, 16, 1, 1.5),
+        (0.25, None, 8, 1, 0.25),
+        (4.0, 2, 16, 2, 2.0),
+        (None, 3, 2, 2, 2.0),
+    ],
+)
 def test_threads_follow_the_quota_not_the_host(
     quota: float | None, cpuset: int | None, host: int, threads: int, cores: float
 ) -> None:
@@ -52,35 +61,47 @@ def write(root: Path, files: dict[str, str]) -> None:
 
 def test_v2_nested_cgroup_takes_the_tightest_ancestor(tmp_path: Path) -> None:
     sys_root, proc = tmp_path / "sys", tmp_path / "cgroup"
-    write(sys_root, {
-        "cgroup.controllers": "cpu memory cpuset\n",
-        "cpu.max": "max 100000\n",
-        "kubepods/cpu.max": "100000 100000\n",
-        "kubepods/memory.max": "1073741824\n",
-        "kubepods/pod/cpu.max": "250000 100000\n",
-        "kubepods/pod/memory.max": "max\n",
-        "kubepods/pod/cpuset.cpus.effective": "0-3\n",
-    })  # fmt: skip
+    write(
+        sys_root,
+        {
+            "cgroup.controllers": "cpu memory cpuset\n",
+            "cpu.max": "max 100000\n",
+            "kubepods/cpu.max": "100000 100000\n",
+            "kubepods/memory.max": "1073741824\n",
+            "kubepods/pod/cpu.max": "250000 100000\n",
+            "kubepods/pod/memory.max": "max\n",
+            "kubepods/pod/cpuset.cpus.effective": "0-3\n",
+        },
+    )
     proc.write_text("0::/kubepods/pod\n")
     assert read_limits(sys_root, proc) == CgroupLimits("v2", 1.0, 4, 1 << 30)
 
 
 def test_v1_inside_a_container(tmp_path: Path) -> None:
     sys_root, proc = tmp_path / "sys", tmp_path / "cgroup"
-    write(sys_root, {
-        "cpu/cpu.cfs_quota_us": "150000\n",
-        "cpu/cpu.cfs_period_us": "100000\n",
-        "memory/memory.limit_in_bytes": "268435456\n",
-        "cpuset/cpuset.cpus": "0-1\n",
-    })  # fmt: skip
+    write(
+        sys_root,
+        {
+            "cpu/cpu.cfs_quota_us": "150000\n",
+            "cpu/cpu.cfs_period_us": "100000\n",
+            "memory/memory.limit_in_bytes": "268435456\n",
+            "cpuset/cpuset.cpus": "0-1\n",
+        },
+    )
     proc.write_text("4:memory:/\n3:cpu,cpuacct:/\n2:cpuset:/\n")
     assert read_limits(sys_root, proc) == CgroupLimits("v1", 1.5, 2, 256 << 20)
 
 
 def test_v1_unlimited_and_no_cgroup_at_all(tmp_path: Path) -> None:
     sys_root, proc = tmp_path / "sys", tmp_path / "cgroup"
-    write(sys_root, {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n",
-                     "memory/memory.limit_in_bytes": "9223372036854771712\n"})  # fmt: skip
+    write(
+        sys_root,
+        {
+            "cpu/cpu.cfs_quota_us": "-1\n",
+            "cpu/cpu.cfs_period_us": "100000\n",
+            "memory/memory.limit_in_bytes": "9223372036854771712\n",
+        },
+    )
     proc.write_text("")
     assert read_limits(sys_root, proc) == CgroupLimits("v1", None, None, None)
     assert read_limits(tmp_path / "nothing", tmp_path / "none") == CgroupLimits("none", None, None, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import pytest
@@ -27,9 +28,25 @@ from services.tier.links import (
 def test_netem_argv_carries_every_condition() -> None:
     spec = LinkSpec(delay_ms=20, jitter_ms=5, loss_pct=0.5, rate_mbit=100)
     assert netem_argv("eth1", spec) == [
-        "tc", "qdisc", "replace", "dev", "eth1", "root", "netem", "delay", "20ms", "5ms", "distribution", "normal",
-        "loss", "0.5%", "rate", "100mbit", "limit", str(netem_limit_packets(spec)),
-    ]  # fmt: skip
+        "tc",
+        "qdisc",
+        "replace",
+        "dev",
+        "eth1",
+        "root",
+        "netem",
+        "delay",
+        "20ms",
+        "5ms",
+        "distribution",
+        "normal",
+        "loss",
+        "0.5%",
+        "rate",
+        "100mbit",
+        "limit",
+        str(netem_limit_packets(spec)),
+    ]
 
 
 def test_netem_argv_omits_what_is_not_set() -> None:
@@ -49,8 +66,21 @@ def test_netem_limit_is_sized_to_the_bandwidth_delay_product() -> None:
 def test_tbf_argv_and_burst() -> None:
     assert tbf_burst_bytes(1) == 15000  # ten frames at least
     assert tbf_burst_bytes(1000) == 500000  # 4 ms at 1 Gbit/s
-    assert tbf_argv("veth0", 50) == ["tc", "qdisc", "replace", "dev", "veth0", "root", "tbf", "rate", "50mbit",
-                                     "burst", str(tbf_burst_bytes(50)), "latency", "50ms"]  # fmt: skip
+    assert tbf_argv("veth0", 50) == [
+        "tc",
+        "qdisc",
+        "replace",
+        "dev",
+        "veth0",
+        "root",
+        "tbf",
+        "rate",
+        "50mbit",
+        "burst",
+        str(tbf_burst_bytes(50)),
+        "latency",
+        "50ms",
+    ]
     assert clear_argv("veth0") == ["tc", "qdisc", "del", "dev", "veth0", "root"]
 
 
@@ -62,9 +92,12 @@ def test_route_parsing() -> None:
 
 @pytest.mark.parametrize(
     ("stderr", "kind"),
-    [("Error: Specified qdisc kind is unknown.", "no-qdisc"), ("RTNETLINK answers: Operation not permitted", "no-privilege"),
-     ("Cannot find device", "other")],
-)  # fmt: skip
+    [
+        ("Error: Specified qdisc kind is unknown.", "no-qdisc"),
+        ("RTNETLINK answers: Operation not permitted", "no-privilege"),
+        ("Cannot find device", "other"),
+    ],
+)
 def test_tc_failures_are_classified(stderr: str, kind: str) -> None:
     assert tc_failure_kind(stderr) == kind
 
@@ -149,8 +182,6 @@ def test_userspace_rate_is_a_fifo_bottleneck() -> None:
 
 def test_userspace_jitter_is_seeded_and_never_negative() -> None:
     spec = LinkSpec(delay_ms=1, jitter_ms=5)
-    import random
-
     a = UserspaceLink(spec, True, False, random.Random(1))
     b = UserspaceLink(spec, True, False, random.Random(1))
     delays = [a.one_way_delay_s() for _ in range(200)]

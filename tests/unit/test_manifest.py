@@ -18,15 +18,30 @@ def tensor(name: str, shape: list[int], datatype: str = "FP32") -> dict[str, Any
 
 
 def stage(inputs: list[dict[str, Any]], outputs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    return {"file": "s.onnx", "sha256": "0" * 64, "size_bytes": 1, "inputs": inputs, "outputs": outputs, **extra}
+    return {
+        "file": "s.onnx",
+        "sha256": "0" * 64,
+        "size_bytes": 1,
+        "inputs": inputs,
+        "outputs": outputs,
+        **extra,
+    }
 
 
 def manifest(stages: list[dict[str, Any]], outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    return {"name": "m.v", "subject": "m", "operator": "partition", "stages": stages,
-            "outputs": outputs or [tensor("y", [-1, 10])]}  # fmt: skip
+    return {
+        "name": "m.v",
+        "subject": "m",
+        "operator": "partition",
+        "stages": stages,
+        "outputs": outputs or [tensor("y", [-1, 10])],
+    }
 
 
-TWO_STAGES = [stage([tensor("x", [-1, 4])], [tensor("h", [-1, 8])]), stage([tensor("h", [-1, 8])], [tensor("y", [-1, 10])])]
+TWO_STAGES = [
+    stage([tensor("x", [-1, 4])], [tensor("h", [-1, 8])]),
+    stage([tensor("h", [-1, 8])], [tensor("y", [-1, 10])]),
+]
 
 
 def test_demo_manifests_validate(demo_manifests: dict[str, ManifestSpec], demo_root: Path) -> None:
@@ -46,19 +61,34 @@ def test_valid_two_stage_manifest() -> None:
     ("document", "words"),
     [
         (manifest([TWO_STAGES[0], stage([tensor("z", [-1, 8])], [tensor("y", [-1, 10])])]), "does not give"),
-        (manifest([TWO_STAGES[0], stage([tensor("h", [-1, 8], "FP16")], [tensor("y", [-1, 10])])]), "takes FP16"),
+        (
+            manifest([TWO_STAGES[0], stage([tensor("h", [-1, 8], "FP16")], [tensor("y", [-1, 10])])]),
+            "takes FP16",
+        ),
         (manifest(TWO_STAGES, [tensor("nope", [-1, 10])]), "not an output of the last stage"),
-        (manifest([TWO_STAGES[0], {**TWO_STAGES[1], "exit": {"output": "y", "threshold": 0.5}}]), "last stage"),
-        (manifest([{**TWO_STAGES[0], "exit": {"output": "missing", "threshold": 0.5}}, TWO_STAGES[1]]), "not one of its outputs"),
-        (manifest([{**TWO_STAGES[0], "exit": {"output": "h", "threshold": 0.5}}, TWO_STAGES[1]]), "final output"),
-        (manifest([{**TWO_STAGES[0], "exit": {"output": "h", "threshold": 1.5}}, TWO_STAGES[1]]), "less than or equal"),
+        (
+            manifest([TWO_STAGES[0], {**TWO_STAGES[1], "exit": {"output": "y", "threshold": 0.5}}]),
+            "last stage",
+        ),
+        (
+            manifest([{**TWO_STAGES[0], "exit": {"output": "missing", "threshold": 0.5}}, TWO_STAGES[1]]),
+            "not one of its outputs",
+        ),
+        (
+            manifest([{**TWO_STAGES[0], "exit": {"output": "h", "threshold": 0.5}}, TWO_STAGES[1]]),
+            "final output",
+        ),
+        (
+            manifest([{**TWO_STAGES[0], "exit": {"output": "h", "threshold": 1.5}}, TWO_STAGES[1]]),
+            "less than or equal",
+        ),
         (manifest([{**TWO_STAGES[0], "sha256": "xyz"}, TWO_STAGES[1]]), "sha256"),
         (manifest([stage([tensor("x", [-3])], [tensor("y", [-1, 10])])]), "dynamic"),
         (manifest([]), "at least 1"),
         ({**manifest(TWO_STAGES), "name": "bad name"}, "name"),
         ({**manifest(TWO_STAGES), "surprise": 1}, "Extra inputs"),
     ],
-)  # fmt: skip
+)
 def test_invalid_manifests_say_why(document: dict[str, Any], words: str) -> None:
     with pytest.raises(ValidationError, match=words):
         ManifestSpec.model_validate(document)

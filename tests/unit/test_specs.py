@@ -9,22 +9,41 @@ from pydantic import ValidationError
 
 from services.contracts.errors import BadParameter, ConfigError
 from services.contracts.pipeline import HopTiming, PipelineRequest, hops_from_parameters
-from services.contracts.specs import DeploymentSpec, LinkSpec, Placement, link_between, load_deployment, placements_for
+from services.contracts.specs import (
+    DeploymentSpec,
+    LinkSpec,
+    Placement,
+    link_between,
+    load_deployment,
+    placements_for,
+)
 
 
 @pytest.mark.parametrize(
     ("text", "tiers", "name"),
-    [("M", ("mobile",), "M"), ("e-c", ("edge", "cloud"), "E-C"), ("M-E-C", ("mobile", "edge", "cloud"), "M-E-C"),
-     ("M-C", ("mobile", "cloud"), "M-C")],
-)  # fmt: skip
+    [
+        ("M", ("mobile",), "M"),
+        ("e-c", ("edge", "cloud"), "E-C"),
+        ("M-E-C", ("mobile", "edge", "cloud"), "M-E-C"),
+        ("M-C", ("mobile", "cloud"), "M-C"),
+    ],
+)
 def test_placement_parses(text: str, tiers: tuple[str, ...], name: str) -> None:
     placement = Placement.parse(text)
     assert placement.tiers == tiers
     assert placement.name == name == str(placement)
 
 
-@pytest.mark.parametrize(("text", "words"), [("", "tier letters"), ("X", "tier letters"), ("E-M", "mobile → edge"),
-                                             ("M-M", "without repeats"), ("M--E", "tier letters")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("", "tier letters"),
+        ("X", "tier letters"),
+        ("E-M", "mobile → edge"),
+        ("M-M", "without repeats"),
+        ("M--E", "tier letters"),
+    ],
+)
 def test_bad_placements_say_why(text: str, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         Placement.parse(text)
@@ -61,8 +80,12 @@ def test_link_spec_units_and_bounds() -> None:
 
 def test_deployment_needs_every_tier(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="missing: cloud"):
-        DeploymentSpec.model_validate({"models": [{"manifest": "a"}],
-                                       "tiers": {"mobile": {"url": "http://m:1"}, "edge": {"url": "http://e:1"}}})  # fmt: skip
+        DeploymentSpec.model_validate(
+            {
+                "models": [{"manifest": "a"}],
+                "tiers": {"mobile": {"url": "http://m:1"}, "edge": {"url": "http://e:1"}},
+            }
+        )
     path = tmp_path / "d.yaml"
     path.write_text("models: [{manifest: a, placements: [E-M]}]\ntiers: {}\n")
     with pytest.raises(ConfigError, match="invalid"):
@@ -79,14 +102,23 @@ def test_pipeline_parameters_are_checked() -> None:
     assert request == PipelineRequest(placement="M-E", request_id="r", exit_threshold=0.7)
     forwarded = request.forward_parameters(placement="M-E", stage=1, hop=1)
     assert PipelineRequest.from_parameters(forwarded) == PipelineRequest("M-E", "r", 0.7, stage=1, hop=1)
-    for bad in ({"exit_threshold": 2}, {"exit_threshold": "high"}, {"exit_threshold": True}, {"placement": 3},
-                {"tierlab_stage": -1}, {"tierlab_hop": 1.5}):  # fmt: skip
+    for bad in (
+        {"exit_threshold": 2},
+        {"exit_threshold": "high"},
+        {"exit_threshold": True},
+        {"placement": 3},
+        {"tierlab_stage": -1},
+        {"tierlab_hop": 1.5},
+    ):
         with pytest.raises(BadParameter):
             PipelineRequest.from_parameters(bad)  # type: ignore[arg-type]
 
 
 def test_hop_timings_round_trip_through_flat_parameters() -> None:
-    hops = [HopTiming("mobile", 0, 0, 0.1, 2.0, 5.0, 7.5, 100, 50), HopTiming("edge", 1, 2, 0.2, 3.0, 0.0, 3.4, 50, 0)]
+    hops = [
+        HopTiming("mobile", 0, 0, 0.1, 2.0, 5.0, 7.5, 100, 50),
+        HopTiming("edge", 1, 2, 0.2, 3.0, 0.0, 3.4, 50, 0),
+    ]
     params = {"hops": 2, **hops[0].to_parameters(0), **hops[1].to_parameters(1)}
     assert all(isinstance(v, (str, int, float)) for v in params.values())  # V2 parameter values are scalars
     assert hops_from_parameters(params) == hops
