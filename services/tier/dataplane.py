@@ -193,7 +193,7 @@ class DataPlane:
             raise TensorMismatch(f"unknown output(s) {unknown}; '{model.name}' gives {final_names}")
         check_inputs(model.manifest.stages[local[0]].inputs, request.inputs)
 
-        self.telemetry.inflight.labels(self.tier).inc()
+        self.telemetry.inflight_now.inc()
         try:
             result = await self._compute(model, local, request.inputs, control.exit_threshold, received_ns)
             answered_here = result.exited or result.last_stage == len(stage_tiers) - 1
@@ -212,7 +212,7 @@ class DataPlane:
                 outputs, parameters = forwarded.response.outputs, dict(forwarded.response.parameters)
                 send_ns, bytes_out = forwarded.send_ns, forwarded.bytes_out
         finally:
-            self.telemetry.inflight.labels(self.tier).dec()
+            self.telemetry.inflight_now.dec()
 
         hop = HopTiming(
             tier=self.tier,

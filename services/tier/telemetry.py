@@ -81,7 +81,8 @@ class TierTelemetry:
         self.link_info = Gauge(f"{m.LINK_INFO}_info", "Link emulation in force (value 1)", link_labels, registry=r)
         self.link_delay = Gauge(m.LINK_DELAY_MS, "Configured one-way link delay", link_labels, registry=r)
         self.link_rate = Gauge(m.LINK_RATE_MBIT, "Configured link rate; 0 = unlimited", link_labels, registry=r)
-        self.inflight.labels(tier).set(0)
+        self.inflight_now = self.inflight.labels(tier)  # resolved once: touched twice per request
+        self.inflight_now.set(0)
         self.ready.labels(tier).set(0)
         self._by_strategy: dict[tuple[str, str], _StrategySeries] = {}
 
