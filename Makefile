@@ -8,11 +8,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 STATE := .local/stack.json
+# the CPU build of torch; a plain `pip install torch` resolves the multi-GB CUDA build
+TORCH ?= torch==2.13.0
 DEMO := models/demo
 DEPLOYMENT ?= $(DEMO)/deployment.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help venv up down status local demo bench bench-overhead bench-forwarding test test-unit check fmt clean distclean
+.PHONY: help venv models models-tiny models-list up down status local demo bench bench-overhead bench-forwarding test test-unit check fmt clean distclean
 
 help: ## list the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -21,6 +23,7 @@ $(STAMP): pyproject.toml
 	@echo "==> building the Python environment in $(VENV) (first run only)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --progress-bar on '$(TORCH)'
 	$(PY) -m pip install --progress-bar on -e '.[dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
@@ -29,6 +32,15 @@ venv: $(STAMP) ## build the Python environment
 
 $(DEPLOYMENT): | $(STAMP)
 	$(PY) -m services demo $(DEMO)
+
+models: $(STAMP) ## build every default subject × operator variant into models/ (incremental)
+	$(PY) -m operators build
+
+models-tiny: $(STAMP) ## the same with tiny training budgets: a quick, low-accuracy build
+	$(PY) -m operators build --tiny
+
+models-list: | $(STAMP) ## built variants: sizes, cut sizes, offline accuracy with 95 % CI
+	$(PY) -m operators list
 
 demo: $(STAMP) ## write the demo variants and a local deployment into models/demo
 	$(PY) -m services demo $(DEMO)
@@ -62,7 +74,7 @@ test-unit: $(STAMP) ## the unit ring only
 check: $(STAMP) ## lint, format check and types
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services benchmarks tests
+	$(VENV)/bin/mypy services operators benchmarks tests
 
 fmt: $(STAMP) ## format the code
 	$(VENV)/bin/ruff check --fix .
@@ -70,7 +82,7 @@ fmt: $(STAMP) ## format the code
 
 clean: ## stop the tiers and remove what commands built (keeps .venv); safe to repeat
 	@if [ -f $(STATE) ] && [ -x $(PY) ]; then $(PY) -m services down --state $(STATE); fi
-	rm -rf .local $(DEMO) results .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .local models results .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
 distclean: clean ## also remove the Python environment

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.contracts.dtypes import Datatype
@@ -69,6 +70,17 @@ class ExitSpec(FrozenSpec):
     confidence: Literal["max_softmax"] = "max_softmax"
 
 
+def max_softmax(logits: np.ndarray) -> np.ndarray:
+    """An exit head's confidence per item: the largest softmax probability along the last axis.
+
+    Tiers and the offline evaluation both use this, so a variant's recorded exit curve is what it serves.
+    """
+    values = logits.astype(np.float64, copy=False)
+    exp = np.exp(values - values.max(axis=-1, keepdims=True))
+    probs: np.ndarray = exp.max(axis=-1) / exp.sum(axis=-1)
+    return probs
+
+
 class StageSpec(FrozenSpec):
     file: str = Field(min_length=1, description="ONNX file, relative to the manifest's folder")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -87,6 +99,15 @@ class AccuracySpec(FrozenSpec):
     ci95: tuple[float, float]
     n: int = Field(ge=1)
     split: Literal["evaluation"] = "evaluation"
+    others: dict[str, float] = Field(default_factory=dict, description="further metrics, e.g. macro_f1")
+
+
+class ExitCurvePoint(FrozenSpec):
+    """The variant's metric and how many items exit early, at one confidence threshold (evaluation split)."""
+
+    threshold: float = Field(ge=0.0, le=1.0)
+    metric: float
+    exit_rate: float = Field(ge=0.0, le=1.0, description="share answered before the last stage")
 
 
 class ManifestSpec(FrozenSpec):
@@ -97,6 +118,7 @@ class ManifestSpec(FrozenSpec):
     stages: tuple[StageSpec, ...] = Field(min_length=1)
     outputs: tuple[TensorSpec, ...] = Field(min_length=1, description="the final outputs a client gets")
     accuracy: AccuracySpec | None = None
+    exit_curve: tuple[ExitCurvePoint, ...] = ()
     parameters: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
     @property

@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from services.contracts.dtypes import NUMPY_DTYPES, ORT_TYPE_NAMES, datatype_of
 from services.contracts.errors import ConfigError, TensorMismatch
-from services.contracts.manifest import ExitSpec, ManifestSpec, StageSpec, TensorSpec
+from services.contracts.manifest import ExitSpec, ManifestSpec, StageSpec, TensorSpec, max_softmax
 
 
 def session_options(intra_op_threads: int, *, allow_spinning: bool) -> ort.SessionOptions:
@@ -109,15 +109,6 @@ def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) 
         problem = spec.accepts(datatype_of(array), array.shape)
         if problem:
             raise TensorMismatch(problem)
-
-
-def max_softmax(logits: np.ndarray) -> np.ndarray:
-    """Per-item confidence: the largest softmax probability along the last axis."""
-    values = logits.astype(np.float64, copy=False)
-    shifted = values - values.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    probs: np.ndarray = exp.max(axis=-1) / exp.sum(axis=-1)
-    return probs
 
 
 def exit_confident(head: ExitSpec, outputs: Mapping[str, np.ndarray], threshold: float | None) -> bool:

