@@ -228,8 +228,8 @@ def run_byo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from operators.build import VARIANTS
     from operators.subjects import SUBJECTS
+    from operators.variants import VARIANTS
 
     parser = argparse.ArgumentParser(
         prog="python -m operators", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -34,6 +34,7 @@ from operators.evaluate import evaluate
 from operators.nets import ConvNet
 from operators.subjects import SUBJECTS, BuildSettings, Subject
 from operators.training import FitSettings, Progress, export_onnx
+from operators.variants import VARIANTS, WHITE_BOX
 from services.contracts.errors import ConfigError
 from services.contracts.manifest import (
     MANIFEST_FILENAME,
@@ -44,24 +45,6 @@ from services.contracts.manifest import (
 )
 from services.contracts.variant import StageModel, write_variant
 
-# every variant, as the chain of operators that makes it (compositions are declared here, not coded)
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "identity": ("identity",),
-    "partition2": ("partition2",),
-    "partition3": ("partition3",),
-    "sptq": ("sptq",),
-    "dynq": ("dynq",),
-    "early-exit": ("early-exit",),
-    "qee": ("early-exit", "sptq"),
-    "sptq-partition": ("partition3", "sptq"),
-    "qee-partition": ("early-exit2", "sptq"),
-    "qat": ("qat",),
-    "prune": ("prune",),
-    "prune-structured": ("prune-structured",),
-    "distill": ("distill",),
-    "dsptq": ("distill", "sptq"),
-}
-WHITE_BOX = ("teacher", "qat", "prune", "prune-structured", "distill")
 WORK_DIR = "_work"
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import onnx
 
 from operators.blackbox import BlackBoxContext, Draft
-from operators.build import VARIANTS, apply_chain, realise
+from operators.build import apply_chain, realise
 from operators.data import image_folder_split
+from operators.variants import VARIANTS
 from services.contracts.manifest import ManifestSpec
 
 BYO_VARIANTS = ("identity", "partition2", "partition3", "sptq", "dynq", "early-exit", "qee", "sptq-partition")

@@ -172,7 +172,36 @@ def split_stages(model: onnx.ModelProto, cuts: Sequence[Cut], name: str) -> list
     graph_inputs = [i.name for i in model.graph.input]
     graph_outputs = [o.name for o in model.graph.output]
     bounds = [tuple(graph_inputs), *(c.tensors for c in cuts), tuple(graph_outputs)]
-    return [extract(model, bounds[i], bounds[i + 1], f"{name}_stage{i}") for i in range(len(bounds) - 1)]
+    stages = [extract(model, bounds[i], bounds[i + 1], f"{name}_stage{i}") for i in range(len(bounds) - 1)]
+    for index in range(1, len(stages) - 1):
+        _route_pass_through(stages[index], stages[index + 1], suffix=f".via{index}")
+    return stages
+
+
+def _route_pass_through(stage: onnx.ModelProto, following: onnx.ModelProto, suffix: str) -> None:
+    """Give every tensor a stage only passes on (an input that is also an output) a node of its own.
+
+    A transformer's middle stage hands the attention mask through untouched; a graph whose output *is* an
+    input is valid ONNX, but onnxruntime's quantizer cannot sort it. The copy gets a new name, and the
+    next stage reads that name.
+    """
+    inputs = {i.name for i in stage.graph.input}
+    for output in stage.graph.output:
+        if output.name not in inputs:
+            continue
+        original, renamed = output.name, output.name + suffix
+        stage.graph.node.append(helper.make_node("Identity", [original], [renamed]))
+        output.name = renamed
+        for value in following.graph.input:
+            if value.name == original:
+                value.name = renamed
+        for node in following.graph.node:
+            node.input[:] = [renamed if n == original else n for n in node.input]
+        for value in following.graph.output:  # passed on again: the next stage renames it in its turn
+            if value.name == original:
+                following.graph.node.append(helper.make_node("Identity", [renamed], [original]))
+    onnx.checker.check_model(stage)
+    onnx.checker.check_model(following)
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -22,14 +22,20 @@ import pytest
 import torch
 from PIL import Image
 
-from operators.build import VARIANTS, build, list_variants
+from operators.build import build, list_variants
 from operators.byo import byo
 from operators.data import Samples
-from operators.evaluate import load_stages, trace
+from operators.evaluate import cascade, load_stages, trace
 from operators.onnxgraph import find_cuts, split_stages
 from operators.subjects import SUBJECTS, TINY
 from operators.training import export_onnx
+from operators.variants import VARIANTS
+from services.contracts import codec
 from services.contracts.manifest import ManifestSpec, load_manifest, verify_stage_files
+from services.contracts.specs import TIERS
+from services.demo import local_deployment, write_deployment
+from services.local import free_ports
+from tests.conftest import serve_in_process
 
 TEST_SETTINGS = replace(
     TINY,
@@ -270,3 +276,30 @@ def test_bring_your_own_onnx_classifier(tmp_path: Path) -> None:
             std=(0.25,) * 3,
             operators=["qat"],
         )
+
+
+@pytest.mark.anyio
+async def test_a_tier_serves_a_built_variant_as_evaluated(models: Path, tier_settings: Any, tmp_path: Path) -> None:
+    """The tier's early exit and the offline cascade agree item by item: the recorded accuracy is what serves."""
+    folder, manifest = manifests(models)["fmnist-resnet.early-exit"]
+    deployment = write_deployment(
+        local_deployment(
+            ["fmnist-resnet/early-exit/manifest.json"],
+            models_dir=str(models),
+            ports=dict(zip(TIERS, free_ports(3), strict=True)),
+        ),
+        tmp_path / "deployment.yaml",
+    )
+    samples = evaluation_samples("fmnist-resnet", 24)
+    head = manifest.stages[0].exit
+    assert head is not None
+    expected, answered_by = cascade(trace(load_stages(manifest, folder), samples, "logits"), head.threshold)
+    async with serve_in_process(tier_settings("edge", deployment)) as (_, client):
+        for i in range(len(samples)):
+            encoded = codec.encode_request({"image": samples.inputs["image"][i : i + 1]}, parameters={"placement": "E"})
+            reply = await client.post(
+                "/v2/models/fmnist-resnet.early-exit/infer", content=encoded.body(), headers=encoded.http_headers()
+            )
+            answer = codec.decode_response(reply.content, int(reply.headers[codec.HEADER_LENGTH_HTTP_HEADER]))
+            assert answer.parameters["exit_stage"] == answered_by[i]
+            np.testing.assert_allclose(answer.outputs["logits"][0], expected[i], atol=1e-4)

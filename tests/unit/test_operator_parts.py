@@ -161,3 +161,29 @@ def test_structured_pruning_copies_the_kept_channels(kind: Literal["resnet", "re
     assert [getattr(b, "mid") for b in half.blocks] == [m // 2 for m in mids]  # noqa: B009
     assert sum(p.numel() for p in half.parameters()) < sum(p.numel() for p in net.parameters())
     assert half(x).shape == (2, 10)
+
+
+def test_a_tensor_passed_through_a_middle_stage_gets_a_node_of_its_own() -> None:
+    """Like a transformer's mask: computed in stage 0, unused by stage 1, read again by stage 2."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["mask"]),
+        helper.make_node("Neg", ["x"], ["a"]),
+        helper.make_node("Neg", ["a"], ["b"]),
+        helper.make_node("Add", ["b", "mask"], ["y"]),
+    ]
+    value = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4])  # noqa: E731
+    model = helper.make_model(helper.make_graph(nodes, "g", [value("x")], [value("y")]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    cuts = [c for c in find_cuts(model) if set(c.tensors) in ({"mask", "a"}, {"mask", "b"})]
+    stages = split_stages(model, cuts, "t")
+    middle_inputs = {i.name for i in stages[1].graph.input}
+    assert not middle_inputs & {o.name for o in stages[1].graph.output}
+    x = np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)
+    tensors: dict[str, np.ndarray] = {"x": x}
+    for stage in stages:
+        session = ort.InferenceSession(stage.SerializeToString())
+        outputs = session.run(None, {i.name: tensors[i.name] for i in session.get_inputs()})
+        tensors.update(zip([o.name for o in session.get_outputs()], outputs, strict=True))
+    np.testing.assert_allclose(tensors["y"], x + np.maximum(x, 0))
