@@ -158,21 +158,24 @@ def balanced_cuts(cuts: Sequence[Cut], ways: int) -> list[Cut]:
     return chosen
 
 
-def extract(model: onnx.ModelProto, inputs: Sequence[str], outputs: Sequence[str], name: str) -> onnx.ModelProto:
+def extract(extractor: Extractor, inputs: Sequence[str], outputs: Sequence[str], name: str) -> onnx.ModelProto:
     """The sub-model computing ``outputs`` from ``inputs`` (only the initializers it reads come along)."""
-    inferred = infer(model)
-    stage = Extractor(inferred).extract_model(list(inputs), list(outputs))
+    stage = extractor.extract_model(list(inputs), list(outputs))
     stage.graph.name = name
     del stage.graph.value_info[:]
     onnx.checker.check_model(stage)
     return stage
 
 
-def split_stages(model: onnx.ModelProto, cuts: Sequence[Cut], name: str) -> list[onnx.ModelProto]:
+def split_stages(
+    model: onnx.ModelProto, cuts: Sequence[Cut], name: str, extractor: Extractor | None = None
+) -> list[onnx.ModelProto]:
+    """Cut ``model`` at ``cuts``; pass an ``extractor`` (of the shape-inferred model) to cut it many times."""
+    extractor = extractor or Extractor(infer(model))
     graph_inputs = [i.name for i in model.graph.input]
     graph_outputs = [o.name for o in model.graph.output]
     bounds = [tuple(graph_inputs), *(c.tensors for c in cuts), tuple(graph_outputs)]
-    stages = [extract(model, bounds[i], bounds[i + 1], f"{name}_stage{i}") for i in range(len(bounds) - 1)]
+    stages = [extract(extractor, bounds[i], bounds[i + 1], f"{name}_stage{i}") for i in range(len(bounds) - 1)]
     for index in range(1, len(stages) - 1):
         _route_pass_through(stages[index], stages[index + 1], suffix=f".via{index}")
     return stages

@@ -195,6 +195,10 @@ class FortunesText(Subject):
     variants = TEXT_VARIANTS
     lr = 1e-2
 
+    def __init__(self) -> None:
+        # pooled teacher features by split, kept for this process: distilling reuses them
+        self._teacher_features: dict[str | int, np.ndarray] = {}
+
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
         from transformers import AutoTokenizer
 
@@ -239,33 +243,53 @@ class FortunesText(Subject):
     def _fit_head(
         self,
         model: TextClassifier,
-        train: Samples,
+        features: np.ndarray,
+        targets: np.ndarray,
         items: int,
         *,
         settings: BuildSettings,
         teacher_logits: np.ndarray | None,
         progress: Progress | None,
     ) -> TextClassifier:
-        # the encoder is frozen: compute its pooled features once and train only the head on them
         # keyed "input": nn.Linear.forward's argument name, as fit calls the model with keywords
-        features = Samples({"input": self._pooled(model, train)}, train.targets)
-        fit(model.head, features, self.fit_settings(items, settings), teacher_logits=teacher_logits, progress=progress)
+        samples = Samples({"input": features}, targets)
+        fit(model.head, samples, self.fit_settings(items, settings), teacher_logits=teacher_logits, progress=progress)
         return model.eval()
 
     def train_teacher(self, split: SplitData, settings: BuildSettings, progress: Progress | None = None) -> nn.Module:
+        # the encoder is frozen: its pooled features are computed once and only the head is trained on them
         model = self._encoder(None)
+        features = self._pooled(model, split.train)
+        self._teacher_features[split.record["split_sha256"]] = features  # distillation needs them again
         return self._fit_head(
-            model, split.train, settings.train_items, settings=settings, teacher_logits=None, progress=progress
+            model,
+            features,
+            split.train.targets,
+            settings.train_items,
+            settings=settings,
+            teacher_logits=None,
+            progress=progress,
         )
 
     def train_student(
         self, teacher: nn.Module, split: SplitData, settings: BuildSettings, progress: Progress | None = None
     ) -> nn.Module:
         train = split.train
-        logits = predict(teacher, train)
+        cached = self._teacher_features.get(split.record["split_sha256"])
+        if cached is not None and isinstance(teacher, TextClassifier):
+            with torch.no_grad():
+                logits = teacher.head(torch.from_numpy(cached)).numpy()
+        else:
+            logits = predict(teacher, train)
         student = self._encoder(TEXT_STUDENT_LAYERS)
         return self._fit_head(
-            student, train, settings.distill_items, settings=settings, teacher_logits=logits, progress=progress
+            student,
+            self._pooled(student, train),
+            train.targets,
+            settings.distill_items,
+            settings=settings,
+            teacher_logits=logits,
+            progress=progress,
         )
 
 

@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto, helper
 from scipy.stats import binomtest
 from sklearn.metrics import f1_score
 
@@ -165,17 +166,19 @@ def test_structured_pruning_copies_the_kept_channels(kind: Literal["resnet", "re
 
 def test_a_tensor_passed_through_a_middle_stage_gets_a_node_of_its_own() -> None:
     """Like a transformer's mask: computed in stage 0, unused by stage 1, read again by stage 2."""
-    from onnx import TensorProto, helper
-
     nodes = [
         helper.make_node("Relu", ["x"], ["mask"]),
         helper.make_node("Neg", ["x"], ["a"]),
         helper.make_node("Neg", ["a"], ["b"]),
         helper.make_node("Add", ["b", "mask"], ["y"]),
     ]
-    value = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4])  # noqa: E731
-    model = helper.make_model(helper.make_graph(nodes, "g", [value("x")], [value("y")]),
-                              opset_imports=[helper.make_opsetid("", 17)])
+
+    def value(name: str) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4])
+
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [value("x")], [value("y")]), opset_imports=[helper.make_opsetid("", 17)]
+    )
     cuts = [c for c in find_cuts(model) if set(c.tensors) in ({"mask", "a"}, {"mask", "b"})]
     stages = split_stages(model, cuts, "t")
     middle_inputs = {i.name for i in stages[1].graph.input}
