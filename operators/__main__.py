@@ -21,19 +21,13 @@ from typing import Any
 import numpy as np
 
 from operators.data import DatasetMissing
+from services.contracts.manifest import ManifestSpec
 
 
-def _variant_row(folder: Path, manifest: Any) -> dict[str, Any]:
+def _variant_row(folder: Path, manifest: ManifestSpec) -> dict[str, Any]:
     size = sum((folder / s.file).stat().st_size for s in manifest.stages)
-    cut_bytes = []
-    for following in manifest.stages[1:]:
-        per_item = 0
-        for spec in following.inputs:
-            from services.contracts.dtypes import NUMPY_DTYPES
-
-            count = int(np.prod([d if d > 0 else 1 for d in spec.shape]))
-            per_item += count * (NUMPY_DTYPES[spec.datatype].itemsize if spec.datatype != "BYTES" else 1)
-        cut_bytes.append(per_item)
+    # what crosses into each later stage: its inputs, per item
+    cut_bytes = [sum(spec.bytes_per_item for spec in following.inputs) for following in manifest.stages[1:]]
     accuracy = manifest.accuracy
     return {
         "name": manifest.name,
@@ -84,7 +78,7 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def stage_latency_ms(folder: Path, manifest: Any, runs: int) -> float:
+def stage_latency_ms(folder: Path, manifest: ManifestSpec, runs: int) -> float:
     """Median time of running every stage once (no early exit) on one zero item, one thread."""
     import onnxruntime as ort
 

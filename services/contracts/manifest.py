@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from services.contracts.dtypes import Datatype
+from services.contracts.dtypes import NUMPY_DTYPES, Datatype
 from services.contracts.errors import ChecksumMismatch, ConfigError
 
 MANIFEST_FILENAME = "manifest.json"
@@ -43,6 +43,14 @@ class TensorSpec(FrozenSpec):
         if any(d < -1 for d in shape):
             raise ValueError(f"dimensions must be >= 0 or -1 (dynamic), got {list(shape)}")
         return shape
+
+    @property
+    def bytes_per_item(self) -> int:
+        """Bytes of one batch item (dynamic dimensions count as 1; a BYTES element as 1 byte)."""
+        count = 1
+        for dim in self.shape[1:]:
+            count *= max(dim, 1)
+        return count * (NUMPY_DTYPES[self.datatype].itemsize if self.datatype != "BYTES" else 1)
 
     def fits(self, other: TensorSpec) -> bool:
         """Same datatype and rank, and every dimension equal or dynamic on either side."""
