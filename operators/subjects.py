@@ -53,10 +53,10 @@ class BuildSettings:
 
 FULL = BuildSettings(
     "full",
-    train_items=10_000,
+    train_items=9_000,
     finetune_items=2_500,
-    distill_items=6_000,
-    head_train_items=1_000,
+    distill_items=5_000,
+    head_train_items=800,
     calibration_items=256,
     evaluation_items=1_500,
     fashion_limit=30_000,
