@@ -215,7 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=run_demo)
 
+    from services.stack.cli import add_commands
+
+    add_commands(commands)
+
     args = parser.parse_args(argv)
+    if args.command == "stack":
+        from services.stack.cli import main as stack_main
+
+        return stack_main(args)
     if getattr(args, "tier_args", None) and args.tier_args[0] == "--":
         args.tier_args = args.tier_args[1:]
     handler: Any = args.handler

@@ -141,7 +141,9 @@ class LocalStack:
     def state(self) -> dict[str, object]:
         """What ``stop_detached`` needs to find the tiers again from another process."""
         return {
+            "runtime": "local",
             "deployment": str(self.deployment),
+            "urls": {t: self.url(t) for t in self.processes},
             "tiers": {
                 t: {"pid": p.pid, "url": self.url(t), "log": str(self.log_path(t))} for t, p in self.processes.items()
             },

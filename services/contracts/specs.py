@@ -162,3 +162,63 @@ def load_deployment(path: Path) -> DeploymentSpec:
         return DeploymentSpec.model_validate(document)
     except ValidationError as exc:
         raise ConfigError(f"deployment {path} is invalid:\n{exc}") from None
+
+
+# TCP payload per Ethernet frame at MTU 1500 with timestamps: 1448 of 1514 bytes on the wire
+TCP_PAYLOAD_PER_FRAME = 1448 / 1514
+# which tier measures which link: the one that sends requests over it
+LINK_SENDERS: dict[LinkName, tuple[TierName, TierName]] = {
+    "mobile-edge": ("mobile", "edge"),
+    "edge-cloud": ("edge", "cloud"),
+    "mobile-cloud": ("mobile", "cloud"),
+}
+
+
+class LinkProbeSpec(FrozenSpec):
+    """What a tier is asked to measure on its link towards ``peer`` (``POST /tierlab/probe``)."""
+
+    peer: TierName
+    pings: int = Field(default=20, ge=1, le=1000, description="small round trips for the RTT")
+    bulk_s: float = Field(default=1.0, gt=0.0, le=30.0, description="aim of each bulk transfer at the configured rate")
+    bulk_repeats: int = Field(default=2, ge=0, le=10, description="bulk transfers for the goodput; 0 = skip")
+
+
+class LinkMeasurementSpec(FrozenSpec):
+    """A link measured through the path requests take (the emulation included), beside its configuration."""
+
+    link: LinkName
+    sender: TierName
+    backend: str
+    configured: LinkSpec
+    rtt_ms_min: float
+    rtt_ms_p50: float
+    rtt_ms_p90: float
+    bulk_bytes: int
+    goodput_mbit: float | None = Field(description="payload bits per second of the best bulk transfer")
+
+    @property
+    def expected_rtt_ms(self) -> float:
+        return self.configured.rtt_ms
+
+    @property
+    def expected_goodput_mbit(self) -> float | None:
+        """TCP payload rate the configured link rate allows: rate × MSS / Ethernet frame (1448 / 1514)."""
+        rate = self.configured.rate_mbit
+        return None if rate is None else rate * TCP_PAYLOAD_PER_FRAME
+
+    def problems(self, *, rtt_tolerance_pct: float = 10.0, rtt_tolerance_ms: float = 1.0,
+                 rate_tolerance_pct: float = 10.0) -> list[str]:  # fmt: skip
+        """Where the measurement leaves the tolerance (RTT within ±pct or ±ms, whichever is wider;
+        goodput within ±pct of the expected); empty when the link is what it should be."""
+        found = []
+        rtt_slack = max(self.expected_rtt_ms * rtt_tolerance_pct / 100, rtt_tolerance_ms)
+        if abs(self.rtt_ms_p50 - self.expected_rtt_ms) > rtt_slack:
+            found.append(
+                f"{self.link}: RTT p50 {self.rtt_ms_p50:.2f} ms, expected {self.expected_rtt_ms:g} ± {rtt_slack:.2f}"
+            )
+        expected, measured = self.expected_goodput_mbit, self.goodput_mbit
+        if expected and measured is not None and abs(measured - expected) > expected * rate_tolerance_pct / 100:
+            found.append(
+                f"{self.link}: goodput {measured:.1f} Mbit/s, expected {expected:.1f} ± {rate_tolerance_pct:g} %"
+            )
+        return found

@@ -7,7 +7,8 @@ every :class:`~services.contracts.errors.TierlabError` as ``{"error": …}`` wit
 
 Routes: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``,
 ``…/ready``, ``POST …/infer`` (served straight from ASGI, see ``TierApp``), ``GET /metrics``
-(Prometheus) and ``GET /tierlab/status``.
+(Prometheus), and tierlab's own: ``GET /tierlab/status``, ``PUT /tierlab/links`` (re-shape links
+between runs), ``POST /tierlab/probe`` (measure a link) and ``POST /tierlab/sink`` (what probes send to).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,7 +31,16 @@ from starlette.types import Receive, Scope, Send
 
 from services.contracts import codec
 from services.contracts.errors import MalformedBody, PayloadTooLarge, TierlabError
-from services.contracts.specs import TIERS, DeploymentSpec, LinkSpec, link_between, load_deployment
+from services.contracts.specs import (
+    TIERS,
+    DeploymentSpec,
+    LinkName,
+    LinkProbeSpec,
+    LinkSpec,
+    TierName,
+    link_between,
+    load_deployment,
+)
 from services.tier.dataplane import DataPlane, resolve_models
 from services.tier.forwarder import Forwarder
 from services.tier.limits import CgroupLimits, host_cpu_count, read_limits
@@ -43,6 +53,7 @@ from services.tier.links import (
     plan_links,
     run_command,
 )
+from services.tier.probe import SINK_PATH, probe_link
 from services.tier.runtime import session_options
 from services.tier.settings import TierSettings
 from services.tier.telemetry import TierTelemetry, label_for
@@ -69,6 +80,18 @@ class Tier:
     allow_spinning: bool
     run: CommandRunner
 
+    def reshape(self, specs: Mapping[LinkName, LinkSpec]) -> list[LinkState]:
+        """Apply new conditions to this tier's links (links not named keep theirs); no restart needed."""
+        old = {s.link: s.spec for s in self.links}
+        targets = link_targets(self.settings.tier, self.deployment, {**old, **specs})
+        clear_links(self.links, self.run)
+        self.links = plan_links(targets, self.run)
+        self.dataplane.forwarder.set_links({s.peer: UserspaceLink.for_state(s) for s in self.links})
+        self.dataplane.telemetry.record_links(self.links)
+        for state in self.links:
+            log.info("%s link %s now %s %s", self.settings.tier, state.link, state.backend.value, state.note)
+        return self.links
+
     def status(self) -> dict[str, Any]:
         plane = self.dataplane
         return {
@@ -94,6 +117,20 @@ class Tier:
         }
 
 
+def link_targets(tier: TierName, deployment: DeploymentSpec, specs: Mapping[LinkName, LinkSpec]) -> list[LinkTarget]:
+    """This tier's links towards each peer, with the conditions ``specs`` give (unshaped if absent)."""
+    return [
+        LinkTarget(
+            link_between(tier, peer),
+            peer,
+            urlsplit(deployment.tiers[peer].base_url).hostname or "",
+            specs.get(link_between(tier, peer), LinkSpec()),
+        )
+        for peer in TIERS
+        if peer != tier
+    ]
+
+
 def build_tier(settings: TierSettings, *, run: CommandRunner = run_command) -> Tier:
     """Read and check everything the tier needs; raises ConfigError with a clear message if it cannot."""
     tier = settings.tier
@@ -104,20 +141,8 @@ def build_tier(settings: TierSettings, *, run: CommandRunner = run_command) -> T
     threads = settings.intra_op_threads or limits.intra_op_threads(host_cpu_count())
     spinning = settings.allow_spinning if settings.allow_spinning is not None else limits.cpu_quota_cores is None
 
-    peers = [t for t in TIERS if t != tier]
-    targets = [
-        LinkTarget(
-            link_between(tier, peer),
-            peer,
-            urlsplit(deployment.tiers[peer].base_url).hostname or "",
-            deployment.link(tier, peer),
-        )
-        for peer in peers
-    ]
-    if settings.shape_links:
-        states = plan_links(targets, run)
-    else:
-        states = plan_links([LinkTarget(t.link, t.peer, t.peer_host, LinkSpec()) for t in targets], run)
+    configured = {**deployment.links, **(settings.links or {})} if settings.shape_links else {}
+    states = plan_links(link_targets(tier, deployment, configured), run)
     for state in states:
         if state.spec.is_shaped:
             log.info("%s link %s: %s %s", tier, state.link, state.backend.value, state.note)
@@ -326,5 +351,25 @@ def create_app(tier: Tier) -> TierApp:
     @app.get("/tierlab/status")
     async def status() -> dict[str, Any]:
         return tier.status()
+
+    @app.put("/tierlab/links")
+    async def reshape(specs: dict[LinkName, LinkSpec]) -> dict[str, Any]:
+        """Re-shape links between runs of a sweep; the body maps link names to conditions."""
+        states = await asyncio.to_thread(tier.reshape, specs)
+        return {"tier": settings.tier, "links": [s.describe() for s in states]}
+
+    @app.post(SINK_PATH)
+    async def sink(request: Request) -> dict[str, int]:
+        """Where link probes send their bulk transfers: reads the body, answers its size."""
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+        return {"bytes": size}
+
+    @app.post("/tierlab/probe")
+    async def probe(spec: LinkProbeSpec) -> dict[str, Any]:
+        """Measure this tier's link towards ``spec.peer`` through the path forwarded tensors take."""
+        measured = await probe_link(plane.forwarder, tier.links, spec)
+        return measured.model_dump(mode="json")
 
     return TierApp(tier, app)

@@ -192,6 +192,10 @@ class Forwarder:
             parts = urlsplit(url)
             self._pools[peer] = _Pool(parts.hostname or "127.0.0.1", parts.port or 80)
 
+    @property
+    def tier(self) -> TierName:
+        return self._tier
+
     async def start(self) -> None:
         """Nothing to open ahead: connections are made on first use and kept alive."""
 
@@ -199,33 +203,45 @@ class Forwarder:
         for pool in self._pools.values():
             pool.close()
 
+    def set_links(self, links: Mapping[TierName, UserspaceLink | None]) -> None:
+        """Emulate new link conditions from the next request on (requests in flight keep the old ones)."""
+        self._links = dict(links)
+
+    async def exchange(
+        self, peer: TierName, head_lines: str, chunks: Sequence[Buffer], size_bytes: int
+    ) -> tuple[Reply, int]:
+        """One request to ``peer`` through the emulated link: (reply, elapsed ns). Raises the hop's 502/504."""
+        hop = f"{self._tier} -> {peer}"
+        pool = self._pools[peer]
+        head = f"{head_lines}Host: {pool.host}:{pool.port}\r\nContent-Length: {size_bytes}\r\n\r\n".encode("latin-1")
+        link = self._links.get(peer)
+        started = time.perf_counter_ns()
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                if link is not None:
+                    await link.send(size_bytes)
+                reply = await pool.request(head, chunks)
+                if link is not None:
+                    await link.receive(len(reply.body))
+        except TimeoutError:
+            raise NextTierTimeout(f"{hop}: no answer within {self._timeout_s:g} s") from None
+        except OSError as exc:
+            raise NextTierError(f"{hop}: cannot reach {self._endpoints[peer]}: {exc}") from None
+        return reply, time.perf_counter_ns() - started
+
     async def forward(
         self, next_tier: TierName, model: str, inputs: Mapping[str, np.ndarray], parameters: Parameters
     ) -> Forwarded:
         hop = f"{self._tier} -> {next_tier}"
         started = time.perf_counter_ns()
         encoded = codec.encode_request(inputs, parameters=parameters)
-        pool = self._pools[next_tier]
-        size = encoded.size_bytes
-        head = "".join(
+        head_lines = "".join(
             [
-                f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {pool.host}:{pool.port}\r\n",
+                f"POST /v2/models/{model}/infer HTTP/1.1\r\n",
                 *(f"{k}: {v}\r\n" for k, v in encoded.http_headers().items()),
-                f"Content-Length: {size}\r\n\r\n",
             ]
-        ).encode("latin-1")
-        link = self._links.get(next_tier)
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                if link is not None:
-                    await link.send(size)
-                reply = await pool.request(head, encoded.chunks)
-                if link is not None:
-                    await link.receive(len(reply.body))
-        except TimeoutError:
-            raise NextTierTimeout(f"{hop}: no answer within {self._timeout_s:g} s") from None
-        except OSError as exc:
-            raise NextTierError(f"{hop}: cannot reach {self._endpoints[next_tier]}: {exc}") from None
+        )
+        reply, _ = await self.exchange(next_tier, head_lines, encoded.chunks, encoded.size_bytes)
         if reply.status != 200:
             message = f"{hop} answered {reply.status}: {_error_message(reply.body)}"
             raise (NextTierTimeout(message) if reply.status == NextTierTimeout.status_code else NextTierError(message))
@@ -234,4 +250,4 @@ class Forwarder:
             response = codec.decode_response(reply.body, header_length)
         except MalformedBody as exc:
             raise NextTierError(f"{hop} answered a malformed body: {exc.message}") from None
-        return Forwarded(response, size, len(reply.body), time.perf_counter_ns() - started)
+        return Forwarded(response, encoded.size_bytes, len(reply.body), time.perf_counter_ns() - started)

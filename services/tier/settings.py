@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.contracts.specs import TierName
+from services.contracts.specs import LinkName, LinkSpec, TierName
 
 _MIB = 1 << 20
 
@@ -32,6 +32,9 @@ class TierSettings(BaseSettings):
     allow_spinning: bool | None = Field(default=None, description="default: only when no CPU quota is set")
     warmup_runs: int = Field(default=3, ge=0)
     shape_links: bool = Field(default=True, description="apply the deployment's link specs")
+    links: dict[LinkName, LinkSpec] | None = Field(
+        default=None, description="link conditions replacing the deployment's (JSON in TIERLAB_LINKS)"
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @property

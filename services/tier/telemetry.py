@@ -17,6 +17,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 
@@ -51,6 +52,9 @@ class TierTelemetry:
         self.registry = registry or CollectorRegistry()
         served = [m.TIER, m.MODEL, m.STRATEGY]
         r = self.registry
+        if registry is None:
+            # process_cpu_seconds_total and process_resident_memory_bytes: usage beside the cgroup limits
+            ProcessCollector(registry=r)
         self.request_seconds = Histogram(
             m.REQUEST_SECONDS,
             "Time in this tier per request, downstream tiers included",
@@ -92,6 +96,8 @@ class TierTelemetry:
         self.ort_threads.labels(self.tier).set(threads)
 
     def record_links(self, states: Sequence[LinkState]) -> None:
+        for gauge in (self.link_info, self.link_delay, self.link_rate):
+            gauge.clear()  # a re-shaped link may have changed backend: drop the old series
         for state in states:
             labels = (self.tier, state.link, state.backend.value)
             self.link_info.labels(*labels).set(1)

@@ -1,0 +1,1 @@
+"""The Docker stack, driven from the host: images that build offline, compose profiles, status, fidelity."""

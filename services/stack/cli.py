@@ -1,0 +1,292 @@
+"""``python -m services stack …``: the commands behind ``make up/down/status/logs/images/clean``.
+
+``up`` brings up the Docker stack (``--runtime docker``, the default) or the three tiers as local processes
+(``--runtime local``, no Docker needed; the network profile is then emulated in userspace). Both record
+``.local/stack.json``, which ``status``, ``down`` and the loadgen read to find the tiers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from services.contracts.errors import ConfigError
+from services.contracts.specs import LINK_SENDERS, TIERS, LinkMeasurementSpec, LinkSpec
+from services.stack.compose import (
+    DEFAULT_SUBJECTS,
+    DockerStack,
+    StackSpec,
+    available,
+    compose_available,
+    find_manifests,
+    http_json,
+    leftovers,
+    override_file,
+    read_state,
+    state_path,
+    write_state,
+)
+from services.stack.docker import output, project_root, run, say
+
+
+def network_links(name: str, root: Path) -> dict[str, LinkSpec]:
+    """The link conditions a network profile's override file gives the tiers (its ``TIERLAB_LINKS``)."""
+    document = yaml.safe_load(override_file("network", name, root).read_text())
+    text = document["services"]["mobile"]["environment"]["TIERLAB_LINKS"]
+    return {link: LinkSpec.model_validate(spec) for link, spec in json.loads(text).items()}
+
+
+def _spec(args: argparse.Namespace) -> StackSpec:
+    subjects = tuple(s for s in args.subjects.split(",") if s) if args.subjects != "all" else ()
+    return StackSpec(args.profile, args.network, Path(args.models_dir), subjects, with_grafana=not args.no_grafana)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    root = project_root()
+    existing = read_state(root)
+    if existing is not None:
+        say(f"a {existing.get('runtime')} stack is recorded in {state_path(root)}: taking it down first")
+        _down(root, existing)
+    spec = _spec(args)
+    if args.runtime == "local":
+        return _up_local(root, spec)
+    state = DockerStack(spec, root).up(timeout_s=args.timeout_s)
+    say(f"stack up in {state['up_s']:.0f} s")
+    return cmd_status(args)
+
+
+def _up_local(root: Path, spec: StackSpec) -> int:
+    from services.demo import local_deployment, write_deployment
+    from services.local import LocalStack
+
+    models_dir = (root / spec.models_dir).resolve()
+    links = network_links(spec.network, root)
+    deployment = local_deployment(
+        find_manifests(models_dir, spec.subjects),
+        models_dir=str(models_dir),
+        links=links,  # type: ignore[arg-type]
+    )
+    path = write_deployment(deployment, root / ".local" / "stack" / "deployment-local.yaml")
+    stack = LocalStack(path, detach=True, log_dir=root / ".local" / "logs")
+    stack.start()
+    state = {**stack.state(), "profile": None, "network": spec.network, "subjects": list(spec.subjects),
+             "prometheus": None, "grafana": None}  # fmt: skip
+    write_state(root, state)
+    say("tiers started as local processes (no cgroup limits; links shaped in userspace)")
+    return _print_status(state)
+
+
+def _down(root: Path, state: dict[str, Any] | None) -> None:
+    if state is not None and state.get("runtime") == "local":
+        from services.local import stop_detached
+
+        stopped = stop_detached(state)
+        say(f"stopped local tiers: {', '.join(stopped) or 'none running'}")
+        state_path(root).unlink(missing_ok=True)
+        return
+    if compose_available():
+        profile = (state or {}).get("profile") or "laptop"
+        network = (state or {}).get("network") or "lan"
+        DockerStack(StackSpec(profile, network), root).down()
+        left = leftovers()
+        say("stack down" + ("" if not any(left.values()) else f"; still there: {left}"))
+    state_path(root).unlink(missing_ok=True)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    root = project_root()
+    _down(root, read_state(root))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state = read_state(project_root())
+    if state is None:
+        print("no stack is up (make up)")
+        return 1
+    return _print_status(state)
+
+
+def _print_status(state: dict[str, Any]) -> int:
+    runtime = state.get("runtime")
+    where = f"resources '{state.get('profile')}', " if runtime == "docker" else ""
+    print(f"tierlab stack: {runtime}, {where}network '{state.get('network')}'")
+    healthy = True
+    for tier in TIERS:
+        url = state["urls"][tier]
+        code, status = http_json(f"{url}/tierlab/status")
+        if code != 200:
+            healthy = False
+            print(f"  {tier:<6} {url}  {'DOWN' if code == 0 else f'answered {code}'}")
+            continue
+        limits = status["limits"]
+        quota = limits["cpu_quota_cores"]
+        memory = limits["memory_limit_bytes"]
+        ready = "ready" if status["ready"] else f"NOT READY ({status.get('load_error') or 'loading'})"
+        print(
+            f"  {tier:<6} {url}  {ready}  cgroup {limits['cgroup']}: cpu quota "
+            f"{f'{quota:g} cores' if quota else 'none'} (uses {limits['cpu_cores']:g}), memory "
+            f"{f'{memory / (1 << 30):.2f} GiB' if memory else 'unlimited'}, onnxruntime threads "
+            f"{status['onnxruntime']['intra_op_threads']}, {len(status['models'])} variants"
+        )
+        for link in status["links"]:
+            rate = f"{link['rate_mbit']:g} Mbit/s" if link["rate_mbit"] else "unlimited"
+            print(
+                f"         link {link['link']:<12} -> {link['peer']:<6} {link['backend']:<14} "
+                f"delay {link['delay_ms']:g}±{link['jitter_ms']:g} ms, {rate}, loss {link['loss_pct']:g} % "
+                f"{link['note']}"
+            )
+    prometheus = state.get("prometheus")
+    if prometheus:
+        code, targets = http_json(f"{prometheus}/api/v1/targets")
+        if code == 200:
+            active = targets["data"]["activeTargets"]
+            up = [t["labels"].get("tier") or t["labels"]["job"] for t in active if t["health"] == "up"]
+            print(f"  prometheus {prometheus}  targets up: {', '.join(up) or 'none yet'} ({len(active)} in all)")
+        else:
+            print(f"  prometheus {prometheus}  not answering")
+    if runtime == "docker":
+        grafana = state.get("grafana")
+        print(
+            f"  grafana    {grafana}" if grafana else "  grafana    not running (no image here; see make up's output)"
+        )
+    return 0 if healthy else 1
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    root = project_root()
+    state = read_state(root) or {}
+    if state.get("runtime") == "local":
+        for tier, info in state["tiers"].items():
+            print(f"==> {tier} ({info['log']})")
+            print("".join(Path(info["log"]).read_text(errors="replace").splitlines(keepends=True)[-args.tail :]))
+        return 0
+    spec = StackSpec(state.get("profile") or "laptop", state.get("network") or "lan")
+    print(DockerStack(spec, root).logs(args.tail))
+    return 0
+
+
+def measure_links(urls: dict[str, str], *, pings: int = 20) -> list[LinkMeasurementSpec]:
+    """Each link measured by the tier that sends over it (``POST /tierlab/probe``)."""
+    measured = []
+    for sender, peer in LINK_SENDERS.values():
+        code, body = http_json(
+            f"{urls[sender]}/tierlab/probe", method="POST", body={"peer": peer, "pings": pings}, timeout_s=120
+        )
+        if code != 200:
+            raise ConfigError(f"{sender} could not probe its link to {peer}: {code} {body}")
+        measured.append(LinkMeasurementSpec.model_validate(body))
+    return measured
+
+
+def cmd_fidelity(args: argparse.Namespace) -> int:
+    state = read_state(project_root())
+    if state is None:
+        print("no stack is up (make up)")
+        return 1
+    problems = []
+    print(f"{'link':<13}{'backend':<15}{'RTT configured':>15}{'measured p50':>14}{'rate configured':>17}"
+          f"{'goodput expected':>18}{'measured':>10}")  # fmt: skip
+    for m in measure_links(state["urls"], pings=args.pings):
+        rate = m.configured.rate_mbit
+        expected = m.expected_goodput_mbit
+        print(
+            f"{m.link:<13}{m.backend:<15}{m.expected_rtt_ms:>12.2f} ms{m.rtt_ms_p50:>11.2f} ms"
+            f"{(f'{rate:g} Mbit/s' if rate else 'unlimited'):>17}"
+            f"{(f'{expected:.1f}' if expected else '-'):>18}{(m.goodput_mbit or 0):>10.1f}"
+        )
+        problems += m.problems()
+    for problem in problems:
+        print(f"  outside tolerance: {problem}")
+    return 0 if not problems else 1
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from services.stack.docker import require_engine
+    from services.stack.images import ensure_images
+
+    require_engine()
+    started = time.monotonic()
+    images = ensure_images(with_grafana=not args.no_grafana)
+    for role, tag in (("tier", images.tier), ("prometheus", images.prometheus), ("grafana", images.grafana)):
+        print(f"  {role:<10} {tag or 'unavailable (no registry)'}")
+    print(f"  base       {images.base}   ({time.monotonic() - started:.0f} s)")
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    """Everything tierlab created in Docker: the stack, its volumes and networks, its images."""
+    root = project_root()
+    _down(root, read_state(root))
+    if compose_available():
+        tags = [t for t in output(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"]).splitlines()
+                if t.startswith("tierlab/") and (args.all or not t.startswith("tierlab/base:"))]  # fmt: skip
+        if tags:
+            run(["docker", "rmi", "--force", *tags], quiet=True, check=False)
+            say(f"removed images: {', '.join(tags)}")
+    shutil.rmtree(root / ".local" / "stack", ignore_errors=True)
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from services.stack.dashboard import write
+
+    print(f"wrote {write(project_root())}")
+    return 0
+
+
+def cmd_profiles(args: argparse.Namespace) -> int:
+    root = project_root()
+    print("resource profiles:", ", ".join(available("resources", root)))
+    print("network profiles: ", ", ".join(available("network", root)))
+    return 0
+
+
+def add_commands(commands: Any) -> None:
+    stack = commands.add_parser("stack", help="the Docker stack (or local tier processes): up, down, status …")
+    verbs = stack.add_subparsers(dest="verb", required=True)
+
+    up = verbs.add_parser("up", help="bring the stack up (builds images on first use)")
+    up.add_argument("--runtime", choices=("docker", "local"), default="docker")
+    up.add_argument("--profile", default="laptop", help="resource profile: compose/resources-<name>.yml")
+    up.add_argument("--network", default="lan", help="network profile: compose/network-<name>.yml")
+    up.add_argument("--models-dir", default="models")
+    up.add_argument("--subjects", default=",".join(DEFAULT_SUBJECTS), help="comma list, or 'all'")
+    up.add_argument("--no-grafana", action="store_true")
+    up.add_argument("--timeout-s", type=float, default=300.0)
+    up.set_defaults(handler=cmd_up)
+
+    for name, handler, text in (
+        ("down", cmd_down, "stop the stack; no container, network or volume is left"),
+        ("status", cmd_status, "tiers, limits seen from inside, link backends, URLs"),
+        ("dashboard", cmd_dashboard, "regenerate the Grafana dashboard JSON"),
+        ("profiles", cmd_profiles, "list resource and network profiles"),
+    ):
+        verbs.add_parser(name, help=text).set_defaults(handler=handler)
+    fidelity = verbs.add_parser("fidelity", help="measure every link's RTT and rate against its profile")
+    fidelity.add_argument("--pings", type=int, default=20)
+    fidelity.set_defaults(handler=cmd_fidelity)
+    logs = verbs.add_parser("logs", help="the last log lines of every service")
+    logs.add_argument("--tail", type=int, default=100)
+    logs.set_defaults(handler=cmd_logs)
+    images = verbs.add_parser("images", help="build (or pull) the images")
+    images.add_argument("--no-grafana", action="store_true")
+    images.set_defaults(handler=cmd_images)
+    clean = verbs.add_parser("clean", help="remove the stack and tierlab's images (--all: the base too)")
+    clean.add_argument("--all", action="store_true")
+    clean.set_defaults(handler=cmd_clean)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(f"tierlab stack: {exc.message}", file=sys.stderr)
+        return 2

@@ -1,0 +1,250 @@
+"""The Docker stack: compose files for a resource and a network profile, up, down, status, logs.
+
+``DockerStack`` is the live thing; ``StackSpec`` says what to bring up (profile, network, which models).
+The tiers read a deployment written to ``.local/stack/deployment.yaml`` (models by path under the
+read-only ``/models`` mount, peers by compose service name); links come from the network profile's
+``TIERLAB_LINKS``. A state file records what is running so ``down``/``status`` need no options.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from services.contracts.errors import ConfigError
+from services.contracts.specs import TIERS, DeploymentSpec, ModelEntrySpec, TierEndpointSpec, TierName
+from services.stack.docker import compose_command, output, project_root, require_engine, run, say
+from services.stack.images import ImageSet, ensure_images
+
+PROJECT = "tierlab"
+CONTAINER_MODELS_DIR = "/models"
+CONTAINER_PORT = 8000
+HOST_PORTS: dict[TierName, int] = {"mobile": 8001, "edge": 8002, "cloud": 8003}
+PROMETHEUS_PORT, GRAFANA_PORT = 9090, 3000
+DEFAULT_SUBJECTS = ("fmnist-resnet", "fmnist-resnext")
+
+
+def available(kind: str, root: Path) -> list[str]:
+    """Profiles of ``kind`` (``resources`` or ``network``) that compose/ has an override file for."""
+    return sorted(p.stem.removeprefix(f"{kind}-") for p in (root / "compose").glob(f"{kind}-*.yml"))
+
+
+def override_file(kind: str, name: str, root: Path) -> Path:
+    path = root / "compose" / f"{kind}-{name}.yml"
+    if not path.is_file():
+        raise ConfigError(f"no {kind} profile '{name}'; choose one of: {', '.join(available(kind, root))}")
+    return path
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    profile: str = "laptop"
+    network: str = "lan"
+    models_dir: Path = Path("models")
+    subjects: tuple[str, ...] = DEFAULT_SUBJECTS  # () = every manifest under models_dir
+    with_grafana: bool = True
+
+    def compose_files(self, root: Path) -> list[Path]:
+        return [
+            root / "docker-compose.yml",
+            override_file("resources", self.profile, root),
+            override_file("network", self.network, root),
+        ]
+
+
+def find_manifests(models_dir: Path, subjects: tuple[str, ...]) -> list[str]:
+    """Manifests under ``models_dir`` (of ``subjects`` if given), relative to it; ``_work`` folders skipped."""
+    found = sorted(
+        p.relative_to(models_dir).as_posix()
+        for p in models_dir.rglob("manifest.json")
+        if "_work" not in p.parts and (not subjects or p.relative_to(models_dir).parts[0] in subjects)
+    )
+    if not found:
+        wanted = f" for {', '.join(subjects)}" if subjects else ""
+        raise ConfigError(f"no built variants in {models_dir}{wanted}: run `make models` first")
+    return found
+
+
+def stack_deployment(manifests: list[str]) -> DeploymentSpec:
+    return DeploymentSpec(
+        models_dir=CONTAINER_MODELS_DIR,
+        models=tuple(ModelEntrySpec(manifest=m) for m in manifests),
+        tiers={t: TierEndpointSpec(url=f"http://{t}:{CONTAINER_PORT}") for t in TIERS},
+    )
+
+
+def http_json(url: str, *, method: str = "GET", body: Any = None, timeout_s: float = 5.0) -> tuple[int, Any]:
+    """A small JSON request for control calls; (0, None) when nothing answers."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            return reply.status, json.loads(reply.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"null")
+        except ValueError:
+            return exc.code, None
+    except (OSError, ValueError):
+        return 0, None
+
+
+@dataclass
+class DockerStack:
+    spec: StackSpec
+    root: Path = field(default_factory=project_root)
+
+    @property
+    def stack_dir(self) -> Path:
+        return self.root / ".local" / "stack"
+
+    def _environment(self, images: ImageSet | None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            TIERLAB_MODELS_DIR=str((self.root / self.spec.models_dir).resolve()),
+            TIERLAB_STACK_DIR=str(self.stack_dir.resolve()),
+        )
+        if images is not None:
+            env.update(images.environment())
+        return env
+
+    def _compose(self, *args: str, images: ImageSet | None = None, quiet: bool = False, grafana: bool = False) -> str:
+        argv = [*compose_command(), "-p", PROJECT]
+        for path in self.spec.compose_files(self.root):
+            argv += ["-f", str(path)]
+        if grafana:
+            argv += ["--profile", "grafana"]
+        done = run([*argv, *args], env=self._environment(images), quiet=quiet, timeout_s=900, cwd=self.root)
+        return (done.stdout or b"").decode()
+
+    def up(self, timeout_s: float = 300.0) -> dict[str, Any]:
+        require_engine()
+        started = time.monotonic()
+        models_dir = (self.root / self.spec.models_dir).resolve()
+        manifests = find_manifests(models_dir, self.spec.subjects)
+        images = ensure_images(with_grafana=self.spec.with_grafana)
+        (self.stack_dir / "targets").mkdir(parents=True, exist_ok=True)
+        deployment = stack_deployment(manifests)
+        (self.stack_dir / "deployment.yaml").write_text(
+            yaml.safe_dump(deployment.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        )
+        say(
+            f"starting the stack: resources '{self.spec.profile}', network '{self.spec.network}', "
+            f"{len(manifests)} variants"
+        )
+        grafana = images.grafana is not None
+        self._compose("up", "-d", "--remove-orphans", images=images, grafana=grafana)
+        self.wait_ready(timeout_s)
+        state = {
+            "runtime": "docker",
+            "profile": self.spec.profile,
+            "network": self.spec.network,
+            "models_dir": str(self.spec.models_dir),
+            "subjects": list(self.spec.subjects),
+            "urls": {t: f"http://127.0.0.1:{HOST_PORTS[t]}" for t in TIERS},
+            "prometheus": f"http://127.0.0.1:{PROMETHEUS_PORT}",
+            "grafana": f"http://127.0.0.1:{GRAFANA_PORT}" if grafana else None,
+            "images": {
+                "tier": images.tier,
+                "prometheus": images.prometheus,
+                "grafana": images.grafana,
+                "base": images.base,
+            },
+            "up_s": round(time.monotonic() - started, 1),
+        }
+        write_state(self.root, state)
+        return state
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        waiting = set(TIERS)
+        while waiting:
+            for tier in sorted(waiting):
+                code, _ = http_json(f"http://127.0.0.1:{HOST_PORTS[tier]}/v2/health/ready", timeout_s=2)
+                if code == 200:
+                    waiting.discard(tier)
+                    say(f"{tier} ready")
+            if not waiting:
+                return
+            exited = self.exited_containers()
+            if exited or time.monotonic() > deadline:
+                logs = self._compose("logs", "--tail", "30", *sorted(waiting), quiet=True)
+                reason = f"{', '.join(exited)} exited" if exited else f"not ready within {timeout_s:g} s"
+                raise ConfigError(f"the stack did not come up: {reason}. Last log lines:\n{logs}")
+            time.sleep(1.0)
+
+    def exited_containers(self) -> list[str]:
+        text = output(
+            [
+                "docker",
+                "ps",
+                "-a",
+                "--filter",
+                f"label=com.docker.compose.project={PROJECT}",
+                "--filter",
+                "status=exited",
+                "--format",
+                "{{.Names}}",
+            ]
+        )
+        return [line for line in text.splitlines() if line]
+
+    def down(self) -> None:
+        if not compose_available():
+            return
+        self._compose("--profile", "grafana", "--profile", "loadgen", "down", "--volumes", "--remove-orphans")
+        state = state_path(self.root)
+        if state.exists():
+            state.unlink()
+
+    def logs(self, tail: int = 100) -> str:
+        return self._compose("logs", "--tail", str(tail), quiet=True)
+
+
+def compose_available() -> bool:
+    try:
+        require_engine()
+        compose_command()
+    except ConfigError:
+        return False
+    return True
+
+
+def leftovers() -> dict[str, list[str]]:
+    """What of the tierlab project Docker still has: containers, networks, volumes (all should be empty)."""
+    label = f"label=com.docker.compose.project={PROJECT}"
+    return {
+        kind: [
+            line
+            for line in output(
+                ["docker", kind, "ls", "-q", "--filter", label] + (["-a"] if kind == "container" else [])
+            ).splitlines()
+            if line
+        ]
+        for kind in ("container", "network", "volume")
+    }
+
+
+def state_path(root: Path) -> Path:
+    return root / ".local" / "stack.json"
+
+
+def write_state(root: Path, state: dict[str, Any]) -> None:
+    path = state_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state, indent=2))
+
+
+def read_state(root: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(state_path(root).read_text()))
+    except (OSError, ValueError):
+        return None

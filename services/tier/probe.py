@@ -1,0 +1,68 @@
+"""Measure a link the way requests cross it: round trips and bulk transfers to the peer's sink.
+
+The probe goes through the tier's forwarder, so whatever emulates the link (netem, tbf, userspace delay)
+acts on it exactly as on a forwarded tensor; the numbers are measured, never read back from the config.
+RTT is the round trip of an empty body; goodput is payload bits over (bulk time − minimum RTT), the
+best of a few transfers, so TCP slow start and one unlucky scheduling hiccup do not decide it.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from services.contracts.errors import BadParameter, NextTierError
+from services.contracts.specs import LinkMeasurementSpec, LinkProbeSpec, TierName
+from services.tier.forwarder import Forwarder
+from services.tier.links import LinkState
+
+SINK_PATH = "/tierlab/sink"
+_NS_PER_MS = 1e6
+# sizes for an unlimited link: large enough to be bandwidth-bound on a veth, small enough to be quick
+_UNLIMITED_BULK_BYTES = 32 << 20
+_MIN_BULK_BYTES = 64 << 10
+_CHUNK_BYTES = 1 << 20
+
+
+def bulk_size_bytes(state: LinkState, bulk_s: float) -> int:
+    """What the configured rate moves in ``bulk_s`` seconds (unlimited links get a fixed large body)."""
+    if state.spec.rate_mbit is None:
+        return _UNLIMITED_BULK_BYTES
+    return max(_MIN_BULK_BYTES, int(state.spec.rate_mbit * 1e6 / 8 * bulk_s))
+
+
+async def _send(forwarder: Forwarder, peer: TierName, size_bytes: int) -> float:
+    """One POST of ``size_bytes`` to the peer's sink; elapsed milliseconds."""
+    full, rest = divmod(size_bytes, _CHUNK_BYTES)
+    block = bytes(_CHUNK_BYTES) if full else b""
+    chunks = [memoryview(block)] * full + ([memoryview(bytes(rest))] if rest else [])
+    head = f"POST {SINK_PATH} HTTP/1.1\r\nContent-Type: application/octet-stream\r\n"
+    reply, elapsed_ns = await forwarder.exchange(peer, head, chunks, size_bytes)
+    if reply.status != 200:
+        raise NextTierError(f"probe to {peer}'s sink answered {reply.status}")
+    return elapsed_ns / _NS_PER_MS
+
+
+async def probe_link(forwarder: Forwarder, states: list[LinkState], probe: LinkProbeSpec) -> LinkMeasurementSpec:
+    state = next((s for s in states if s.peer == probe.peer), None)
+    if state is None:
+        raise BadParameter(f"no link towards {probe.peer} from this tier")
+    await _send(forwarder, probe.peer, 0)  # open the connection outside the measurement
+    rtts = sorted([await _send(forwarder, probe.peer, 0) for _ in range(probe.pings)])
+    bulk = bulk_size_bytes(state, probe.bulk_s)
+    goodput: float | None = None
+    if probe.bulk_repeats:
+        best_ms = min([await _send(forwarder, probe.peer, bulk) for _ in range(probe.bulk_repeats)])
+        transfer_ms = max(best_ms - rtts[0], 1e-3)
+        goodput = round(bulk * 8 / (transfer_ms / 1e3) / 1e6, 3)
+    deciles = statistics.quantiles(rtts, n=10) if len(rtts) > 1 else [rtts[0]] * 9
+    return LinkMeasurementSpec(
+        link=state.link,
+        sender=forwarder.tier,
+        backend=state.backend.value,
+        configured=state.spec,
+        rtt_ms_min=round(rtts[0], 3),
+        rtt_ms_p50=round(statistics.median(rtts), 3),
+        rtt_ms_p90=round(deciles[8], 3),
+        bulk_bytes=bulk,
+        goodput_mbit=goodput,
+    )
