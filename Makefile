@@ -7,14 +7,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
-STATE := .local/stack.json
 # the CPU build of torch; a plain `pip install torch` resolves the multi-GB CUDA build
 TORCH ?= torch==2.13.0
 DEMO := models/demo
 DEPLOYMENT ?= $(DEMO)/deployment.yaml
+comma := ,
 
 .DEFAULT_GOAL := help
-.PHONY: help venv models models-tiny models-list up down status local demo bench bench-overhead bench-forwarding test test-unit check fmt clean distclean
+.PHONY: help venv models models-tiny models-list models-for-stack up down status fidelity logs images profiles local demo bench bench-overhead bench-forwarding test test-unit check fmt clean distclean
 
 help: ## list the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -45,16 +45,40 @@ models-list: | $(STAMP) ## built variants: sizes, cut sizes, offline accuracy wi
 demo: $(STAMP) ## write the demo variants and a local deployment into models/demo
 	$(PY) -m services demo $(DEMO)
 
-up: $(STAMP) $(DEPLOYMENT) ## start the three tiers (local processes for now) in the background
-	$(PY) -m services local --deployment $(DEPLOYMENT) --detach --state $(STATE)
+# the stack: Docker by default (RUNTIME=local runs the tiers as processes, no Docker needed)
+RUNTIME ?= docker
+PROFILE ?= laptop
+NETWORK ?= lan
+SUBJECTS ?= fmnist-resnet,fmnist-resnext
+STACK := $(PY) -m services stack
 
-down: | $(STAMP) ## stop the tiers started by `make up`
-	$(PY) -m services down --state $(STATE)
+models-for-stack: | $(STAMP)
+	@for s in $(subst $(comma), ,$(SUBJECTS)); do \
+	  if [ ! -d models/$$s ]; then echo "==> models/$$s missing: building it (make models builds every subject)"; \
+	    $(PY) -m operators build --subject $$s || exit 1; fi; done
 
-status: | $(STAMP) ## each tier: ready, cgroup limits, onnxruntime threads, link backends
-	$(PY) -m services status --deployment $(DEPLOYMENT)
+up: $(STAMP) models-for-stack ## start the stack: make up [PROFILE=laptop|paper|rpi4|phone] [NETWORK=lan|wifi|4g|wan|paper|none] [RUNTIME=docker|local]
+	$(STACK) up --runtime $(RUNTIME) --profile $(PROFILE) --network $(NETWORK) --subjects $(SUBJECTS)
 
-local: $(STAMP) $(DEPLOYMENT) ## run the three tiers in the foreground until Ctrl-C
+down: | $(STAMP) ## stop the stack; no container, network or volume is left
+	$(STACK) down
+
+status: | $(STAMP) ## tiers, cgroup limits seen from inside, link backends, Prometheus targets, URLs
+	$(STACK) status
+
+fidelity: | $(STAMP) ## measure every link's RTT and goodput against the network profile
+	$(STACK) fidelity
+
+logs: | $(STAMP) ## the last log lines of every service
+	$(STACK) logs
+
+images: $(STAMP) ## build (or pull) the tier, Prometheus and Grafana images
+	$(STACK) images
+
+profiles: | $(STAMP) ## list the resource and network profiles in compose/
+	$(STACK) profiles
+
+local: $(STAMP) $(DEPLOYMENT) ## run the three demo tiers in the foreground until Ctrl-C (no Docker)
 	$(PY) -m services local --deployment $(DEPLOYMENT)
 
 bench: bench-overhead ## the main benchmark (today: the testbed's own overhead, P1-P3)
@@ -80,8 +104,8 @@ fmt: $(STAMP) ## format the code
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-clean: ## stop the tiers and remove what commands built (keeps .venv); safe to repeat
-	@if [ -f $(STATE) ] && [ -x $(PY) ]; then $(PY) -m services down --state $(STATE); fi
+clean: ## stop the stack, remove its images and what commands built (keeps .venv); safe to repeat
+	@if [ -x $(PY) ]; then $(STACK) clean; fi
 	rm -rf .local models results .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from services.contracts import codec
 from services.contracts.manifest import ManifestSpec, load_manifest
 from services.contracts.specs import TIERS, LinkName, LinkSpec, TierName
 from services.demo import build_demo_mlp, local_deployment, write_deployment
@@ -101,3 +105,26 @@ def tier_settings(make_deployment: DeploymentFactory) -> Callable[..., TierSetti
         return TierSettings(tier=tier, deployment=deployment or make_deployment(), warmup_runs=1, **overrides)
 
     return settings
+
+
+def infer_over_http(base_url: str, model: str, x: np.ndarray, **parameters: object) -> codec.InferResponse:
+    """One V2 binary request to a tier over real HTTP, decoded; HTTP errors raise urllib's HTTPError."""
+    encoded = codec.encode_request({"x": x}, parameters=parameters)  # type: ignore[arg-type]
+    request = urllib.request.Request(
+        f"{base_url}/v2/models/{model}/infer", data=encoded.body(), headers=encoded.http_headers(), method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        body, header = reply.read(), reply.headers.get(codec.HEADER_LENGTH_HTTP_HEADER)
+    return codec.decode_response(body, codec.parse_header_length(header))
+
+
+def require_tool(name: str) -> str:
+    """The path of a system tool the test needs: skipped on a developer machine without it, failed in CI
+    (where .ci/run installs it), so a missing tool never passes silently."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (.ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

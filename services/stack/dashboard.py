@@ -101,8 +101,9 @@ PANELS: tuple[Panel, ...] = (
         "bytes",
         (
             Query('process_resident_memory_bytes{job="tiers"}', "{{tier}} resident"),
-            Query(f"{m.MEMORY_LIMIT_BYTES} > 0", "{{tier}} limit"),
+            Query(m.MEMORY_LIMIT_BYTES, "{{tier}} limit"),
         ),
+        "A limit of 0 means the tier has none (local processes).",
     ),
     Panel(
         "Link conditions in force (one-way delay ms, rate Mbit/s; backend in the legend)",

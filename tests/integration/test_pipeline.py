@@ -23,6 +23,7 @@ from services.contracts.pipeline import hops_from_parameters
 from services.contracts.specs import TIERS, LinkName, LinkSpec, Placement, TierName
 from services.demo import local_deployment, write_deployment
 from services.local import LocalStack, free_ports, http_get_json
+from tests.conftest import infer_over_http
 
 MODELS = ("identity", "partition3", "early-exit")
 
@@ -45,16 +46,7 @@ def stack(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 def post(stack: LocalStack, tier: TierName, model: str, x: np.ndarray, **parameters: object) -> codec.InferResponse:
-    encoded = codec.encode_request({"x": x}, parameters=parameters)  # type: ignore[arg-type]
-    request = urllib.request.Request(
-        f"{stack.url(tier)}/v2/models/{model}/infer",
-        data=encoded.body(),
-        headers=encoded.http_headers(),
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=30) as reply:
-        body, header = reply.read(), reply.headers.get(codec.HEADER_LENGTH_HTTP_HEADER)
-    return codec.decode_response(body, codec.parse_header_length(header))
+    return infer_over_http(stack.url(tier), model, x, **parameters)
 
 
 def entry_tier(placement: str) -> TierName:

@@ -1,0 +1,155 @@
+"""The real compose stack (marker ``docker``; `.ci/run` installs Docker and runs it).
+
+Brought up from offline-built images with the demo models, under two resource/network profile pairs:
+every tier healthy; each container's cgroup quota and memory limit read from the kernel equal the
+profile's; each link's RTT and goodput, measured through the path tensors take, match the network
+profile (±10 % or ±1 ms RTT, ±10 % goodput of the TCP payload share of the rate); Prometheus has every
+target up; a three-tier request answers what the model gives in-process; ``down`` leaves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import yaml
+
+from services.contracts.errors import ConfigError
+from services.contracts.specs import TIERS, TierName
+from services.demo import build_demo_mlp
+from services.stack.cli import measure_links, network_links
+from services.stack.compose import DockerStack, StackSpec, http_json, leftovers, override_file, read_state
+from services.stack.docker import output, require_engine
+from tests.conftest import infer_over_http
+
+pytestmark = pytest.mark.docker
+ROOT = Path(__file__).resolve().parents[2]
+_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def profile_limits(profile: str) -> dict[str, tuple[float, int]]:
+    """(CPU cores, memory bytes) per tier as the resource profile's override file states them."""
+    services = yaml.safe_load(override_file("resources", profile, ROOT).read_text())["services"]
+    limits: dict[str, tuple[float, int]] = {}
+    for tier in TIERS:
+        entry = services[tier]
+        cores = float(entry["cpus"]) if "cpus" in entry else entry["cpu_quota"] / entry["cpu_period"]
+        number, unit = re.fullmatch(r"(\d+)([kmg])", str(entry["mem_limit"]).lower()).groups()  # type: ignore[union-attr]
+        limits[tier] = (cores, int(number) * _UNITS[unit])
+    return limits
+
+
+def kernel_limits(tier: TierName) -> tuple[float, int]:
+    """The container's CPU quota and memory limit, read from its cgroup files (v1 or v2)."""
+    name = f"tierlab_{tier}_1"
+    script = (
+        "if [ -f /sys/fs/cgroup/cpu.max ]; then cat /sys/fs/cgroup/cpu.max /sys/fs/cgroup/memory.max; else "
+        "cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us /sys/fs/cgroup/cpu/cpu.cfs_period_us "
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes; fi"
+    )
+    values = output(["docker", "exec", name, "sh", "-c", script]).split()
+    quota, period, memory = (values[0], values[1], values[2])
+    return int(quota) / int(period), int(memory)
+
+
+@pytest.fixture(scope="module")
+def models_dir() -> Path:
+    """Demo models under the project (pytest's own tmp folders are private to root; the tiers run as 10001)."""
+    folder = ROOT / ".local" / "system-test-models"
+    build_demo_mlp(folder, seed=7)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def docker() -> Iterator[None]:
+    try:
+        require_engine()
+    except ConfigError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(exc.message)
+        pytest.skip(exc.message)
+    state = read_state(ROOT)
+    if state is not None and not os.environ.get("CI"):
+        pytest.skip(f"a {state.get('runtime')} stack of yours is up ({ROOT}/.local/stack.json): `make down` first")
+    yield
+    DockerStack(StackSpec(), ROOT).down()
+
+
+def bring_up(models_dir: Path, profile: str, network: str) -> tuple[DockerStack, dict[str, Any]]:
+    spec = StackSpec(profile, network, models_dir, ("demo-mlp",), with_grafana=True)
+    stack = DockerStack(spec, ROOT)
+    return stack, stack.up(timeout_s=180)
+
+
+def wait_for_targets(prometheus: str, timeout_s: float = 30.0) -> dict[str, str]:
+    health: dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        code, body = http_json(f"{prometheus}/api/v1/targets")
+        if code == 200:
+            active = body["data"]["activeTargets"]
+            health = {t["labels"].get("tier", t["labels"]["job"]): t["health"] for t in active}
+            if set(TIERS) <= set(health) and all(h == "up" for h in health.values()):
+                return health
+        time.sleep(1)
+    return health
+
+
+def check_stack(state: dict[str, Any], profile: str, network: str, models_dir: Path) -> None:
+    urls = state["urls"]
+    for tier in TIERS:
+        code, status = http_json(f"{urls[tier]}/tierlab/status")
+        assert code == 200 and status["ready"], f"{tier}: {code} {status}"
+
+    expected = profile_limits(profile)
+    for tier in TIERS:
+        cores, memory = kernel_limits(tier)
+        assert cores == pytest.approx(expected[tier][0]), f"{tier} CPU quota"
+        assert memory == expected[tier][1], f"{tier} memory limit"
+        _, status = http_json(f"{urls[tier]}/tierlab/status")
+        assert status["limits"]["cpu_quota_cores"] == pytest.approx(cores)  # the tier reads the same back
+        assert status["limits"]["memory_limit_bytes"] == memory
+
+    configured = network_links(network, ROOT)
+    measured = measure_links(urls, pings=60)
+    assert {m.link for m in measured} == set(configured)
+    for m in measured:
+        assert m.configured == configured[m.link]
+        assert m.backend in ("netem", "tbf+userspace"), f"{m.link} is shaped by {m.backend}"
+        assert m.problems() == [], m.problems()
+
+    health = wait_for_targets(state["prometheus"])
+    assert set(TIERS) <= set(health) and set(health.values()) == {"up"}, health
+
+    x = np.random.default_rng(5).normal(size=(3, 64)).astype(np.float32)
+    reference = ort.InferenceSession(str(models_dir / "demo-mlp" / "identity" / "stage0.onnx"))
+    want = reference.run(None, {"x": x})[0]
+    answer = infer_over_http(urls["mobile"], "demo-mlp.partition3", x, placement="M-E-C")
+    np.testing.assert_allclose(answer.outputs["logits"], want, rtol=1e-5, atol=1e-5)
+    assert answer.parameters["hops"] == 3
+
+
+def test_stack_under_two_profiles_then_down_leaves_nothing(docker: None, models_dir: Path) -> None:
+    stack, state = bring_up(models_dir, "laptop", "lan")
+    check_stack(state, "laptop", "lan", models_dir)
+    laptop = {t: kernel_limits(t) for t in TIERS}
+
+    stack, state = bring_up(models_dir, "rpi4", "4g")
+    check_stack(state, "rpi4", "4g", models_dir)
+    rpi4 = {t: kernel_limits(t) for t in TIERS}
+    assert laptop != rpi4, "switching PROFILE changed nothing"
+    rtt = {m.link: m.rtt_ms_p50 for m in measure_links(state["urls"], pings=20)}
+    assert rtt["mobile-cloud"] > 50, "the 4g network profile is in force"
+
+    stack.down()
+    assert leftovers() == {"container": [], "network": [], "volume": []}
+    assert read_state(ROOT) is None

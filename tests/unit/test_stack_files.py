@@ -1,0 +1,133 @@
+"""The stack's files: compose overrides say what they stand for and parse to valid specs; the dashboard
+file is what its generator writes; image recipes are built from the pyproject's base dependencies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.contracts.errors import ConfigError
+from services.contracts.specs import LINKS, TIERS, LinkMeasurementSpec, LinkSpec
+from services.stack import dashboard
+from services.stack.cli import network_links
+from services.stack.compose import StackSpec, available, find_manifests, override_file, stack_deployment
+from services.stack.images import debootstrap_argv, image_requirements
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_compose_file_has_the_stack_and_one_network_per_link() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"mobile", "edge", "cloud", "prometheus", "grafana", "loadgen"} <= set(services)
+    assert set(LINKS) <= set(compose["networks"])
+    for tier in TIERS:
+        service = services[tier]
+        assert service["environment"]["TIERLAB_TIER"] == tier
+        assert all(p.startswith("127.0.0.1:") for p in service["ports"])
+        assert service["read_only"] and service["user"] != "0"
+        assert "/v2/health/ready" in " ".join(service["healthcheck"]["test"])
+    # two tiers share exactly the network of the link between them, so DNS picks the shaped interface
+    for link in LINKS:
+        a, b = link.split("-")
+        shared = set(services[a]["networks"]) & set(services[b]["networks"])
+        assert shared == {link}
+
+
+@pytest.mark.parametrize("name", available("resources", ROOT))
+def test_resource_profiles_limit_every_tier_and_say_what_they_stand_for(name: str) -> None:
+    path = override_file("resources", name, ROOT)
+    assert path.read_text().startswith("# Resource profile"), "the first comment says what hardware it models"
+    services = yaml.safe_load(path.read_text())["services"]
+    for tier in TIERS:
+        limits = services[tier]
+        assert "mem_limit" in limits
+        assert "cpus" in limits or ("cpu_quota" in limits and "cpu_period" in limits)
+
+
+@pytest.mark.parametrize("name", available("network", ROOT))
+def test_network_profiles_give_every_tier_the_same_valid_links(name: str) -> None:
+    path = override_file("network", name, ROOT)
+    assert path.read_text().startswith("# Network profile")
+    services = yaml.safe_load(path.read_text())["services"]
+    texts = {services[t]["environment"]["TIERLAB_LINKS"] for t in TIERS}
+    assert len(texts) == 1
+    links = network_links(name, ROOT)
+    assert set(links) <= set(LINKS)
+    assert all(isinstance(spec, LinkSpec) for spec in links.values())
+
+
+def test_paper_network_is_the_studies_links() -> None:
+    links = network_links("paper", ROOT)
+    assert links["mobile-edge"].rate_mbit == 200
+    assert links["edge-cloud"].rate_mbit == links["mobile-cloud"].rate_mbit == 1
+    assert not any(spec.delay_ms for spec in links.values())
+
+
+def test_unknown_profile_names_the_choices() -> None:
+    with pytest.raises(ConfigError, match=r"choose one of: .*laptop"):
+        StackSpec(profile="mainframe").compose_files(ROOT)
+
+
+def test_committed_dashboard_is_what_the_generator_writes() -> None:
+    committed = (ROOT / dashboard.DASHBOARD_PATH).read_text()
+    assert committed == dashboard.render(), "run `python -m services stack dashboard`"
+    panels = json.loads(committed)["panels"]
+    assert len(panels) == len(dashboard.PANELS)
+    assert all(t["datasource"]["uid"] == "tierlab-prometheus" for p in panels for t in p["targets"])
+
+
+def test_datasource_uid_matches_the_dashboard() -> None:
+    provisioning = yaml.safe_load((ROOT / "dashboards/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert provisioning["datasources"][0]["uid"] == dashboard.DATASOURCE["uid"]
+
+
+def test_image_installs_serving_dependencies_not_the_training_ones() -> None:
+    requirements = " ".join(image_requirements(ROOT / "pyproject.toml"))
+    assert "onnxruntime" in requirements and "fastapi" in requirements
+    assert "torch" not in requirements and "transformers" not in requirements
+
+
+def test_debootstrap_base_has_python_and_tc() -> None:
+    argv = debootstrap_argv(Path("/tmp/rootfs"), "http://mirror/debian")
+    assert argv[:2] == ["debootstrap", "--variant=minbase"]
+    included = argv[2].removeprefix("--include=").split(",")
+    assert {"python3", "python3-venv", "iproute2", "libcap2-bin"} <= set(included)
+    assert argv[-3:] == ["bookworm", "/tmp/rootfs", "http://mirror/debian"]
+
+
+def test_stack_deployment_reaches_peers_by_service_name(demo_root: Path) -> None:
+    manifests = find_manifests(demo_root, ("demo-mlp",))
+    deployment = stack_deployment(manifests)
+    assert deployment.models_dir == "/models"
+    assert deployment.tiers["edge"].base_url == "http://edge:8000"
+    with pytest.raises(ConfigError, match="make models"):
+        find_manifests(demo_root, ("no-such-subject",))
+
+
+def _measured(rtt_ms: float, goodput: float | None, **link: float) -> LinkMeasurementSpec:
+    return LinkMeasurementSpec(
+        link="mobile-edge",
+        sender="mobile",
+        backend="tbf+userspace",
+        configured=LinkSpec(**link),
+        rtt_ms_min=rtt_ms,
+        rtt_ms_p50=rtt_ms,
+        rtt_ms_p90=rtt_ms,
+        bulk_bytes=1,
+        goodput_mbit=goodput,
+    )
+
+
+def test_link_tolerance_is_ten_percent_or_one_millisecond() -> None:
+    assert _measured(40.9, 9.5, delay_ms=20, rate_mbit=10).problems() == []
+    assert _measured(0.9, None, delay_ms=0.1).problems() == []  # ±1 ms wins on a fast link
+    assert "RTT" in _measured(45.0, 9.5, delay_ms=20, rate_mbit=10).problems()[0]
+    assert "goodput" in _measured(40.0, 8.0, delay_ms=20, rate_mbit=10).problems()[0]
+    # goodput is compared with the TCP payload share of the rate, not the rate itself
+    assert _measured(40.0, 10.0 * 1448 / 1514, delay_ms=20, rate_mbit=10).expected_goodput_mbit == pytest.approx(
+        9.564, 1e-3
+    )
