@@ -43,6 +43,7 @@ from services.contracts.manifest import (
     verify_stage_files,
     write_manifest,
 )
+from services.contracts.samples import write_samples
 from services.contracts.variant import StageModel, write_variant
 
 WORK_DIR = "_work"
@@ -271,6 +272,8 @@ def build(
             continue
         reporter.step(f"{name}: loading data")
         work = SubjectBuild(subject, settings, root, reporter, subject.load(settings), code)
+        evaluation = work.split.evaluation.head(settings.evaluation_items)
+        write_samples(root / name, evaluation.inputs, evaluation.targets, {"subject": name, **work.split.record})
         for variant in wanted:
             if work.up_to_date(variant):
                 skipped.append(f"{name}.{variant}")
