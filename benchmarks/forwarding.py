@@ -21,8 +21,8 @@ import uvloop
 
 from benchmarks.overhead import RELAY_SIZES_BYTES, null_tier
 from services.contracts import codec
+from services.contracts.transport import Pool
 from services.local import free_ports
-from services.tier.forwarder import _Pool
 
 Post = Callable[[codec.Encoded], Awaitable[bytes]]
 
@@ -40,7 +40,7 @@ async def _time(post: Post, encoded: codec.Encoded, requests: int) -> float:
 
 async def measure(url: str, requests: int) -> dict[str, dict[str, float]]:
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    pool = _Pool(host, int(port))
+    pool = Pool(host, int(port))
 
     async def tierlab(encoded: codec.Encoded) -> bytes:
         head = (

@@ -25,7 +25,7 @@ from services.contracts.codec import InferRequest, InferResponse
 from services.contracts.errors import BadParameter, ConfigError, ModelNotFound, TensorMismatch, Unavailable
 from services.contracts.manifest import ManifestSpec, load_manifest, verify_stage_files
 from services.contracts.pipeline import HopTiming, PipelineRequest
-from services.contracts.specs import DeploymentSpec, Placement, TierName, placements_for
+from services.contracts.specs import TIERS, DeploymentSpec, Placement, TierName, placements_for
 from services.tier.forwarder import Forwarder
 from services.tier.runtime import StageSession, StagesResult, check_inputs, run_stages
 from services.tier.telemetry import TierTelemetry
@@ -172,6 +172,8 @@ class DataPlane:
         if first >= len(stage_tiers):
             raise BadParameter(f"stage {first} does not exist; '{model.name}' has {len(stage_tiers)} stages")
         if stage_tiers[first] != self.tier:
+            if first == 0 and control.hop == 0 and TIERS.index(self.tier) < TIERS.index(stage_tiers[0]):
+                return placement, stage_tiers, []  # relay: the device sends its input on, over the link
             raise BadParameter(
                 f"stage {first} of {model.strategy(placement)} runs on {stage_tiers[first]}, not {self.tier}: "
                 f"send the request to {stage_tiers[first]}"
@@ -191,11 +193,14 @@ class DataPlane:
         unknown = [o.name for o in request.outputs if o.name not in final_names]
         if unknown:
             raise TensorMismatch(f"unknown output(s) {unknown}; '{model.name}' gives {final_names}")
-        check_inputs(model.manifest.stages[local[0]].inputs, request.inputs)
+        check_inputs(model.manifest.stages[local[0] if local else 0].inputs, request.inputs)
 
         self.telemetry.inflight_now.inc()
         try:
-            result = await self._compute(model, local, request.inputs, control.exit_threshold, received_ns)
+            if local:
+                result = await self._compute(model, local, request.inputs, control.exit_threshold, received_ns)
+            else:
+                result = StagesResult(dict(request.inputs), -1, False, 0, 0)
             answered_here = result.exited or result.last_stage == len(stage_tiers) - 1
             if answered_here:
                 outputs, parameters = self._answer(model, result), {}
@@ -216,7 +221,7 @@ class DataPlane:
 
         hop = HopTiming(
             tier=self.tier,
-            first_stage=local[0],
+            first_stage=local[0] if local else -1,
             last_stage=result.last_stage,
             queue_ms=_ms(result.queue_ns),
             compute_ms=_ms(result.compute_ns),

@@ -107,6 +107,23 @@ def test_every_placement_gives_the_same_answer(
     assert tiers == list(dict.fromkeys(Placement.parse(placement).tiers))
 
 
+@pytest.mark.parametrize(("model", "placement"), [("identity", "C"), ("identity", "E")])
+def test_the_device_relays_its_input_over_the_link_to_the_first_stage(
+    stack: LocalStack,
+    reference_session: ort.InferenceSession,
+    sample_batch: np.ndarray,
+    model: str,
+    placement: str,
+) -> None:
+    """Sent to mobile (the device), a pipeline that starts elsewhere crosses the device's link first."""
+    expected = reference_session.run(None, {"x": sample_batch})[0]
+    answer = post(stack, "mobile", f"demo-mlp.{model}", sample_batch, placement=placement)
+    np.testing.assert_allclose(answer.outputs["logits"], expected, atol=1e-5)
+    hops = hops_from_parameters(answer.parameters)
+    assert [h.tier for h in hops] == ["mobile", *Placement.parse(placement).tiers]
+    assert hops[0].first_stage == -1 and hops[0].compute_ms == 0 and hops[0].bytes_out > 0
+
+
 def exit_head_confidence(demo_root: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     session = ort.InferenceSession(str(demo_root / "demo-mlp" / "early-exit" / "stage0.onnx"))
     exit_logits = session.run(["exit_logits"], {"x": x})[0]
