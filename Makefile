@@ -98,7 +98,7 @@ test-unit: $(STAMP) ## the unit ring only
 check: $(STAMP) ## lint, format check and types
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services operators benchmarks tests
+	$(VENV)/bin/mypy services operators loadgen benchmarks tests
 
 fmt: $(STAMP) ## format the code
 	$(VENV)/bin/ruff check --fix .

@@ -9,6 +9,7 @@ links between them. Specs are data; the things that realise them live in ``servi
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -222,3 +223,15 @@ class LinkMeasurementSpec(FrozenSpec):
                 f"{self.link}: goodput {measured:.1f} Mbit/s, expected {expected:.1f} ± {rate_tolerance_pct:g} %"
             )
         return found
+
+
+def network_profile_links(path: Path) -> dict[LinkName, LinkSpec]:
+    """The link conditions a network profile's compose override gives the tiers (its ``TIERLAB_LINKS``)."""
+    try:
+        document = yaml.safe_load(path.read_text())
+        text = document["services"]["mobile"]["environment"]["TIERLAB_LINKS"]
+        return {link: LinkSpec.model_validate(spec) for link, spec in json.loads(text).items()}
+    except OSError as exc:
+        raise ConfigError(f"cannot read network profile {path}: {exc.strerror}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"network profile {path} has no valid TIERLAB_LINKS: {exc}") from None

@@ -8,17 +8,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from services.contracts.errors import ConfigError
-from services.contracts.specs import LINK_SENDERS, TIERS, LinkMeasurementSpec, LinkSpec
+from services.contracts.specs import (
+    LINK_SENDERS,
+    TIERS,
+    LinkMeasurementSpec,
+    LinkName,
+    LinkSpec,
+    network_profile_links,
+)
 from services.stack.compose import (
     DEFAULT_SUBJECTS,
     DockerStack,
@@ -36,11 +40,9 @@ from services.stack.compose import (
 from services.stack.docker import output, project_root, run, say
 
 
-def network_links(name: str, root: Path) -> dict[str, LinkSpec]:
-    """The link conditions a network profile's override file gives the tiers (its ``TIERLAB_LINKS``)."""
-    document = yaml.safe_load(override_file("network", name, root).read_text())
-    text = document["services"]["mobile"]["environment"]["TIERLAB_LINKS"]
-    return {link: LinkSpec.model_validate(spec) for link, spec in json.loads(text).items()}
+def network_links(name: str, root: Path) -> dict[LinkName, LinkSpec]:
+    """The link conditions of network profile ``name`` (compose/network-<name>.yml)."""
+    return network_profile_links(override_file("network", name, root))
 
 
 def _spec(args: argparse.Namespace) -> StackSpec:
@@ -71,7 +73,7 @@ def _up_local(root: Path, spec: StackSpec) -> int:
     deployment = local_deployment(
         find_manifests(models_dir, spec.subjects),
         models_dir=str(models_dir),
-        links=links,  # type: ignore[arg-type]
+        links=links,
     )
     path = write_deployment(deployment, root / ".local" / "stack" / "deployment-local.yaml")
     stack = LocalStack(path, detach=True, log_dir=root / ".local" / "logs")

@@ -19,7 +19,6 @@ through an injectable runner and falls back on the errors it recognises, never c
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import math
 import random
@@ -31,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from services.contracts.clock import sleep_until
 from services.contracts.specs import LinkName, LinkSpec, TierName
 
 MTU_BYTES = 1500
@@ -38,8 +38,6 @@ MTU_BYTES = 1500
 _UNLIMITED_RATE_MBIT = 10_000.0
 _NETEM_DEFAULT_LIMIT_PACKETS = 1000
 _TBF_MAX_QUEUE_LATENCY_MS = 50.0
-# below this the event loop's timer cannot be trusted (epoll has 1 ms resolution); spin the rest
-_SPIN_WINDOW_S = 0.0015
 
 
 class LinkBackend(StrEnum):
@@ -257,19 +255,6 @@ def clear_links(states: Sequence[LinkState], run: CommandRunner = run_command) -
 
 
 # ------------------------------------------------------------------------------- userspace emulation
-
-
-async def sleep_until(deadline_s: float) -> None:
-    """Sleep until ``time.perf_counter() >= deadline_s``, sub-millisecond precise.
-
-    The event loop's timers overshoot by a few hundred microseconds (epoll's 1 ms resolution), so sleep
-    coarsely to just before the deadline, then yield to the loop until it passes.
-    """
-    remaining = deadline_s - time.perf_counter()
-    if remaining > _SPIN_WINDOW_S:
-        await asyncio.sleep(remaining - _SPIN_WINDOW_S)
-    while time.perf_counter() < deadline_s:
-        await asyncio.sleep(0)
 
 
 @dataclass

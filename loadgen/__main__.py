@@ -1,0 +1,256 @@
+"""``python -m loadgen``: run an experiment against the stack, remake its report, recommend a strategy.
+
+python -m loadgen run [--spec quick|default|FILE] [--resume latest|RUN_DIR]
+python -m loadgen report RUN_DIR
+python -m loadgen recommend [RUN_DIR] --p95-ms 20 --max-accuracy-drop 0.01
+python -m loadgen schema [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from loadgen.spec import SPECS_DIR, json_schema, load_spec
+from services.contracts.errors import ConfigError
+
+console = Console(stderr=True)
+SCHEMA_FILE = SPECS_DIR / "schema.json"
+
+
+class RunProgress:
+    """A bar for the experiment and one for the current run, with ETAs; plain lines when not on a terminal."""
+
+    def __init__(self) -> None:
+        self.live = console.is_terminal
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), TimeRemainingColumn(), console=console)  # fmt: skip
+        self.total = self.done = 0
+        self.started = time.monotonic()
+        self.experiment: Any = None
+        self.run: Any = None
+
+    def start(self, total: int, done: int) -> None:
+        self.total, self.done = total, done
+        if self.live:
+            self.bars.start()
+            self.experiment = self.bars.add_task("experiment", total=total, completed=done)
+        elif done:
+            console.print(f"resuming: {done} of {total} runs already finished")
+
+    def begin_run(self, key: str, max_samples: int, done: int) -> None:
+        if self.live:
+            if self.run is not None:
+                self.bars.remove_task(self.run)
+            self.run = self.bars.add_task(key, total=max_samples, completed=done)
+
+    def sample(self) -> None:
+        if self.live:
+            self.bars.advance(self.run)
+
+    def end_run(self, info: dict[str, Any]) -> None:
+        self.done += 1
+        if self.live:
+            self.bars.advance(self.experiment)
+        else:
+            elapsed = time.monotonic() - self.started
+            console.print(f"[{self.done}/{self.total}] {info['run']}: n={info['n']} errors={info['errors']} "
+                          f"({info['stop_reason']}), {elapsed:.0f} s elapsed")  # fmt: skip
+
+    def stop(self) -> None:
+        if self.live:
+            self.bars.stop()
+
+
+def _latest(results: Path) -> Path:
+    folders = sorted((p for p in results.glob("*") if (p / "spec.yaml").exists()), key=lambda p: p.stat().st_mtime)
+    if not folders:
+        raise ConfigError(f"no experiments in {results}/: run `make bench` first")
+    return folders[-1]
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from loadgen.runner import Experiment, execute, plan_experiment, start_folder
+    from loadgen.target import Stack
+    from loadgen.telemetry import LoadgenTelemetry, docker_bridge_address
+
+    results = Path(args.results)
+    if args.resume:
+        folder = _latest(results) if args.resume == "latest" else Path(args.resume)
+        spec = load_spec(str(folder / "spec.yaml"))
+    else:
+        spec = load_spec(args.spec)
+        folder = start_folder(results, spec, args.run_id)
+    stack = Stack.from_state(Path(args.state))
+    if spec.resources and stack.state.get("profile") != spec.resources:
+        raise ConfigError(f"spec '{spec.name}' wants resources '{spec.resources}'; the stack is up with "
+                          f"'{stack.state.get('profile')}' (make up PROFILE={spec.resources})")  # fmt: skip
+    plan = plan_experiment(spec, stack, Path(args.models))
+    for skipped in plan.skipped:
+        console.print(f"skipped: {skipped}")
+    if not plan.runs:
+        raise ConfigError("nothing to run: no selected strategy is served by the stack")
+    telemetry = LoadgenTelemetry()
+    docker = stack.runtime == "docker"
+    bridge = docker_bridge_address() if docker else None
+    url = telemetry.serve(bridge or "127.0.0.1", args.metrics_port,
+                          Path(args.state).parent / "stack" / "targets" if bridge else None,
+                          "host.docker.internal" if bridge else None)  # fmt: skip
+    console.print(f"experiment {folder.name}: {len(plan.runs)} runs on the {stack.runtime} stack; "
+                  f"records in {folder}/records.csv; metrics at {url}")  # fmt: skip
+    experiment = Experiment(spec, stack, folder, models_dir=Path(args.models), telemetry=telemetry,
+                            say=console.print)  # fmt: skip
+    progress = RunProgress()
+    signal.signal(signal.SIGTERM, _interrupted)
+    started = time.monotonic()
+    try:
+        execute(experiment, plan, progress)
+    except KeyboardInterrupt:
+        progress.stop()
+        console.print(f"interrupted: what was answered is in {folder}/records.csv; "
+                      f"continue with: python -m loadgen run --resume {folder}")  # fmt: skip
+        return 130
+    finally:
+        progress.stop()
+        telemetry.close()
+    console.print(f"runs finished in {time.monotonic() - started:.0f} s")
+    return _report(folder, print_table=True)
+
+
+def _report(folder: Path, *, print_table: bool) -> int:
+    try:
+        from loadgen.report import write_report
+        from loadgen.summary import summarise
+    except ImportError as exc:
+        console.print(f"records are in {folder}; the report needs the host's `report` extra ({exc.name})")
+        return 0
+    from loadgen.records import read_records
+    from loadgen.runner import write_json
+
+    records = read_records(folder)
+    if not records:
+        raise ConfigError(f"{folder} has no records")
+    summary = summarise(records, folder.name)
+    write_json(folder / "summary.json", summary)
+    bundle = json.loads((folder / "bundle.json").read_text()) if (folder / "bundle.json").exists() else {}
+    path = write_report(folder, summary, records, bundle)
+    if print_table:
+        print_ranking(summary)
+    console.print(f"summary: {folder / 'summary.json'}\nreport:  {path}")
+    return 0
+
+
+def print_ranking(summary: dict[str, Any], per_tier: int = 3) -> None:
+    """Per subject/scenario/network: the fastest strategies on each tier and among the splits."""
+    out = Console(width=None if console.is_terminal else 140)
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for e in summary["strategies"]:
+        if not e["network"].startswith("sweep:"):
+            groups.setdefault((e["subject"], e["scenario"], e["network"]), []).append(e)
+    for (subject, scenario, network), entries in groups.items():
+        table = Table(title=f"{subject} · {scenario} · network {network}", title_justify="left")
+        for column in ("tier", "rank", "strategy", "p50 ms", "p95 ms [95 % CI]", "accuracy", "exit rate", "errors"):
+            table.add_column(column)
+        for tier in ("M", "E", "C", "split"):
+            ranked = sorted(
+                (e for e in entries if (e["placement"] == tier) or (tier == "split" and "-" in e["placement"])),
+                key=lambda e: e["latency_ms"].get("p95", float("inf")),
+            )
+            for rank, e in enumerate(ranked[:per_tier], 1):
+                lat, acc = e["latency_ms"], e.get("accuracy")
+                table.add_row(
+                    tier if rank == 1 else "", str(rank), e["strategy"].removeprefix(f"{subject}."),
+                    f"{lat.get('p50', 0):.2f}",
+                    f"{lat.get('p95', 0):.2f} [{lat.get('p95_low', 0):.2f}–{lat.get('p95_high', 0):.2f}]",
+                    f"{acc['value']:.3f}" if acc else "–", f"{e['exit_rate']:.2f}" if e.get("exit_rate") else "–",
+                    str(e["errors"]),
+                )  # fmt: skip
+        out.print(table)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    folder = _latest(Path(args.results)) if args.folder == "latest" else Path(args.folder)
+    return _report(folder, print_table=args.table)
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from loadgen.recommend import explain, recommend
+
+    folder = _latest(Path(args.results)) if args.folder == "latest" else Path(args.folder)
+    path = folder / "summary.json"
+    if not path.exists():
+        _report(folder, print_table=False)
+    summary = json.loads(path.read_text())
+    verdicts = recommend(summary, p95_ms=args.p95_ms, max_accuracy_drop=args.max_accuracy_drop,
+                         subject=args.subject, scenario=args.scenario, network=args.network)  # fmt: skip
+    if not verdicts:
+        raise ConfigError(f"{folder} has no runs matching the filters")
+    for verdict in verdicts:
+        for line in explain(verdict):
+            print(line)
+    return 0 if all(v.chosen for v in verdicts) else 1
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if args.write:
+        SCHEMA_FILE.write_text(text)
+        print(f"wrote {SCHEMA_FILE}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadgen", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run an experiment against the stack `make up` started")
+    run.add_argument("--spec", default="default", help="built-in spec name (default, quick) or a YAML path")
+    run.add_argument("--resume", help="continue an interrupted experiment: its folder, or 'latest'")
+    run.add_argument("--run-id", help="folder name under --results (default: time + spec name)")
+    run.add_argument("--results", default="results")
+    run.add_argument("--models", default="models")
+    run.add_argument("--state", default=".local/stack.json", help="the stack's state file (make up writes it)")
+    run.add_argument("--metrics-port", type=int, default=0, help="the loadgen's /metrics port (0: any free)")
+    run.set_defaults(handler=cmd_run)
+    report = commands.add_parser("report", help="remake summary.json and report.html from the records")
+    report.add_argument("folder", nargs="?", default="latest")
+    report.add_argument("--results", default="results")
+    report.add_argument("--table", action="store_true", help="also print the ranking table")
+    report.set_defaults(handler=cmd_report)
+    rec = commands.add_parser("recommend", help="which strategy meets a latency budget and an accuracy floor")
+    rec.add_argument("folder", nargs="?", default="latest")
+    rec.add_argument("--results", default="results")
+    rec.add_argument("--p95-ms", type=float, required=True)
+    rec.add_argument("--max-accuracy-drop", type=float, default=0.01, help="below identity, in points (0.01 = 1)")
+    rec.add_argument("--subject")
+    rec.add_argument("--scenario")
+    rec.add_argument("--network")
+    rec.set_defaults(handler=cmd_recommend)
+    schema = commands.add_parser("schema", help="print (or --write) the experiment spec's JSON Schema")
+    schema.add_argument("--write", action="store_true")
+    schema.set_defaults(handler=cmd_schema)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        console.print(f"tierlab loadgen: {exc.message}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The traffic pattern, apart from the system under test (MLPerf LoadGen's split): when each request is
+due, how many are in flight, and when to stop. Coordinated-omission safe: every request carries its
+*intended* send time and latency is measured from it, so a stalled server or a late client shows up
+as latency, and the schedule lag (actual − intended start) is recorded beside it.
+
+- ``single-stream``: one at a time; the next is due when the previous answers (closed loop).
+- ``offline``: ``concurrency`` closed loops at once (maximum throughput).
+- ``server``: Poisson arrivals at ``rate_rps`` (open loop: due times never wait for answers).
+- ``burst``: ``burst_size`` requests due at once every ``burst_interval_s`` (open loop).
+
+The clock is injected (``Clock``), so tests drive the whole engine in virtual time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from loadgen.spec import ScenarioSpec, StoppingSpec
+from loadgen.stats import percentile_ci
+from services.contracts.clock import sleep_until
+
+_NS = 1_000_000_000
+
+
+class Clock(Protocol):
+    def now_ns(self) -> int: ...
+
+    async def sleep_until_ns(self, deadline_ns: int) -> None: ...
+
+
+class RealClock:
+    def now_ns(self) -> int:
+        return time.perf_counter_ns()
+
+    async def sleep_until_ns(self, deadline_ns: int) -> None:
+        await sleep_until(deadline_ns / _NS)
+
+
+@dataclass(frozen=True, slots=True)
+class Issue:
+    """One request the schedule asks for: its sequence number and when it is due."""
+
+    seq: int
+    intended_ns: int
+
+
+# the system under test: sends request ``Issue`` and returns its end time (ns) when the answer is in
+Send = Callable[[Issue, int], Awaitable[int]]
+
+
+def open_loop_offsets_ns(scenario: ScenarioSpec, rng: np.random.Generator) -> Iterator[int]:
+    """Due times, relative to the run's start, of an open-loop scenario (never waits for answers)."""
+    if scenario.kind == "server":
+        assert scenario.rate_rps is not None
+        t = 0.0
+        while True:
+            t += rng.exponential(1.0 / scenario.rate_rps)
+            yield int(t * _NS)
+    elif scenario.kind == "burst":
+        k = 0
+        while True:
+            for _ in range(scenario.burst_size):
+                yield int(k * scenario.burst_interval_s * _NS)
+            k += 1
+    else:
+        raise ValueError(f"{scenario.kind} is a closed-loop scenario")
+
+
+@dataclass
+class StopRule:
+    """Decides after each answer whether the run has enough (see ``StoppingSpec``)."""
+
+    spec: StoppingSpec
+    started_ns: int
+    latencies_ms: list[float] = field(default_factory=list)
+    reason: str = ""
+    _next_check: int = 0
+
+    def add(self, latency_ms: float) -> None:
+        self.latencies_ms.append(latency_ms)
+
+    def done(self, now_ns: int) -> bool:
+        n = len(self.latencies_ms)
+        if n >= self.spec.max_samples:
+            self.reason = f"max_samples ({self.spec.max_samples})"
+        elif (now_ns - self.started_ns) / _NS >= self.spec.max_duration_s and n >= min(self.spec.min_samples, 10):
+            self.reason = f"max_duration_s ({self.spec.max_duration_s:g} s)"
+        elif n >= max(self.spec.min_samples, self._next_check):
+            self._next_check = n + self.spec.check_every
+            samples = np.asarray(self.latencies_ms)
+            narrow = True
+            for q in (50.0, 95.0):
+                estimate, low, high = percentile_ci(samples, q, resamples=200, seed=n)
+                narrow &= (high - low) / 2 <= self.spec.ci_rel_width * estimate
+            if narrow:
+                self.reason = f"p50 and p95 95 % CIs within ±{self.spec.ci_rel_width:.0%}"
+        return bool(self.reason)
+
+
+async def drive(
+    scenario: ScenarioSpec,
+    send: Send,
+    stop: StopRule,
+    clock: Clock,
+    *,
+    seed: int = 0,
+    max_inflight: int = 512,
+) -> int:
+    """Run the scenario until ``stop`` says enough; returns how many requests were issued.
+
+    ``send(issue, started_ns)`` is called with the intended time in ``issue`` and the actual start; it
+    returns the end time. Open-loop requests beyond ``max_inflight`` wait for a slot, and the wait is
+    latency (it counts from the intended time), never dropped.
+    """
+    start_ns = clock.now_ns()
+    issued = 0
+
+    async def one(issue: Issue) -> None:
+        started = clock.now_ns()
+        ended = await send(issue, started)
+        stop.add((ended - issue.intended_ns) / 1e6)
+
+    if scenario.kind in ("single-stream", "offline"):
+        workers = 1 if scenario.kind == "single-stream" else scenario.concurrency
+
+        async def loop() -> None:
+            nonlocal issued
+            while not stop.done(clock.now_ns()):
+                issue = Issue(issued, clock.now_ns())
+                issued += 1
+                await one(issue)
+
+        await asyncio.gather(*(loop() for _ in range(workers)))
+        return issued
+
+    slots = asyncio.Semaphore(max_inflight)
+    pending: set[asyncio.Task[None]] = set()
+
+    async def held(issue: Issue) -> None:
+        async with slots:
+            await one(issue)
+
+    for offset in open_loop_offsets_ns(scenario, np.random.default_rng(seed)):
+        due = start_ns + offset
+        await clock.sleep_until_ns(due)
+        if stop.done(clock.now_ns()):
+            break
+        task = asyncio.create_task(held(Issue(issued, due)))
+        issued += 1
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.gather(*pending)
+    return issued

@@ -1,0 +1,87 @@
+"""Which strategy for this constraint: from a results folder's ``summary.json``, the strategies whose p95
+latency is within the budget and whose accuracy is within the allowed drop of the identity variant
+(the unmodified model, measured in the same experiment), best first, with runner-ups and why the
+others were ruled out."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Verdict:
+    subject: str
+    scenario: str
+    network: str
+    baseline_accuracy: float | None
+    chosen: list[dict[str, Any]]
+    ruled_out: list[tuple[str, str]]
+
+
+def recommend(
+    summary: dict[str, Any],
+    *,
+    p95_ms: float,
+    max_accuracy_drop: float,
+    subject: str | None = None,
+    scenario: str | None = None,
+    network: str | None = None,
+) -> list[Verdict]:
+    """One verdict per (subject, scenario, network) group; ``max_accuracy_drop`` in points (0.01 = 1 point)."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for e in summary["strategies"]:
+        if e["network"].startswith("sweep:"):
+            continue
+        if (subject and e["subject"] != subject) or (scenario and e["scenario"] != scenario):
+            continue
+        if network and e["network"] != network:
+            continue
+        groups.setdefault((e["subject"], e["scenario"], e["network"]), []).append(e)
+    verdicts = []
+    for (subj, scen, net), entries in groups.items():
+        identity = [e["accuracy"]["value"] for e in entries if e["variant"] == "identity" and e.get("accuracy")]
+        baseline = max(identity) if identity else None
+        chosen, ruled_out = [], []
+        for e in entries:
+            p95 = e["latency_ms"].get("p95", math.inf)
+            accuracy = e["accuracy"]["value"] if e.get("accuracy") else None
+            if e["error_rate"] > 0.01:
+                ruled_out.append((e["strategy"], f"{e['error_rate']:.0%} of requests failed"))
+            elif p95 > p95_ms:
+                ruled_out.append((e["strategy"], f"p95 {p95:.1f} ms > {p95_ms:g} ms"))
+            elif baseline is not None and accuracy is not None and baseline - accuracy > max_accuracy_drop:
+                ruled_out.append(
+                    (e["strategy"], f"accuracy {accuracy:.3f} is {baseline - accuracy:.3f} below identity")
+                )
+            else:
+                chosen.append(e)
+        # fastest tail first; among equally fast (CIs overlap), the more accurate
+        chosen.sort(key=lambda e: (e["latency_ms"]["p95"], -(e.get("accuracy") or {}).get("value", 0.0)))
+        verdicts.append(Verdict(subj, scen, net, baseline, chosen, sorted(ruled_out)))
+    return verdicts
+
+
+def explain(verdict: Verdict, *, runner_ups: int = 3) -> list[str]:
+    head = f"{verdict.subject} · {verdict.scenario} · network {verdict.network}"
+    if not verdict.chosen:
+        return [f"{head}: no strategy meets the constraint; closest misses:",
+                *(f"  {s}: {why}" for s, why in verdict.ruled_out[:5])]  # fmt: skip
+
+    def line(e: dict[str, Any]) -> str:
+        acc = e.get("accuracy")
+        accuracy = f"{acc['metric']} {acc['value']:.3f} [{acc['low']:.3f}–{acc['high']:.3f}]" if acc else "no accuracy"
+        lat = e["latency_ms"]
+        return (f"{e['strategy']}: p95 {lat['p95']:.2f} ms [{lat['p95_low']:.2f}–{lat['p95_high']:.2f}], "
+                f"p50 {lat['p50']:.2f} ms, {accuracy}")  # fmt: skip
+
+    best = verdict.chosen[0]
+    lines = [f"{head}: use {line(best)}"]
+    for e in verdict.chosen[1 : 1 + runner_ups]:
+        overlap = e["latency_ms"]["p95_low"] <= best["latency_ms"]["p95_high"]
+        lines.append(f"  runner-up {line(e)}" + ("  (p95 CI overlaps the winner's)" if overlap else ""))
+    lines.append(
+        f"  {len(verdict.ruled_out)} ruled out, e.g. " + "; ".join(f"{s}: {w}" for s, w in verdict.ruled_out[:3])
+    )
+    return lines

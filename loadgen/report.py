@@ -1,0 +1,244 @@
+"""``report.html``: one self-contained page (plotly.js inlined, opens offline) with the plots and the
+statistics of an experiment, made from ``summary.json`` and ``records.csv``.
+
+Plots: latency CDFs per strategy, accuracy vs p95 latency with the Pareto front, per-hop stacked bars
+(compute / queue per tier, transfer per link, the rest), per-tier bars like the studies' tables, and the
+bandwidth heatmap of a sweep. Tables: every strategy with CIs; Kruskal-Wallis + Dunn/Holm + Cliff's δ;
+McNemar against identity, with the effect sizes in words.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loadgen.records import by_run
+from loadgen.runner import SWEEP_PREFIX
+from loadgen.stats import pareto_front
+
+REPORT_FILE = "report.html"
+
+
+def _figure_html(figure: Any, first: bool) -> str:
+    return str(figure.to_html(full_html=False, include_plotlyjs=first, config={"responsive": True}))
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _strategy_table(entries: list[dict[str, Any]]) -> str:
+    head = ("strategy", "scenario", "network", "n", "p50 ms [95 % CI]", "p95 ms [95 % CI]", "p99 ms",
+            "accuracy [95 % CI]", "exit rate", "errors", "req/s")  # fmt: skip
+    rows = []
+    for e in sorted(entries, key=lambda e: (e["network"], e["scenario"], e["latency_ms"].get("p50", math.inf))):
+        lat, acc = e["latency_ms"], e.get("accuracy")
+        accuracy = f"{acc['value']:.3f} [{acc['low']:.3f}–{acc['high']:.3f}] {acc['metric']}" if acc else "–"
+        rows.append([
+            e["strategy"], e["scenario"], e["network"], e["n"],
+            f"{_fmt(lat.get('p50'))} [{_fmt(lat.get('p50_low'))}–{_fmt(lat.get('p50_high'))}]",
+            f"{_fmt(lat.get('p95'))} [{_fmt(lat.get('p95_low'))}–{_fmt(lat.get('p95_high'))}]",
+            _fmt(lat.get("p99")), accuracy, _fmt(e.get("exit_rate")), e["errors"], _fmt(e.get("throughput_rps"), 1),
+        ])  # fmt: skip
+    return _table(head, rows)
+
+
+def _table(head: tuple[str, ...], rows: list[list[Any]]) -> str:
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c) if not isinstance(c, str) else html.escape(c)}</td>" for c in r)
+                   + "</tr>" for r in rows)  # fmt: skip
+    return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _error_bars(values: list[float], lows: list[float], highs: list[float]) -> dict[str, Any]:
+    return {
+        "type": "data",
+        "symmetric": False,
+        "array": [h - v for v, h in zip(values, highs, strict=True)],
+        "arrayminus": [v - lo for v, lo in zip(values, lows, strict=True)],
+    }
+
+
+class _Figures:
+    """The page's figures in order; plotly.js is inlined once, with the first."""
+
+    def __init__(self) -> None:
+        import plotly.graph_objects as go
+
+        self.go = go
+        self.sections: list[str] = []
+
+    def add(self, title: str, figure: Any, note: str = "") -> None:
+        figure.update_layout(title=title, template="plotly_white", height=520, margin={"t": 60})
+        body = _figure_html(figure, first=not self.sections)
+        self.sections.append(f"<section class='figure'>{body}<p class='note'>{html.escape(note)}</p></section>")
+
+    def group(self, label: str, group: list[dict[str, Any]], grouped: dict[str, list[dict[str, Any]]]) -> None:
+        go = self.go
+        by_speed = sorted(group, key=lambda e: e["latency_ms"].get("p50", math.inf))
+        cdf = go.Figure()
+        for e in by_speed:
+            values = np.sort([r["latency_ms"] for r in grouped[e["run"]] if r["status"] == 200])
+            if len(values):
+                fraction = np.arange(1, len(values) + 1) / len(values)
+                cdf.add_trace(go.Scatter(x=values, y=fraction, mode="lines", name=e["strategy"]))
+        cdf.update_xaxes(title="end-to-end latency (ms, from intended send time)", type="log")
+        cdf.update_yaxes(title="fraction of requests")
+        self.add(f"Latency CDF — {label}", cdf)
+
+        judged = [e for e in group if e.get("accuracy") and "p95" in e["latency_ms"]]
+        if judged:
+            self.pareto(label, judged)
+
+        bars = go.Figure()
+        for part in sorted({k for e in group for k in e["breakdown_ms"]}):
+            y = [e["breakdown_ms"].get(part, 0) for e in by_speed]
+            bars.add_trace(go.Bar(x=[e["strategy"] for e in by_speed], y=y, name=part))
+        bars.update_layout(barmode="stack")
+        bars.update_yaxes(title="mean ms per request")
+        note = "Transfer of a link = the sender's send time minus the receiver's time in tier."
+        self.add(f"Where the time goes, per hop — {label}", bars, note)
+
+        tiers = go.Figure()
+        for placement in sorted({e["placement"] for e in group}, key=lambda p: (len(p), p)):
+            pts = [e for e in group if e["placement"] == placement]
+            lat = [e["latency_ms"] for e in pts]
+            bars_error = _error_bars([x.get("p50", 0) for x in lat], [x.get("p50_low", 0) for x in lat],
+                                     [x.get("p50_high", 0) for x in lat])  # fmt: skip
+            y = [x.get("p50") for x in lat]
+            tiers.add_trace(go.Bar(x=[e["variant"] for e in pts], y=y, name=placement, error_y=bars_error))
+        tiers.update_layout(barmode="group")
+        tiers.update_yaxes(title="p50 latency (ms)", type="log")
+        self.add(f"Operators on each tier and split — {label}", tiers, "Like the studies' tables: a bar per placement.")
+
+    def pareto(self, label: str, judged: list[dict[str, Any]]) -> None:
+        go = self.go
+        front = set(pareto_front([(e["strategy"], e["latency_ms"]["p95"], e["accuracy"]["value"]) for e in judged]))
+        scatter = go.Figure()
+        for on_front in (False, True):
+            pts = [e for e in judged if (e["strategy"] in front) == on_front]
+            acc = [e["accuracy"] for e in pts]
+            errors = _error_bars([a["value"] for a in acc], [a["low"] for a in acc], [a["high"] for a in acc])
+            scatter.add_trace(go.Scatter(
+                x=[e["latency_ms"]["p95"] for e in pts], y=[a["value"] for a in acc], error_y=errors,
+                mode="markers", text=[e["strategy"] for e in pts], name="Pareto front" if on_front else "dominated",
+                marker={"size": 11 if on_front else 7},
+            ))  # fmt: skip
+        ordered = sorted((e for e in judged if e["strategy"] in front), key=lambda e: e["latency_ms"]["p95"])
+        x, y = [e["latency_ms"]["p95"] for e in ordered], [e["accuracy"]["value"] for e in ordered]
+        scatter.add_trace(go.Scatter(x=x, y=y, mode="lines", name="front", line={"dash": "dot"}))
+        scatter.update_xaxes(title="p95 latency (ms)", type="log")
+        scatter.update_yaxes(title=judged[0]["accuracy"]["metric"])
+        self.add(
+            f"Accuracy vs latency — {label}", scatter, "Front: no other strategy is both faster and more accurate."
+        )
+
+    def sweep(self, sweep: dict[str, Any]) -> None:
+        go = self.go
+        rows = [f"{r:g}" for r in sweep["rows_rate_mbit"]]
+        columns = [f"{c:g}" for c in sweep["columns_rate_mbit"]]
+        names = sorted(sweep["p50_ms"])
+        best_index = [[names.index(s) for s in row] for row in sweep["best"]]
+        heat = go.Figure(go.Heatmap(z=best_index, x=columns, y=rows, text=sweep["best"], texttemplate="%{text}",
+                                    colorscale="Viridis", showscale=False))  # fmt: skip
+        for figure in [heat]:
+            figure.update_xaxes(title="edge–cloud rate (Mbit/s)", type="category")
+            figure.update_yaxes(title="mobile–edge rate (Mbit/s)", type="category")
+        self.add("Fastest strategy (p50) at each bandwidth", heat)
+        for name in names:
+            grid = go.Figure(go.Heatmap(z=sweep["p50_ms"][name], x=columns, y=rows, colorbar={"title": "p50 ms"},
+                                        texttemplate="%{z:.1f}"))  # fmt: skip
+            grid.update_xaxes(title="edge–cloud rate (Mbit/s)", type="category")
+            grid.update_yaxes(title="mobile–edge rate (Mbit/s)", type="category")
+            self.add(f"p50 latency of {name} over the bandwidth grid", grid)
+
+
+def _tests_html(summary: dict[str, Any]) -> str:
+    parts = []
+    for c in summary["comparisons"]:
+        label = f"{c['subject']} · {c['scenario']} · network {c['network']}"
+        rows_lat = [[v["strategy"], v["p_holm"], v["cliffs_delta"], v["words"]] for v in c["vs_fastest"]]
+        rows_acc = [[v["strategy"], v["pairs"], v["only_identity_right"], v["only_this_right"], v["p"], v["words"]]
+                    for v in c["accuracy_vs_identity"]]  # fmt: skip
+        parts.append(
+            f"<h3>{html.escape(label)}</h3><p>Kruskal-Wallis across strategies: H = {_fmt(c['kruskal_h'])}, "
+            f"p = {c['kruskal_p']:.3g}. Fastest (median): <b>{html.escape(str(c.get('fastest', '–')))}</b>.</p>"
+            + _table(("strategy", "Dunn p (Holm)", "Cliff's δ", "in words"), rows_lat)
+            + "<p>Accuracy against identity on the same samples (exact McNemar):</p>"
+            + _table(("strategy", "pairs", "only identity right", "only this right", "p", "in words"), rows_acc)
+        )
+    return "\n".join(parts)
+
+
+FIDELITY_HEAD = ("network", "link", "backend", "RTT configured ms", "RTT measured p50 ms", "rate configured Mbit/s",
+                 "goodput measured Mbit/s")  # fmt: skip
+
+
+def build_report(summary: dict[str, Any], records: list[dict[str, Any]], bundle: dict[str, Any]) -> str:
+    grouped = dict(by_run(records))
+    entries = summary["strategies"]
+    figures = _Figures()
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for e in entries:
+        if not e["network"].startswith(SWEEP_PREFIX):
+            groups.setdefault((e["subject"], e["scenario"], e["network"]), []).append(e)
+    for (subject, scenario, network), group in groups.items():
+        figures.group(f"{subject} · {scenario} · network {network}", group, grouped)
+    if summary.get("sweep"):
+        figures.sweep(summary["sweep"])
+    fidelity_rows = [
+        [name, m["link"], m["backend"], m["configured"]["delay_ms"] * 2, m["rtt_ms_p50"],
+         m["configured"]["rate_mbit"] or "unlimited", m["goodput_mbit"]]
+        for name, info in bundle.get("networks", {}).items() for m in info["measured"]
+    ]  # fmt: skip
+    stack = bundle.get("stack", {})
+    meta = (
+        f"stack {stack.get('runtime')} · resources {stack.get('profile')} · onnxruntime "
+        f"{bundle.get('versions', {}).get('onnxruntime')} · python {bundle.get('python')} · kernel "
+        f"{bundle.get('kernel')} · commit {str(bundle.get('git_commit'))[:10]}"
+    )
+    return _PAGE.format(
+        title=html.escape(summary["run_id"]),
+        meta=html.escape(meta),
+        strategies=_strategy_table(entries),
+        figures="\n".join(figures.sections),
+        tests=_tests_html(summary),
+        fidelity=_table(FIDELITY_HEAD, fidelity_rows),
+    )
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tierlab — {title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; }}
+table {{ border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0 1.5rem; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: left; }}
+th {{ background: #f3f3f3; }} .note {{ color: #555; font-size: 0.85rem; }}
+section.figure {{ margin-bottom: 2rem; }}
+</style></head><body>
+<h1>tierlab experiment {title}</h1>
+<p class="note">{meta}</p>
+<h2>Strategies</h2>
+{strategies}
+<h2>Plots</h2>
+{figures}
+<h2>Statistics</h2>
+{tests}
+<h2>Link fidelity (measured through the request path)</h2>
+{fidelity}
+</body></html>
+"""
+
+
+def write_report(folder: Path, summary: dict[str, Any], records: list[dict[str, Any]], bundle: dict[str, Any]) -> Path:
+    path = folder / REPORT_FILE
+    path.write_text(build_report(summary, records, bundle))
+    return path

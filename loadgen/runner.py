@@ -1,0 +1,398 @@
+"""The experiment runner: plan the runs of a spec against the stack, drive each, record every request.
+
+An experiment writes ``results/<run-id>/``: ``spec.yaml``, ``bundle.json`` (what makes it reproducible:
+versions, kernel, git commit, seeds, stack and profiles, the link backend in force and each network's
+measured fidelity), ``records.csv`` (one row per request, as it comes) and ``runs.jsonl`` (one line per
+finished run). ``summary.json`` and ``report.html`` are made from the records at the end (and can be
+remade with ``python -m loadgen report``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import uvloop
+import yaml
+
+from loadgen.engine import Issue, RealClock, StopRule, drive
+from loadgen.records import RecordWriter, finished_runs, mark_finished, read_records
+from loadgen.spec import ExperimentSpec, ScenarioSpec, StoppingSpec
+from loadgen.target import Answer, Stack
+from loadgen.telemetry import LoadgenTelemetry
+from services.contracts import pipeline as p
+from services.contracts.errors import BadParameter, ConfigError
+from services.contracts.manifest import ManifestSpec, load_manifest
+from services.contracts.samples import SampleSet, load_samples
+from services.contracts.specs import LinkName, LinkSpec, network_profile_links
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SWEEP_PREFIX = "sweep:"
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    subject: str
+    model: str
+    variant: str
+    placement: str
+    scenario: ScenarioSpec
+    network: str
+    stopping: StoppingSpec
+    warmup: int
+
+    @property
+    def strategy(self) -> str:
+        return f"{self.model}@{self.placement}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.strategy}|{self.scenario.name}|{self.network}"
+
+
+@dataclass
+class Plan:
+    runs: list[RunPlan]
+    skipped: list[str] = field(default_factory=list)
+
+
+def network_links(name: str) -> dict[LinkName, LinkSpec]:
+    return network_profile_links(PROJECT_ROOT / "compose" / f"network-{name}.yml")
+
+
+def sweep_network(row_rate: float, column_rate: float) -> str:
+    return f"{SWEEP_PREFIX}{row_rate:g}x{column_rate:g}"
+
+
+def plan_experiment(spec: ExperimentSpec, stack: Stack, models_dir: Path) -> Plan:
+    """Every run the spec asks for that the stack can serve; what it cannot is listed, not silently dropped."""
+    plan = Plan([])
+    chosen: list[tuple[str, ManifestSpec, str]] = []
+    for selection in spec.selections:
+        folders = sorted(p.parent for p in (models_dir / selection.subject).glob("*/manifest.json"))
+        if not folders:
+            raise ConfigError(f"no built variants of {selection.subject} in {models_dir}: run `make models`")
+        built = {f.name: f for f in folders if not f.name.startswith("_")}
+        wanted = list(built) if selection.variants == "all" else selection.variants
+        for variant in wanted:
+            if variant not in built:
+                plan.skipped.append(f"{selection.subject}.{variant}: not built")
+                continue
+            manifest = load_manifest(built[variant])
+            served = stack.served_placements(manifest.name)
+            if served is None:
+                plan.skipped.append(f"{manifest.name}: not served by the stack (make up SUBJECTS=…)")
+                continue
+            placements = served if selection.placements == "all" else [p for p in selection.placements if p in served]
+            for placement in placements:
+                chosen.append((selection.subject, manifest, placement))
+    for network in spec.networks:
+        for scenario in spec.scenarios:
+            for subject, manifest, placement in chosen:
+                variant = manifest.name.split(".", 1)[1]
+                plan.runs.append(
+                    RunPlan(
+                        subject,
+                        manifest.name,
+                        variant,
+                        placement,
+                        scenario,
+                        network,
+                        spec.stopping,
+                        spec.warmup_requests,
+                    )
+                )
+    if spec.sweep is not None:
+        stopping = StoppingSpec(min_samples=spec.sweep.samples, max_samples=spec.sweep.samples, max_duration_s=60)
+        planned = {f"{m.name}@{pl}" for _, m, pl in chosen}
+        for row, column in spec.sweep.cells():
+            for strategy in spec.sweep.strategies:
+                model, _, placement = strategy.partition("@")
+                if strategy not in planned and placement not in (stack.served_placements(model) or []):
+                    plan.skipped.append(f"sweep {strategy}: not served")
+                    continue
+                subject, variant = model.split(".", 1)
+                plan.runs.append(
+                    RunPlan(
+                        subject,
+                        model,
+                        variant,
+                        placement,
+                        ScenarioSpec(kind="single-stream"),
+                        sweep_network(row, column),
+                        stopping,
+                        2,
+                    )
+                )
+    return plan
+
+
+def score(answer: Answer, output: str, target: np.ndarray) -> dict[str, Any]:
+    """Prediction and correctness (classification) or mean IoU over present classes (segmentation)."""
+    values = answer.outputs.get(output)
+    if values is None:
+        return {}
+    if target.ndim == 0:
+        prediction = int(np.argmax(values.reshape(-1)))
+        return {"prediction": prediction, "target": int(target), "correct": prediction == int(target)}
+    predicted = np.argmax(values[0], axis=0)
+    classes = np.union1d(np.unique(predicted), np.unique(target))
+    ious = [np.sum((predicted == c) & (target == c)) / np.sum((predicted == c) | (target == c)) for c in classes]
+    return {"score": round(float(np.mean(ious)), 5)}
+
+
+def hop_columns(parameters: dict[str, Any]) -> dict[str, Any]:
+    try:
+        hops = p.hops_from_parameters(parameters)
+    except BadParameter as exc:
+        return {"error": f"bad hop records: {exc.message}"}
+    columns: dict[str, Any] = {"hops": len(hops)}
+    for i, hop in enumerate(hops):
+        for key, value in (
+            hop.__dict__.items() if hasattr(hop, "__dict__") else ((k, getattr(hop, k)) for k in hop.__slots__)
+        ):
+            columns[f"hop{i}_{key}"] = value
+    return columns
+
+
+def environment_bundle(stack: Stack, spec: ExperimentSpec) -> dict[str, Any]:
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=PROJECT_ROOT, check=False, timeout=5
+            ).stdout.strip()
+            or None
+        )
+    except OSError:
+        commit = None
+    return {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "python": sys.version.split()[0],
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "versions": {k: version(k) for k in ("onnxruntime", "numpy", "fastapi", "uvicorn", "tierlab")},
+        "seed": spec.seed,
+        "stack": {k: stack.state.get(k) for k in ("runtime", "profile", "network", "images", "subjects")},
+        "tiers": {
+            t: {"limits": stack.status(t)["limits"], "onnxruntime": stack.status(t)["onnxruntime"]} for t in stack.urls
+        },
+        "networks": {},
+    }
+
+
+class Experiment:
+    def __init__(
+        self,
+        spec: ExperimentSpec,
+        stack: Stack,
+        folder: Path,
+        *,
+        models_dir: Path,
+        telemetry: LoadgenTelemetry | None = None,
+        say: Callable[[str], None] = print,
+    ) -> None:
+        self.spec, self.stack, self.folder, self.models_dir = spec, stack, folder, models_dir
+        self.telemetry = telemetry or LoadgenTelemetry()
+        self.say = say
+        self.samples: dict[str, SampleSet] = {}
+        self.orders: dict[str, np.ndarray] = {}
+        self.outputs: dict[str, str] = {}
+
+    def _samples(self, subject: str) -> SampleSet:
+        if subject not in self.samples:
+            self.samples[subject] = load_samples(self.models_dir / subject)
+            n = len(self.samples[subject])
+            # the same sample sequence for every run of a subject: accuracy comparisons are paired
+            self.orders[subject] = np.random.default_rng(self.spec.seed).permutation(n)
+        return self.samples[subject]
+
+    def _output(self, plan: RunPlan) -> str:
+        if plan.model not in self.outputs:
+            self.outputs[plan.model] = load_manifest(self.models_dir / plan.subject / plan.variant).outputs[0].name
+        return self.outputs[plan.model]
+
+    async def run_one(
+        self, plan: RunPlan, writer: RecordWriter, done_before: list[dict[str, Any]], on_sample: Callable[[], None]
+    ) -> dict[str, Any]:
+        samples, order, output = self._samples(plan.subject), self.orders[plan.subject], self._output(plan)
+        for k in range(plan.warmup if not done_before else 0):
+            sample_id = int(order[k % len(order)])
+            await self.stack.infer(
+                plan.model,
+                samples.item(sample_id),
+                placement=plan.placement,
+                request_id=f"warmup-{k}",
+                timeout_s=self.spec.request_timeout_s,
+            )
+        clock = RealClock()
+        stop = StopRule(plan.stopping, clock.now_ns())
+        for record in done_before:
+            stop.add(float(record["latency_ms"]))
+        first_seq = len(done_before)
+        labels = (plan.strategy, plan.scenario.name, plan.network)
+        errors = 0
+
+        async def send(issue: Issue, started_ns: int) -> int:
+            nonlocal errors
+            seq = first_seq + issue.seq
+            sample_id = int(order[seq % len(order)])
+            answer = await self.stack.infer(
+                plan.model,
+                samples.item(sample_id),
+                placement=plan.placement,
+                request_id=f"{seq}",
+                timeout_s=self.spec.request_timeout_s,
+            )
+            ended_ns = clock.now_ns()
+            latency_ms = (ended_ns - issue.intended_ns) / 1e6
+            lag_ms = (started_ns - issue.intended_ns) / 1e6
+            record: dict[str, Any] = {
+                "run": plan.key,
+                "subject": plan.subject,
+                "strategy": plan.strategy,
+                "variant": plan.variant,
+                "placement": plan.placement,
+                "scenario": plan.scenario.name,
+                "network": plan.network,
+                "seq": seq,
+                "sample_id": sample_id,
+                "intended_ms": round((issue.intended_ns - stop.started_ns) / 1e6, 4),
+                "start_ms": round((started_ns - stop.started_ns) / 1e6, 4),
+                "end_ms": round((ended_ns - stop.started_ns) / 1e6, 4),
+                "latency_ms": round(latency_ms, 4),
+                "service_ms": round((ended_ns - started_ns) / 1e6, 4),
+                "lag_ms": round(lag_ms, 4),
+                "status": answer.status,
+                "error": answer.error,
+                "bytes_out": answer.bytes_out,
+                "bytes_in": answer.bytes_in,
+            }
+            if answer.status == 200:
+                record.update(hop_columns(answer.parameters))
+                record["exit_stage"] = answer.parameters.get(p.EXIT_STAGE)
+                record["exited_early"] = answer.parameters.get(p.EXITED_EARLY)
+                record.update(score(answer, output, samples.targets[sample_id]))
+            else:
+                errors += 1
+            writer.write(record)
+            self.telemetry.observe(labels, latency_ms=latency_ms, lag_ms=lag_ms, status=answer.status)
+            on_sample()
+            return ended_ns
+
+        started = time.monotonic()
+        issued = await drive(plan.scenario, send, stop, clock, seed=self.spec.seed + first_seq)
+        return {
+            "run": plan.key,
+            "strategy": plan.strategy,
+            "scenario": plan.scenario.name,
+            "network": plan.network,
+            "n": len(stop.latencies_ms),
+            "issued": issued,
+            "errors": errors,
+            "stop_reason": stop.reason,
+            "duration_s": round(time.monotonic() - started, 3),
+        }
+
+    def apply_network(self, network: str, bundle: dict[str, Any], *, measure: bool) -> None:
+        if network.startswith(SWEEP_PREFIX):
+            assert self.spec.sweep is not None
+            row, column = (float(v) for v in network.removeprefix(SWEEP_PREFIX).split("x"))
+            base = network_links(self.spec.networks[0])
+            links = self.spec.sweep.links(base, row, column)
+        else:
+            links = network_links(network)
+        states = self.stack.shape(links)
+        if measure:
+            measured = self.stack.measure_links(pings=10, bulk_s=0.3)
+            bundle["networks"][network] = {
+                "links": {k: v.model_dump(mode="json") for k, v in links.items()},
+                "backends": sorted({s["backend"] for s in states}),
+                "notes": sorted({s["note"] for s in states if s["note"]}),
+                "measured": [m.model_dump(mode="json") for m in measured],
+                "problems": [problem for m in measured for problem in m.problems()],
+            }
+            for problem in bundle["networks"][network]["problems"]:
+                self.say(f"link fidelity: {problem}")
+
+
+def write_json(path: Path, document: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(document, indent=2, default=str))
+    tmp.replace(path)
+
+
+def start_folder(results: Path, spec: ExperimentSpec, run_id: str | None) -> Path:
+    run_id = run_id or f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{spec.name}"
+    folder = results / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    return folder
+
+
+def resume_state(folder: Path) -> tuple[set[str], dict[str, list[dict[str, Any]]]]:
+    finished = set(finished_runs(folder))
+    partial: dict[str, list[dict[str, Any]]] = {}
+    for record in read_records(folder):
+        if record["run"] not in finished:
+            partial.setdefault(record["run"], []).append(record)
+    return finished, partial
+
+
+def execute(experiment: Experiment, plan: Plan, progress: Any) -> None:
+    """Run every planned run not finished yet, network by network (re-shaping between them), on one
+    uvloop event loop (the connection pool to the stack lives as long as the experiment)."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_execute(experiment, plan, progress))
+
+
+async def _execute(experiment: Experiment, plan: Plan, progress: Any) -> None:
+    folder = experiment.folder
+    bundle_path = folder / "bundle.json"
+    bundle = (
+        json.loads(bundle_path.read_text())
+        if bundle_path.exists()
+        else environment_bundle(experiment.stack, experiment.spec)
+    )
+    bundle["skipped"] = plan.skipped
+    write_json(bundle_path, bundle)
+    finished, partial = resume_state(folder)
+    todo = [r for r in plan.runs if r.key not in finished]
+    progress.start(len(plan.runs), len(plan.runs) - len(todo))
+    writer = RecordWriter(folder)
+    current_network: str | None = None
+    try:
+        for run in todo:
+            if run.network != current_network:
+                experiment.apply_network(run.network, bundle, measure=not run.network.startswith(SWEEP_PREFIX))
+                write_json(bundle_path, bundle)
+                current_network = run.network
+            progress.begin_run(run.key, run.stopping.max_samples, len(partial.get(run.key, [])))
+            info = await experiment.run_one(run, writer, partial.get(run.key, []), progress.sample)
+            mark_finished(folder, info)
+            progress.end_run(info)
+    finally:
+        writer.close()
+        experiment.stack.close()
+        own = experiment.stack.state.get("network")
+        if current_network is not None and own and own != current_network:
+            experiment.stack.shape(network_links(str(own)))  # leave the stack as `make up` made it

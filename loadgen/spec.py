@@ -1,0 +1,137 @@
+"""The experiment spec: what to run (subjects × variants × placements × scenarios × networks), how long,
+with which seeds. YAML files in ``loadgen/specs/`` (``default``, ``quick``) or any path; validated here,
+with a JSON Schema (``loadgen/specs/schema.json``, ``python -m loadgen schema``) for editors.
+
+A run is one strategy × scenario × network condition. Networks are the stack's network profiles
+(``compose/network-<name>.yml``), applied to the running tiers between runs without a restart; a
+``sweep`` adds a grid of link rates (the studies' bandwidth grid) for a few strategies, shown as a heatmap.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from services.contracts.errors import ConfigError
+from services.contracts.manifest import FrozenSpec
+from services.contracts.specs import LinkName, LinkSpec
+
+SPECS_DIR = Path(__file__).parent / "specs"
+ScenarioKind = Literal["single-stream", "server", "offline", "burst"]
+
+
+class ScenarioSpec(FrozenSpec):
+    """A load pattern (MLPerf's names): one at a time, Poisson arrivals, max throughput, or bursts."""
+
+    kind: ScenarioKind
+    rate_rps: float | None = Field(default=None, gt=0, description="server: mean arrival rate")
+    concurrency: int = Field(default=4, ge=1, le=256, description="offline: requests kept in flight")
+    burst_size: int = Field(default=8, ge=1, le=1000, description="burst: requests sent at once")
+    burst_interval_s: float = Field(default=0.5, gt=0, description="burst: time between bursts")
+
+    @model_validator(mode="after")
+    def _rate_for_server(self) -> ScenarioSpec:
+        if self.kind == "server" and self.rate_rps is None:
+            raise ValueError("a server scenario needs rate_rps")
+        return self
+
+    @property
+    def name(self) -> str:
+        match self.kind:
+            case "server":
+                return f"server@{self.rate_rps:g}rps"
+            case "offline":
+                return f"offline@{self.concurrency}"
+            case "burst":
+                return f"burst{self.burst_size}/{self.burst_interval_s:g}s"
+            case _:
+                return self.kind
+
+
+class StoppingSpec(FrozenSpec):
+    """When a run has enough samples: at least ``min_samples``; then, checked every ``check_every``, once the
+    95 % bootstrap CIs of p50 and p95 are each narrower than ±``ci_rel_width`` of the estimate (like
+    MLPerf's early stopping, a statement about the percentile, not the mean); at most ``max_samples`` or
+    ``max_duration_s``."""
+
+    min_samples: int = Field(default=100, ge=10)
+    max_samples: int = Field(default=1000, ge=10)
+    max_duration_s: float = Field(default=30.0, gt=0)
+    ci_rel_width: float = Field(default=0.05, gt=0, lt=1)
+    check_every: int = Field(default=50, ge=10)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> StoppingSpec:
+        if self.max_samples < self.min_samples:
+            raise ValueError("max_samples must be at least min_samples")
+        return self
+
+
+class SelectionSpec(FrozenSpec):
+    subject: str
+    variants: list[str] | Literal["all"] = "all"
+    placements: list[str] | Literal["all"] = "all"
+
+
+class SweepSpec(FrozenSpec):
+    """A grid over two links' rates (rows × columns) for a few strategies; delay/jitter stay the network's."""
+
+    strategies: list[str] = Field(min_length=1, description="model@placement, e.g. fmnist-resnet.partition2@M-C")
+    rows_link: LinkName = "mobile-edge"
+    rows_rate_mbit: list[float] = Field(min_length=1)
+    columns_link: LinkName = "edge-cloud"
+    columns_rate_mbit: list[float] = Field(min_length=1)
+    samples: int = Field(default=30, ge=5, description="requests per cell and strategy (single-stream)")
+
+    def cells(self) -> list[tuple[float, float]]:
+        return list(itertools.product(self.rows_rate_mbit, self.columns_rate_mbit))
+
+    def links(self, base: dict[LinkName, LinkSpec], row_rate: float, column_rate: float) -> dict[LinkName, LinkSpec]:
+        changed = dict(base)
+        for link, rate in ((self.rows_link, row_rate), (self.columns_link, column_rate)):
+            changed[link] = (base.get(link) or LinkSpec()).model_copy(update={"rate_mbit": rate})
+        return changed
+
+
+class ExperimentSpec(FrozenSpec):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    description: str = ""
+    selections: list[SelectionSpec] = Field(min_length=1)
+    scenarios: list[ScenarioSpec] = Field(min_length=1)
+    networks: list[str] = Field(default_factory=lambda: ["lan"], min_length=1, description="network profiles")
+    resources: str | None = Field(default=None, description="the resource profile the stack must be up with")
+    warmup_requests: int = Field(default=10, ge=0)
+    stopping: StoppingSpec = StoppingSpec()
+    sweep: SweepSpec | None = None
+    seed: int = 0
+    request_timeout_s: float = Field(default=30.0, gt=0)
+
+
+def spec_path(name_or_path: str) -> Path:
+    """``quick`` → loadgen/specs/quick.yaml; anything with a slash or suffix is a path."""
+    if "/" in name_or_path or name_or_path.endswith((".yaml", ".yml")):
+        return Path(name_or_path)
+    return SPECS_DIR / f"{name_or_path}.yaml"
+
+
+def load_spec(name_or_path: str) -> ExperimentSpec:
+    path = spec_path(name_or_path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        known = ", ".join(sorted(p.stem for p in SPECS_DIR.glob("*.yaml")))
+        raise ConfigError(f"cannot read experiment spec {path}: {exc.strerror} (built-in specs: {known})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"experiment spec {path} is not valid YAML: {exc}") from None
+    try:
+        return ExperimentSpec.model_validate(document)
+    except ValidationError as exc:
+        raise ConfigError(f"experiment spec {path} is invalid:\n{exc}") from None
+
+
+def json_schema() -> dict[str, object]:
+    return ExperimentSpec.model_json_schema()

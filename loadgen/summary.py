@@ -1,0 +1,155 @@
+"""From records to verdicts: per-run summaries (latency percentiles with CIs, accuracy with CI, exit rate,
+errors, per-hop means) and, per group of comparable runs (subject × scenario × network), Kruskal-Wallis
+with Dunn/Holm and Cliff's δ against the fastest strategy, and exact McNemar against the identity
+variant on the same samples. Everything in ``summary.json`` is computed here from ``records.csv``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from loadgen import stats
+from loadgen.records import MAX_HOPS, by_run
+from loadgen.runner import SWEEP_PREFIX
+
+ALPHA = 0.05
+
+
+def _hop_breakdown(ok: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean ms per request: compute and queue by tier, transfer by link, and what is left (client, codec)."""
+    parts: dict[str, float] = defaultdict(float)
+    for r in ok:
+        hops = int(r.get("hops") or 0)
+        accounted = 0.0
+        for i in range(min(hops, MAX_HOPS)):
+            tier = r[f"hop{i}_tier"]
+            parts[f"compute {tier}"] += r[f"hop{i}_compute_ms"] or 0.0
+            parts[f"queue {tier}"] += r[f"hop{i}_queue_ms"] or 0.0
+            accounted += (r[f"hop{i}_compute_ms"] or 0.0) + (r[f"hop{i}_queue_ms"] or 0.0)
+            if i + 1 < hops:
+                transfer = (r[f"hop{i}_send_ms"] or 0.0) - (r[f"hop{i + 1}_total_ms"] or 0.0)
+                parts[f"transfer {tier}→{r[f'hop{i + 1}_tier']}"] += transfer
+                accounted += transfer
+        parts["client + serving overhead"] += r["latency_ms"] - accounted
+    return {k: round(v / len(ok), 4) for k, v in parts.items()} if ok else {}
+
+
+def summarise_run(records: list[dict[str, Any]]) -> dict[str, Any]:
+    first = records[0]
+    ok = [r for r in records if r["status"] == 200]
+    latencies = [r["latency_ms"] for r in ok]
+    span_s = (max(r["end_ms"] for r in records) - min(r["intended_ms"] for r in records)) / 1e3
+    entry: dict[str, Any] = {
+        key: first[key] for key in ("run", "subject", "strategy", "variant", "placement", "scenario", "network")
+    }
+    entry.update(
+        n=len(records),
+        errors=len(records) - len(ok),
+        error_rate=round((len(records) - len(ok)) / len(records), 4),
+        latency_ms=stats.latency_summary(latencies),
+        lag_ms_p99=round(float(np.percentile([r["lag_ms"] for r in records], 99)), 4),
+        throughput_rps=round(len(ok) / span_s, 3) if span_s > 0 else None,
+        exit_rate=round(sum(1 for r in ok if r.get("exited_early")) / len(ok), 4) if ok else None,
+        bytes_out_mean=round(float(np.mean([r["bytes_out"] for r in records])), 1),
+        breakdown_ms=_hop_breakdown(ok),
+    )
+    judged = [r for r in ok if r.get("correct") is not None]
+    if judged:
+        value, low, high = stats.wilson(sum(bool(r["correct"]) for r in judged), len(judged))
+        entry["accuracy"] = {"metric": "accuracy", "value": value, "low": low, "high": high, "n": len(judged)}
+    scored = [r["score"] for r in ok if r.get("score") is not None]
+    if scored:
+        mean, low, high = _mean_ci(scored)
+        entry["accuracy"] = {"metric": "mIoU", "value": mean, "low": low, "high": high, "n": len(scored)}
+    return entry
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float, float]:
+    array = np.asarray(values)
+    boot = np.random.default_rng(0).choice(array, size=(1000, len(array))).mean(axis=1)
+    return float(array.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
+
+
+def _paired(records: list[dict[str, Any]]) -> dict[int, bool]:
+    first: dict[int, bool] = {}
+    for r in records:
+        if r["status"] == 200 and r.get("correct") is not None:
+            first.setdefault(int(r["sample_id"]), bool(r["correct"]))
+    return first
+
+
+def compare_group(entries: list[dict[str, Any]], records: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    latencies = {e["strategy"]: [r["latency_ms"] for r in records[e["run"]] if r["status"] == 200] for e in entries}
+    latencies = {k: v for k, v in latencies.items() if v}
+    h, p_value = stats.kruskal(latencies)
+    result: dict[str, Any] = {"kruskal_h": h, "kruskal_p": p_value, "vs_fastest": [], "accuracy_vs_identity": []}
+    if len(latencies) >= 2:
+        fastest = min(latencies, key=lambda k: float(np.median(latencies[k])))
+        dunn = stats.dunn_holm(latencies)
+        result["fastest"] = fastest
+        for strategy, values in latencies.items():
+            if strategy == fastest:
+                continue
+            delta = stats.cliffs_delta(values, latencies[fastest])
+            p_holm = dunn.get((strategy, fastest), math.nan)
+            words = (f"{stats.delta_words(delta)} effect (δ = {delta:+.2f}), slower than {fastest}"
+                     if p_holm < ALPHA else f"not distinguishable from {fastest} (p = {p_holm:.2g})")  # fmt: skip
+            result["vs_fastest"].append({"strategy": strategy, "p_holm": p_holm, "cliffs_delta": delta, "words": words})
+    identity = next((e for e in entries if e["variant"] == "identity"), None)
+    if identity is not None:
+        base = _paired(records[identity["run"]])
+        for e in entries:
+            if e["variant"] == "identity":
+                continue
+            other = _paired(records[e["run"]])
+            shared = sorted(set(base) & set(other))
+            if not shared:
+                continue
+            only_base, only_other, p_mc = stats.mcnemar_exact([base[i] for i in shared], [other[i] for i in shared])
+            diff = (only_other - only_base) / len(shared) * 100
+            if p_mc < ALPHA:
+                words = f"{abs(diff):.1f} points {'better' if diff > 0 else 'worse'} than identity (p = {p_mc:.2g})"
+            else:
+                words = f"no significant accuracy difference from identity (p = {p_mc:.2g})"
+            result["accuracy_vs_identity"].append(
+                {"strategy": e["strategy"], "pairs": len(shared), "only_identity_right": only_base,
+                 "only_this_right": only_other, "p": p_mc, "words": words}
+            )  # fmt: skip
+    return result
+
+
+def summarise(records: list[dict[str, Any]], run_id: str) -> dict[str, Any]:
+    grouped = dict(by_run(records))
+    entries = [summarise_run(rs) for rs in grouped.values()]
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for e in entries:
+        if not e["network"].startswith(SWEEP_PREFIX):
+            groups[(e["subject"], e["scenario"], e["network"])].append(e)
+    comparisons = [
+        {"subject": s, "scenario": sc, "network": n, **compare_group(es, grouped)} for (s, sc, n), es in groups.items()
+    ]
+    return {"run_id": run_id, "strategies": entries, "comparisons": comparisons, "sweep": _sweep(entries)}
+
+
+def _sweep(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    cells = [e for e in entries if e["network"].startswith(SWEEP_PREFIX)]
+    if not cells:
+        return None
+    rates = [tuple(float(v) for v in e["network"].removeprefix(SWEEP_PREFIX).split("x")) for e in cells]
+    rows, columns = sorted({r for r, _ in rates}), sorted({c for _, c in rates})
+    strategies = sorted({e["strategy"] for e in cells})
+    p50 = {s: [[math.nan] * len(columns) for _ in rows] for s in strategies}
+    for e, (row, column) in zip(cells, rates, strict=True):
+        p50[e["strategy"]][rows.index(row)][columns.index(column)] = e["latency_ms"].get("p50", math.nan)
+    best = [
+        [min(strategies, key=lambda s: _nan_last(p50[s][i][j])) for j in range(len(columns))] for i in range(len(rows))
+    ]
+    return {"rows_rate_mbit": rows, "columns_rate_mbit": columns, "p50_ms": p50, "best": best}
+
+
+def _nan_last(value: float) -> float:
+    return math.inf if math.isnan(value) else value

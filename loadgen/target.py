@@ -1,0 +1,158 @@
+"""The system under test, as the loadgen sees it: the tiers of a running stack.
+
+Requests enter at the mobile tier (the device): a placement that starts on edge or cloud is relayed by
+the device over its link, as the input would travel. The stack is found from ``.local/stack.json``
+(written by ``make up``, Docker or local); control calls re-shape and probe links between runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from services.contracts import codec
+from services.contracts import pipeline as p
+from services.contracts.errors import ConfigError, MalformedBody
+from services.contracts.specs import LINK_SENDERS, TIERS, LinkMeasurementSpec, LinkName, LinkSpec, TierName
+from services.contracts.transport import Pool
+
+STATE_FILE = Path(".local/stack.json")
+
+
+def control(url: str, *, method: str = "GET", body: Any = None, timeout_s: float = 30.0) -> tuple[int, Any]:
+    """A JSON control call to a tier; (0, reason) when nothing answers."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            return reply.status, json.loads(reply.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw or b"null")
+        except ValueError:
+            return exc.code, raw.decode(errors="replace")
+    except (OSError, ValueError) as exc:
+        return 0, str(exc)
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    outputs: dict[str, np.ndarray]
+    parameters: dict[str, Any]
+    error: str
+    bytes_out: int
+    bytes_in: int
+
+
+class Stack:
+    """The running tiers: where to send, how to re-shape and measure links, what they serve."""
+
+    def __init__(self, urls: dict[TierName, str], state: dict[str, Any]) -> None:
+        self.urls = urls
+        self.state = state
+        entry = urlsplit(urls["mobile"])
+        self.pool = Pool(entry.hostname or "127.0.0.1", entry.port or 80)
+
+    @classmethod
+    def from_state(cls, path: Path = STATE_FILE) -> Stack:
+        try:
+            state = json.loads(path.read_text())
+        except OSError:
+            raise ConfigError(f"no stack is up ({path} is missing): run `make up` first") from None
+        urls = {t: state["urls"][t] for t in TIERS}
+        stack = cls(urls, state)
+        stack.check_ready()
+        return stack
+
+    @property
+    def runtime(self) -> str:
+        return str(self.state.get("runtime", "unknown"))
+
+    def check_ready(self) -> None:
+        for tier in TIERS:
+            code, body = control(f"{self.urls[tier]}/v2/health/ready", timeout_s=5)
+            if code != 200:
+                raise ConfigError(f"{tier} at {self.urls[tier]} is not ready ({code}: {body}); see `make status`")
+
+    def status(self, tier: TierName) -> dict[str, Any]:
+        code, body = control(f"{self.urls[tier]}/tierlab/status")
+        if code != 200:
+            raise ConfigError(f"{tier} status failed: {code} {body}")
+        return dict(body)
+
+    def served_placements(self, model: str) -> list[str] | None:
+        """The placements the stack serves ``model`` under; None when it does not serve it."""
+        code, body = control(f"{self.urls['mobile']}/v2/models/{model}")
+        if code != 200:
+            return None
+        return str(body["parameters"]["placements"]).split(",")
+
+    def shape(self, links: dict[LinkName, LinkSpec]) -> list[dict[str, Any]]:
+        """Apply link conditions to every tier (no restart); returns the link states the tiers report."""
+        body = {name: spec.model_dump(mode="json") for name, spec in links.items()}
+        states = []
+        for tier in TIERS:
+            code, reply = control(f"{self.urls[tier]}/tierlab/links", method="PUT", body=body)
+            if code != 200:
+                raise ConfigError(f"{tier} refused the link conditions: {code} {reply}")
+            states += reply["links"]
+        return states
+
+    def measure_links(self, pings: int = 20, bulk_s: float = 0.5) -> list[LinkMeasurementSpec]:
+        measured = []
+        for sender, peer in LINK_SENDERS.values():
+            code, body = control(
+                f"{self.urls[sender]}/tierlab/probe",
+                method="POST",
+                body={"peer": peer, "pings": pings, "bulk_s": bulk_s},
+                timeout_s=300,
+            )
+            if code != 200:
+                raise ConfigError(f"{sender} could not probe its link to {peer}: {code} {body}")
+            measured.append(LinkMeasurementSpec.model_validate(body))
+        return measured
+
+    async def infer(
+        self, model: str, inputs: dict[str, np.ndarray], *, placement: str, request_id: str, timeout_s: float
+    ) -> Answer:
+        """One request; a failure of any kind is an answer with a status and an error, never an exception."""
+        encoded = codec.encode_request(inputs, parameters={p.PLACEMENT: placement, p.REQUEST_ID: request_id})
+        head = "".join(
+            [
+                f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {self.pool.host}:{self.pool.port}\r\n",
+                *(f"{k}: {v}\r\n" for k, v in encoded.http_headers().items()),
+                f"Content-Length: {encoded.size_bytes}\r\n\r\n",
+            ]
+        ).encode("latin-1")
+        try:
+            async with asyncio.timeout(timeout_s):
+                reply = await self.pool.request(head, encoded.chunks)
+        except TimeoutError:
+            return Answer(0, {}, {}, f"no answer within {timeout_s:g} s", encoded.size_bytes, 0)
+        except OSError as exc:
+            return Answer(0, {}, {}, f"connection failed: {exc}", encoded.size_bytes, 0)
+        if reply.status != 200:
+            try:
+                message = str(json.loads(reply.body).get("error", reply.body[:200]))
+            except ValueError:
+                message = reply.body[:200].decode(errors="replace")
+            return Answer(reply.status, {}, {}, message, encoded.size_bytes, len(reply.body))
+        try:
+            header = codec.parse_header_length(reply.headers.get(codec.HEADER_LENGTH_HTTP_HEADER.lower()))
+            response = codec.decode_response(reply.body, header)
+        except MalformedBody as exc:
+            return Answer(reply.status, {}, {}, f"malformed answer: {exc.message}", encoded.size_bytes, 0)
+        return Answer(200, response.outputs, dict(response.parameters), "", encoded.size_bytes, len(reply.body))
+
+    def close(self) -> None:
+        self.pool.close()
