@@ -20,11 +20,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from loadgen.spec import SPECS_DIR, json_schema, load_spec
+from loadgen.spec import SCHEMA_FILE_NAME, SPECS_DIR, json_schema, load_spec
 from services.contracts.errors import ConfigError
 
 console = Console(stderr=True)
-SCHEMA_FILE = SPECS_DIR / "schema.json"
+SCHEMA_FILE = SPECS_DIR / SCHEMA_FILE_NAME
 
 
 class RunProgress:

@@ -21,6 +21,7 @@ from services.contracts.manifest import FrozenSpec
 from services.contracts.specs import LinkName, LinkSpec
 
 SPECS_DIR = Path(__file__).parent / "specs"
+SCHEMA_FILE_NAME = "schema.json"
 ScenarioKind = Literal["single-stream", "server", "offline", "burst"]
 
 

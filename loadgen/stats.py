@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 PERCENTILES = (50.0, 90.0, 95.0, 99.0)
+Values = Sequence[float] | np.ndarray
 _Z95 = 1.959963984540054
 
 
@@ -31,7 +32,7 @@ def percentile_ci(
     return estimate, float(np.percentile(boot, tail)), float(np.percentile(boot, 100 - tail))
 
 
-def latency_summary(samples_ms: Sequence[float], *, seed: int = 0) -> dict[str, float]:
+def latency_summary(samples_ms: Values, *, seed: int = 0) -> dict[str, float]:
     """p50/p90/p95/p99 with 95 % CIs, mean and max, in milliseconds."""
     values = np.asarray(samples_ms, dtype=np.float64)
     out: dict[str, float] = {"n": float(len(values))}
@@ -57,7 +58,7 @@ def wilson(successes: int, n: int) -> tuple[float, float, float]:
     return p, max(0.0, centre - half), min(1.0, centre + half)
 
 
-def cliffs_delta(a: Sequence[float], b: Sequence[float]) -> float:
+def cliffs_delta(a: Values, b: Values) -> float:
     """P(a > b) − P(a < b) over all pairs: +1 when every ``a`` is larger (slower)."""
     x, y = np.sort(np.asarray(a, dtype=np.float64)), np.sort(np.asarray(b, dtype=np.float64))
     if not len(x) or not len(y):
@@ -81,7 +82,7 @@ def delta_words(delta: float) -> str:
     return "large"
 
 
-def kruskal(groups: Mapping[str, Sequence[float]]) -> tuple[float, float]:
+def kruskal(groups: Mapping[str, Values]) -> tuple[float, float]:
     """Kruskal-Wallis H and p across the groups (at least two with data)."""
     from scipy import stats
 
@@ -92,7 +93,7 @@ def kruskal(groups: Mapping[str, Sequence[float]]) -> tuple[float, float]:
     return float(result.statistic), float(result.pvalue)
 
 
-def dunn_holm(groups: Mapping[str, Sequence[float]]) -> dict[tuple[str, str], float]:
+def dunn_holm(groups: Mapping[str, Values]) -> dict[tuple[str, str], float]:
     """Dunn's post-hoc p-values for every pair, Holm-adjusted (scikit-posthocs)."""
     import scikit_posthocs as sp
 

@@ -151,7 +151,7 @@ class Stack:
             header = codec.parse_header_length(reply.headers.get(codec.HEADER_LENGTH_HTTP_HEADER.lower()))
             response = codec.decode_response(reply.body, header)
         except MalformedBody as exc:
-            return Answer(reply.status, {}, {}, f"malformed answer: {exc.message}", encoded.size_bytes, 0)
+            return Answer(0, {}, {}, f"malformed answer: {exc.message}", encoded.size_bytes, len(reply.body))
         return Answer(200, response.outputs, dict(response.parameters), "", encoded.size_bytes, len(reply.body))
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ import os
 import shutil
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from operators.build import build
+from operators.subjects import TINY
 from services.contracts import codec
 from services.contracts.manifest import ManifestSpec, load_manifest
 from services.contracts.specs import TIERS, LinkName, LinkSpec, TierName
@@ -128,3 +131,34 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+TEST_SETTINGS = replace(
+    TINY,
+    profile="test",
+    train_items=4000,
+    finetune_items=1000,
+    distill_items=600,
+    head_train_items=600,
+    calibration_items=64,
+    evaluation_items=300,
+    fashion_limit=3000,
+)
+
+
+@pytest.fixture(scope="session")
+def built_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every fmnist-resnet variant and some of the other subjects, built on small budgets (~2.5 min),
+    shared by the operator ring and the bench's integration run."""
+    root = tmp_path_factory.mktemp("models")
+    build(root, TEST_SETTINGS, subjects=["fmnist-resnet"])
+    build(
+        root, TEST_SETTINGS, subjects=["fmnist-seg"], variants=["identity", "partition2", "partition3", "sptq", "prune"]
+    )
+    build(
+        root,
+        TEST_SETTINGS,
+        subjects=["fortunes-minilm"],
+        variants=["identity", "partition2", "partition3", "early-exit"],
+    )
+    return root

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
+from loadgen.telemetry import LoadgenTelemetry
 from services.contracts.specs import TIERS, LinkMeasurementSpec
 from services.demo import local_deployment, write_deployment
 from services.local import LocalStack, free_ports
@@ -55,7 +56,7 @@ def prometheus_config(stack: LocalStack, targets_dir: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def prometheus(tiers: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def prometheus_server(tiers: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     binary = require_tool("prometheus")
     folder = tmp_path_factory.mktemp("prometheus")
     (folder / "targets").mkdir()
@@ -74,10 +75,15 @@ def prometheus(tiers: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> I
             if http_json(f"{url}/-/ready")[0] == 200:
                 break
             time.sleep(0.1)
-        yield url
+        yield url, folder / "targets"
     finally:
         process.terminate()
         process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def prometheus(prometheus_server: tuple[str, Path]) -> str:
+    return prometheus_server[0]
 
 
 def test_promtool_accepts_the_shipped_config() -> None:
@@ -115,6 +121,31 @@ def test_every_dashboard_query_returns_data_from_real_tiers(
         for query in panel.queries:
             expr = query.expr.replace(dashboard.RATE, "1m")
             assert _query(prometheus, expr), f"panel '{panel.title}': no data for {expr}"
+
+
+def test_loadgen_panels_get_data_from_a_running_loadgen(prometheus_server: tuple[str, Path]) -> None:
+    """The loadgen registers itself through file_sd (as with the stack) and its panels fill."""
+    prometheus, targets = prometheus_server
+    telemetry = LoadgenTelemetry()
+    telemetry.serve("127.0.0.1", 0, targets)
+    try:
+        for latency_ms in (2.0, 3.0, 50.0):
+            telemetry.observe(("demo-mlp.identity@M", "single-stream", "lan"), latency_ms=latency_ms, lag_ms=0.1,
+                              status=200)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not _query(prometheus, 'up{job="loadgen"} == 1'):
+            time.sleep(0.5)
+        for latency_ms in (4.0, 5.0):
+            telemetry.observe(("demo-mlp.identity@M", "single-stream", "lan"), latency_ms=latency_ms, lag_ms=0.1,
+                              status=200)  # fmt: skip
+        time.sleep(3 * SCRAPE_INTERVAL_S)
+        for panel in (p for p in dashboard.PANELS if p.needs_loadgen):
+            for query in panel.queries:
+                expr = query.expr.replace(dashboard.RATE, "1m")
+                assert _query(prometheus, expr), f"panel '{panel.title}': no data for {expr}"
+    finally:
+        telemetry.close()
+    assert not (targets / "loadgen.json").exists(), "the loadgen unregisters when it stops"
 
 
 def test_dashboard_json_has_a_query_for_each_promised_view() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,7 +27,7 @@ from operators.byo import byo
 from operators.data import Samples
 from operators.evaluate import cascade, load_stages, trace
 from operators.onnxgraph import find_cuts, infer, split_stages
-from operators.subjects import SUBJECTS, TINY
+from operators.subjects import SUBJECTS
 from operators.training import export_onnx
 from operators.variants import VARIANTS
 from services.contracts import codec
@@ -36,38 +35,16 @@ from services.contracts.manifest import ManifestSpec, load_manifest, verify_stag
 from services.contracts.specs import TIERS
 from services.demo import local_deployment, write_deployment
 from services.local import free_ports
-from tests.conftest import serve_in_process
+from tests.conftest import TEST_SETTINGS, serve_in_process
 
-TEST_SETTINGS = replace(
-    TINY,
-    profile="test",
-    train_items=4000,
-    finetune_items=1000,
-    distill_items=600,
-    head_train_items=600,
-    calibration_items=64,
-    evaluation_items=300,
-    fashion_limit=3000,
-)
 # QAT retrains the model, so it is held to the accuracy bound only
 AGREEMENT = {"sptq": 0.9, "dynq": 0.9, "qat": 0.0, "prune": 0.8}
 MAX_DROP = {"sptq": 0.05, "dynq": 0.05, "qat": 0.05, "prune": 0.10}
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    build(root, TEST_SETTINGS, subjects=["fmnist-resnet"])
-    build(
-        root, TEST_SETTINGS, subjects=["fmnist-seg"], variants=["identity", "partition2", "partition3", "sptq", "prune"]
-    )
-    build(
-        root,
-        TEST_SETTINGS,
-        subjects=["fortunes-minilm"],
-        variants=["identity", "partition2", "partition3", "early-exit"],
-    )
-    return root
+def models(built_models: Path) -> Path:
+    return built_models
 
 
 def manifests(models: Path) -> dict[str, tuple[Path, ManifestSpec]]:

@@ -1,0 +1,154 @@
+"""The bench end to end on local tier processes (no Docker): the `quick` spec against variants built
+in the test ring, a report whose numbers match the records and that renders in headless Chromium,
+a recommendation, and a killed experiment resumed without losing a written record."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from loadgen.__main__ import main as loadgen_main
+from loadgen.records import read_records
+from services.contracts.specs import TIERS, network_profile_links
+from services.demo import local_deployment, write_deployment
+from services.local import LocalStack, free_ports
+from tests.conftest import require_tool
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK_VARIANTS = ("identity", "partition2", "sptq", "early-exit")
+
+
+@pytest.fixture(scope="module")
+def stack_state(built_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    folder = tmp_path_factory.mktemp("bench")
+    ports = dict(zip(TIERS, free_ports(3), strict=True))
+    deployment = local_deployment(
+        [f"fmnist-resnet/{v}/manifest.json" for v in QUICK_VARIANTS],
+        models_dir=str(built_models),
+        ports=ports,
+        links=network_profile_links(ROOT / "compose" / "network-lan.yml"),
+    )
+    with LocalStack(write_deployment(deployment, folder / "deployment.yaml"), log_dir=folder / "logs") as stack:
+        state = folder / "stack.json"
+        state.write_text(json.dumps({**stack.state(), "network": "lan", "profile": None}))
+        yield state
+
+
+def run_loadgen(*args: str) -> int:
+    return loadgen_main(list(args))
+
+
+def test_quick_spec_report_matches_its_records_and_renders(
+    stack_state: Path, built_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = tmp_path / "results"
+    code = run_loadgen("run", "--spec", "quick", "--state", str(stack_state), "--models", str(built_models),
+                       "--results", str(results), "--run-id", "it")  # fmt: skip
+    assert code == 0
+    folder = results / "it"
+    for name in ("spec.yaml", "bundle.json", "records.csv", "runs.jsonl", "summary.json", "report.html"):
+        assert (folder / name).is_file(), name
+    printed = capsys.readouterr().out
+    assert "fmnist-resnet · single-stream · network lan" in printed and "identity@" in printed
+
+    records = read_records(folder)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert len(summary["strategies"]) == 16  # 4 variants × 5 placements, minus 1-stage splits
+    for entry in summary["strategies"]:
+        rows = [r for r in records if r["run"] == entry["run"]]
+        ok = [r for r in rows if r["status"] == 200]
+        assert entry["n"] == len(rows) and entry["errors"] == len(rows) - len(ok) == 0
+        assert entry["latency_ms"]["p50"] == pytest.approx(np.percentile([r["latency_ms"] for r in ok], 50), abs=1e-3)
+        assert entry["accuracy"]["value"] == pytest.approx(np.mean([r["correct"] for r in ok]))
+        assert entry["latency_ms"]["p50_low"] <= entry["latency_ms"]["p50"] <= entry["latency_ms"]["p50_high"]
+        for r in ok:  # every record has its per-hop breakdown and a latency from the intended time
+            assert r["hops"] >= 1 and r["hop0_tier"] == "mobile"
+            assert r["latency_ms"] >= r["service_ms"] > 0
+        if entry["placement"] in ("E", "C"):  # the device relays the input over its link
+            assert all(r["hops"] == 2 and r["hop0_first_stage"] == -1 for r in ok)
+    exits = [e for e in summary["strategies"] if e["variant"] == "early-exit"]
+    assert all(0 < e["exit_rate"] < 1 for e in exits)
+
+    bundle = json.loads((folder / "bundle.json").read_text())
+    assert bundle["networks"]["lan"]["backends"] == ["userspace"]
+    assert {m["link"] for m in bundle["networks"]["lan"]["measured"]} == {"mobile-edge", "edge-cloud", "mobile-cloud"}
+    assert bundle["versions"]["onnxruntime"] and bundle["seed"] == 1
+
+    figures = 4  # one group: CDF, accuracy-latency, per-hop, per-tier
+    dom, errors = render_in_chromium(folder / "report.html", tmp_path)
+    assert dom.count('class="plotly-graph-div js-plotly-plot"') == figures
+    assert dom.count('class="main-svg"') >= figures
+    assert errors == []
+
+    assert run_loadgen("recommend", str(folder), "--p95-ms", "1000", "--max-accuracy-drop", "0.05") == 0
+    assert "use fmnist-resnet." in capsys.readouterr().out
+
+
+def render_in_chromium(page: Path, scratch: Path) -> tuple[str, list[str]]:
+    """The DOM after the page's scripts ran, and every console error Chromium logged."""
+    chromium = require_tool("chromium")
+    done = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={scratch / 'chromium'}", "--enable-logging=stderr", "--v=0",
+         "--virtual-time-budget=15000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    return done.stdout, errors
+
+
+def _rows(path: Path) -> list[list[str]]:
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    header = rows[0]
+    return [r for r in rows[1:] if len(r) == len(header)]
+
+
+def test_a_killed_experiment_resumes_without_losing_records(
+    stack_state: Path, built_models: Path, tmp_path: Path
+) -> None:
+    spec = yaml.safe_load((ROOT / "loadgen" / "specs" / "quick.yaml").read_text())
+    spec["stopping"] = {"min_samples": 40, "max_samples": 40, "max_duration_s": 30, "check_every": 20}
+    spec["selections"][0]["variants"] = ["identity", "sptq"]
+    spec["selections"][0]["placements"] = ["M", "E"]
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    results = tmp_path / "results"
+    base = [sys.executable, "-m", "loadgen", "run", "--state", str(stack_state), "--models", str(built_models),
+            "--results", str(results)]  # fmt: skip
+    records = results / "killed" / "records.csv"
+    process = subprocess.Popen([*base, "--spec", str(spec_file), "--run-id", "killed"], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not records.exists() or len(_rows(records)) < 60):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)  # no clean-up, no flush beyond what was written
+    process.wait()
+    before = _rows(records)
+    assert 60 <= len(before) < 160, "killed mid-experiment"
+
+    done = subprocess.run([*base, "--resume", str(results / "killed")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = _rows(records)
+    assert after[: len(before)] == before, "every record written before the kill is still there"
+    keys = [(r[0], r[7]) for r in after]  # (run, seq)
+    assert len(keys) == len(set(keys)), "no request recorded twice"
+    runs = [json.loads(line)["run"] for line in (results / "killed" / "runs.jsonl").read_text().splitlines()]
+    assert len(runs) == len(set(runs)) == 4
+    per_run = {run: sum(1 for r in after if r[0] == run) for run in runs}
+    assert all(n == 40 for n in per_run.values()), per_run
+    assert (results / "killed" / "report.html").exists()
