@@ -66,9 +66,10 @@ async def loadgen_run(port: int, rate_rps: float, duration_s: float, folder: Pat
         ended = clock.now_ns()
         lag_ms, latency_ms = (started_ns - issue.intended_ns) / 1e6, (ended - issue.intended_ns) / 1e6
         lags.append(lag_ms)
-        writer.write({"run": labels[1], "strategy": labels[0], "seq": issue.seq, "intended_ms": issue.intended_ns / 1e6,
-                      "start_ms": started_ns / 1e6, "end_ms": ended / 1e6, "latency_ms": latency_ms,
-                      "lag_ms": lag_ms, "status": reply.status, "bytes_out": size, "bytes_in": len(reply.body)})  # fmt: skip
+        record = {"run": labels[1], "strategy": labels[0], "seq": issue.seq, "intended_ms": issue.intended_ns / 1e6,
+                  "start_ms": started_ns / 1e6, "end_ms": ended / 1e6, "latency_ms": latency_ms, "lag_ms": lag_ms,
+                  "status": reply.status, "bytes_out": size, "bytes_in": len(reply.body)}  # fmt: skip
+        writer.write(record)
         telemetry.observe(labels, latency_ms=latency_ms, lag_ms=lag_ms, status=reply.status)
         return ended
 
