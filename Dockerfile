@@ -19,6 +19,7 @@ RUN if ! command -v tc >/dev/null || ! command -v setcap >/dev/null; then \
 COPY --from=venv /opt/venv /opt/venv
 COPY services /opt/tierlab/services
 COPY loadgen /opt/tierlab/loadgen
+COPY compose /opt/tierlab/compose
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/opt/tierlab \
     PYTHONDONTWRITEBYTECODE=1 \

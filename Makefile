@@ -14,7 +14,7 @@ DEPLOYMENT ?= $(DEMO)/deployment.yaml
 comma := ,
 
 .DEFAULT_GOAL := help
-.PHONY: help venv models models-tiny models-list models-for-stack up down status fidelity logs images profiles local demo bench bench-overhead bench-forwarding test test-unit check fmt clean distclean
+.PHONY: help venv models models-tiny models-list models-for-stack up down status fidelity logs images profiles local demo bench bench-resume bench-in-stack report recommend bench-loadgen bench-overhead bench-forwarding test test-unit check fmt clean distclean
 
 help: ## list the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -81,7 +81,28 @@ profiles: | $(STAMP) ## list the resource and network profiles in compose/
 local: $(STAMP) $(DEPLOYMENT) ## run the three demo tiers in the foreground until Ctrl-C (no Docker)
 	$(PY) -m services local --deployment $(DEPLOYMENT)
 
-bench: bench-overhead ## the main benchmark (today: the testbed's own overhead, P1-P3)
+SPEC ?= default
+P95_MS ?= 20
+MAX_DROP ?= 0.01
+
+bench: $(STAMP) ## run an experiment on the stack `make up` started: make bench [SPEC=default|quick|FILE]
+	$(PY) -m loadgen run --spec $(SPEC)
+
+bench-resume: $(STAMP) ## continue the last interrupted experiment where it stopped
+	$(PY) -m loadgen run --resume latest
+
+bench-in-stack: $(STAMP) ## the same experiment from a loadgen container inside the Docker stack
+	$(STACK) loadgen --spec $(SPEC)
+	$(PY) -m loadgen report latest --table
+
+report: | $(STAMP) ## remake summary.json and report.html of the latest experiment; print its ranking
+	$(PY) -m loadgen report latest --table
+
+recommend: | $(STAMP) ## which strategy for a budget: make recommend P95_MS=20 MAX_DROP=0.01
+	$(PY) -m loadgen recommend latest --p95-ms $(P95_MS) --max-accuracy-drop $(MAX_DROP)
+
+bench-loadgen: $(STAMP) ## P4: the loadgen's capacity and overhead against a null tier; last line is JSON
+	$(PY) -m benchmarks.loadgen
 
 bench-overhead: $(STAMP) ## P1 hop tax, P2 codec, P3 serving throughput; last line is JSON
 	$(PY) -m benchmarks.overhead

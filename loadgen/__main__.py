@@ -9,6 +9,7 @@ python -m loadgen schema [--write]
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import signal
 import sys
@@ -104,11 +105,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not plan.runs:
         raise ConfigError("nothing to run: no selected strategy is served by the stack")
     telemetry = LoadgenTelemetry()
-    docker = stack.runtime == "docker"
-    bridge = docker_bridge_address() if docker else None
-    url = telemetry.serve(bridge or "127.0.0.1", args.metrics_port,
-                          Path(args.state).parent / "stack" / "targets" if bridge else None,
-                          "host.docker.internal" if bridge else None)  # fmt: skip
+    # on the host beside a Docker stack: listen on docker0, where Prometheus reaches host.docker.internal
+    bridge = docker_bridge_address() if stack.runtime == "docker" and args.metrics_bind is None else None
+    targets = Path(args.targets_dir) if args.targets_dir else (Path(args.state).parent / "stack" / "targets")
+    url = telemetry.serve(args.metrics_bind or bridge or "127.0.0.1", args.metrics_port,
+                          targets if (bridge or args.targets_dir) else None,
+                          args.metrics_target or ("host.docker.internal" if bridge else None))  # fmt: skip
     console.print(f"experiment {folder.name}: {len(plan.runs)} runs on the {stack.runtime} stack; "
                   f"records in {folder}/records.csv; metrics at {url}")  # fmt: skip
     experiment = Experiment(spec, stack, folder, models_dir=Path(args.models), telemetry=telemetry,
@@ -131,14 +133,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _report(folder: Path, *, print_table: bool) -> int:
-    try:
-        from loadgen.report import write_report
-        from loadgen.summary import summarise
-    except ImportError as exc:
-        console.print(f"records are in {folder}; the report needs the host's `report` extra ({exc.name})")
+    missing = [m for m in ("scipy", "scikit_posthocs", "plotly") if importlib.util.find_spec(m) is None]
+    if missing:  # e.g. the loadgen image, which carries only what serving and load need
+        console.print(f"records are in {folder}; the report needs {', '.join(missing)} (the `report` extra): "
+                      f"make it on the host with `python -m loadgen report {folder.name}`")  # fmt: skip
         return 0
     from loadgen.records import read_records
+    from loadgen.report import write_report
     from loadgen.runner import write_json
+    from loadgen.summary import summarise
 
     records = read_records(folder)
     if not records:
@@ -181,15 +184,27 @@ def print_ranking(summary: dict[str, Any], per_tier: int = 3) -> None:
         out.print(table)
 
 
+def _folder(results: Path, name: str) -> Path:
+    """``latest``, a path, or a run id under ``results``."""
+    if name == "latest":
+        return _latest(results)
+    folder = Path(name)
+    if not folder.is_dir() and (results / name).is_dir():
+        folder = results / name
+    if not (folder / "spec.yaml").exists():
+        raise ConfigError(f"{folder} is not an experiment folder (no spec.yaml)")
+    return folder
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    folder = _latest(Path(args.results)) if args.folder == "latest" else Path(args.folder)
+    folder = _folder(Path(args.results), args.folder)
     return _report(folder, print_table=args.table)
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     from loadgen.recommend import explain, recommend
 
-    folder = _latest(Path(args.results)) if args.folder == "latest" else Path(args.folder)
+    folder = _folder(Path(args.results), args.folder)
     path = folder / "summary.json"
     if not path.exists():
         _report(folder, print_table=False)
@@ -226,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--models", default="models")
     run.add_argument("--state", default=".local/stack.json", help="the stack's state file (make up writes it)")
     run.add_argument("--metrics-port", type=int, default=0, help="the loadgen's /metrics port (0: any free)")
+    run.add_argument("--metrics-bind", help="address for /metrics (default: docker0 beside a Docker stack, else lo)")
+    run.add_argument("--metrics-target", help="host name Prometheus scrapes the loadgen at")
+    run.add_argument("--targets-dir", help="Prometheus file_sd folder to register in")
     run.set_defaults(handler=cmd_run)
     report = commands.add_parser("report", help="remake summary.json and report.html from the records")
     report.add_argument("folder", nargs="?", default="latest")

@@ -210,6 +210,16 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
+def cmd_loadgen(args: argparse.Namespace) -> int:
+    root = project_root()
+    state = read_state(root)
+    if state is None or state.get("runtime") != "docker":
+        print("the in-stack loadgen needs the Docker stack up (make up); with local tiers use make bench")
+        return 1
+    spec = StackSpec(state["profile"], state["network"], Path(state["models_dir"]))
+    return DockerStack(spec, root).run_loadgen(args.spec)
+
+
 def cmd_images(args: argparse.Namespace) -> int:
     from services.stack.docker import require_engine
     from services.stack.images import ensure_images
@@ -278,6 +288,9 @@ def add_commands(commands: Any) -> None:
     logs = verbs.add_parser("logs", help="the last log lines of every service")
     logs.add_argument("--tail", type=int, default=100)
     logs.set_defaults(handler=cmd_logs)
+    loadgen = verbs.add_parser("loadgen", help="run an experiment from a loadgen container inside the stack")
+    loadgen.add_argument("--spec", default="quick")
+    loadgen.set_defaults(handler=cmd_loadgen)
     images = verbs.add_parser("images", help="build (or pull) the images")
     images.add_argument("--no-grafana", action="store_true")
     images.set_defaults(handler=cmd_images)

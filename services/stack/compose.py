@@ -111,6 +111,8 @@ class DockerStack:
         env.update(
             TIERLAB_MODELS_DIR=str((self.root / self.spec.models_dir).resolve()),
             TIERLAB_STACK_DIR=str(self.stack_dir.resolve()),
+            TIERLAB_UID=str(os.getuid()),
+            TIERLAB_GID=str(os.getgid()),
         )
         if images is not None:
             env.update(images.environment())
@@ -161,6 +163,11 @@ class DockerStack:
             "up_s": round(time.monotonic() - started, 1),
         }
         write_state(self.root, state)
+        # the same, as a loadgen container inside the stack sees the tiers
+        urls: dict[str, str] = {t: f"http://{t}:{CONTAINER_PORT}" for t in TIERS}
+        urls["mobile"] = f"http://mobile-device:{CONTAINER_PORT}"
+        inside = {**state, "urls": urls}
+        (self.stack_dir / "stack-internal.json").write_text(json.dumps(inside, indent=2))
         return state
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -204,6 +211,16 @@ class DockerStack:
         state = state_path(self.root)
         if state.exists():
             state.unlink()
+
+    def run_loadgen(self, spec: str) -> int:
+        """Run an experiment from the loadgen container (compose profile ``loadgen``) and wait for it."""
+        (self.root / "results").mkdir(exist_ok=True)
+        images = ensure_images(with_grafana=False)  # the loadgen runs the current code
+        argv = [*compose_command(), "-p", PROJECT]
+        for path in self.spec.compose_files(self.root):
+            argv += ["-f", str(path)]
+        argv += ["--profile", "loadgen", "run", "--rm", "--use-aliases", "loadgen", "--spec", spec]
+        return run(argv, env=self._environment(images), check=False, cwd=self.root).returncode
 
     def logs(self, tail: int = 100) -> str:
         return self._compose("logs", "--tail", str(tail), quiet=True)

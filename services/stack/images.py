@@ -30,7 +30,7 @@ DEBIAN_MIRROR = os.environ.get("TIERLAB_DEBIAN_MIRROR", "http://deb.debian.org/d
 BASE_PACKAGES = ("python3", "python3-venv", "iproute2", "libcap2-bin", "ca-certificates")
 PROMETHEUS_IMAGE = "prom/prometheus:v2.53.0"
 GRAFANA_IMAGE = "grafana/grafana:11.2.0"
-IMAGE_SOURCES = ("services", "loadgen")
+IMAGE_SOURCES = ("services", "loadgen", "compose")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +79,9 @@ def _digest(*parts: bytes) -> str:
 
 
 def source_digest(root: Path) -> str:
-    files = sorted(p for top in IMAGE_SOURCES for p in (root / top).rglob("*.py") if "__pycache__" not in p.parts)
+    files = sorted(
+        p for top in IMAGE_SOURCES for p in (root / top).rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    )
     return _digest(*(p.relative_to(root).as_posix().encode() + p.read_bytes() for p in files))
 
 
