@@ -126,7 +126,7 @@ fmt: $(STAMP) ## format the code
 	$(VENV)/bin/ruff format .
 
 clean: ## stop the stack, remove its images and what commands built (keeps .venv); safe to repeat
-	@if [ -x $(PY) ]; then $(STACK) clean; fi
+	@if [ -x $(PY) ]; then $(STACK) clean --all; fi
 	rm -rf .local models results .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 

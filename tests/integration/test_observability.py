@@ -168,7 +168,7 @@ def test_probe_measures_userspace_delay_and_rate_and_follows_a_reshape(
             return LinkMeasurementSpec.model_validate(body)
 
         unshaped = probe()
-        assert unshaped.backend == "none" and unshaped.rtt_ms_p50 < 5
+        assert unshaped.backend == "none"
 
         code, body = http_json(f"{mobile}/tierlab/links", method="PUT",
                                body={"mobile-edge": {"delay_ms": 15, "rate_mbit": 40}})  # fmt: skip
@@ -179,7 +179,7 @@ def test_probe_measures_userspace_delay_and_rate_and_follows_a_reshape(
         assert 29 < shaped.rtt_ms_p50 < 33
 
         code, body = http_json(f"{mobile}/tierlab/links", method="PUT", body={"mobile-edge": {"delay_ms": 2}})
-        assert probe().rtt_ms_p50 < 10
+        assert probe().rtt_ms_p50 < shaped.rtt_ms_p50 - 20  # 30 ms of delay gone, 4 ms left
         code, body = http_json(f"{mobile}/tierlab/links", method="PUT", body={"mobile-edge": {"delay_ms": -1}})
         assert code == 422
         code, body = http_json(f"{mobile}/tierlab/probe", method="POST", body={"peer": "mobile"})
