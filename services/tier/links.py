@@ -95,8 +95,10 @@ def netem_argv(device: str, spec: LinkSpec) -> list[str]:
 
 
 def tbf_burst_bytes(rate_mbit: float, mtu_bytes: int = MTU_BYTES) -> int:
-    """Token bucket depth: what the rate delivers in 4 ms (a 250 Hz tick), at least ten frames."""
-    return max(10 * mtu_bytes, math.ceil(rate_mbit * 1e6 / 8.0 * 0.004))
+    """Token bucket depth: what the rate delivers in 4 ms (a 250 Hz tick, below which tbf under-delivers),
+    at least two frames. Kept that small because an idle link lets a whole bucket through at line speed:
+    a larger one would let small requests on slow links skip the rate they should pay."""
+    return max(2 * mtu_bytes, math.ceil(rate_mbit * 1e6 / 8.0 * 0.004))
 
 
 def tbf_argv(device: str, rate_mbit: float) -> list[str]:

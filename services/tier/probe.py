@@ -2,8 +2,9 @@
 
 The probe goes through the tier's forwarder, so whatever emulates the link (netem, tbf, userspace delay)
 acts on it exactly as on a forwarded tensor; the numbers are measured, never read back from the config.
-RTT is the round trip of an empty body; goodput is payload bits over (bulk time − minimum RTT), the
-best of a few transfers, so TCP slow start and one unlucky scheduling hiccup do not decide it.
+RTT is the round trip of an empty body. Goodput is the slope between a bulk transfer and one a quarter
+its size — (¾ · bytes · 8) / (t_full − t_quarter), each the best of a few — so the RTT, TCP slow start
+and a token bucket's initial burst (which both transfers get) cancel out instead of inflating it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ SINK_PATH = "/tierlab/sink"
 _NS_PER_MS = 1e6
 # sizes for an unlimited link: large enough to be bandwidth-bound on a veth, small enough to be quick
 _UNLIMITED_BULK_BYTES = 32 << 20
-_MIN_BULK_BYTES = 64 << 10
+_MIN_BULK_BYTES = 128 << 10  # a quarter of it still exceeds tbf's burst at 1 Mbit/s
 _CHUNK_BYTES = 1 << 20
 
 
@@ -51,9 +52,11 @@ async def probe_link(forwarder: Forwarder, states: list[LinkState], probe: LinkP
     bulk = bulk_size_bytes(state, probe.bulk_s)
     goodput: float | None = None
     if probe.bulk_repeats:
-        best_ms = min([await _send(forwarder, probe.peer, bulk) for _ in range(probe.bulk_repeats)])
-        transfer_ms = max(best_ms - rtts[0], 1e-3)
-        goodput = round(bulk * 8 / (transfer_ms / 1e3) / 1e6, 3)
+        quarter = bulk // 4
+        quarter_ms = min([await _send(forwarder, probe.peer, quarter) for _ in range(probe.bulk_repeats)])
+        full_ms = min([await _send(forwarder, probe.peer, bulk) for _ in range(probe.bulk_repeats)])
+        transfer_ms = max(full_ms - quarter_ms, 1e-3)
+        goodput = round((bulk - quarter) * 8 / (transfer_ms / 1e3) / 1e6, 3)
     deciles = statistics.quantiles(rtts, n=10) if len(rtts) > 1 else [rtts[0]] * 9
     return LinkMeasurementSpec(
         link=state.link,
