@@ -144,10 +144,12 @@ def build_tier_image(root: Path, base: str, python: str) -> str:
     tag = f"tierlab/tier:{digest}"
     if image_exists(tag):
         return tag
-    say(f"building {tag} from {base} (no network)")
+    # wheels always come from the wheelhouse; only python:3.11-slim needs the network, for apt's iproute2
+    offline = base != REGISTRY_BASE
+    say(f"building {tag} from {base}" + (" (no network)" if offline else ""))
     run(
-        ["docker", "build", "--network", "none", "--build-arg", f"BASE={base}", "-t", tag, "-t",
-         "tierlab/tier:latest", "-f", str(root / "Dockerfile"), str(root)],
+        ["docker", "build", *(["--network", "none"] if offline else []), "--build-arg", f"BASE={base}", "-t", tag,
+         "-t", "tierlab/tier:latest", "-f", str(root / "Dockerfile"), str(root)],
         timeout_s=1800,
     )  # fmt: skip
     return tag
