@@ -13,11 +13,10 @@ import itertools
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from services.contracts.errors import ConfigError
-from services.contracts.manifest import FrozenSpec
+from services.contracts.manifest import FrozenSpec, load_yaml_spec
 from services.contracts.specs import LinkName, LinkSpec
 
 SPECS_DIR = Path(__file__).parent / "specs"
@@ -121,17 +120,10 @@ def spec_path(name_or_path: str) -> Path:
 
 def load_spec(name_or_path: str) -> ExperimentSpec:
     path = spec_path(name_or_path)
-    try:
-        document = yaml.safe_load(path.read_text())
-    except OSError as exc:
+    if not path.is_file():
         known = ", ".join(sorted(p.stem for p in SPECS_DIR.glob("*.yaml")))
-        raise ConfigError(f"cannot read experiment spec {path}: {exc.strerror} (built-in specs: {known})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"experiment spec {path} is not valid YAML: {exc}") from None
-    try:
-        return ExperimentSpec.model_validate(document)
-    except ValidationError as exc:
-        raise ConfigError(f"experiment spec {path} is invalid:\n{exc}") from None
+        raise ConfigError(f"no experiment spec {path} (built-in specs: {known})")
+    return load_yaml_spec(path, ExperimentSpec, "experiment spec")
 
 
 def json_schema() -> dict[str, object]:

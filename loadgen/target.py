@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,25 +21,9 @@ from services.contracts import pipeline as p
 from services.contracts.errors import ConfigError, MalformedBody
 from services.contracts.specs import LINK_SENDERS, TIERS, LinkMeasurementSpec, LinkName, LinkSpec, TierName
 from services.contracts.transport import Pool
+from services.contracts.transport import json_call as control
 
 STATE_FILE = Path(".local/stack.json")
-
-
-def control(url: str, *, method: str = "GET", body: Any = None, timeout_s: float = 30.0) -> tuple[int, Any]:
-    """A JSON control call to a tier; (0, reason) when nothing answers."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
-            return reply.status, json.loads(reply.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, json.loads(raw or b"null")
-        except ValueError:
-            return exc.code, raw.decode(errors="replace")
-    except (OSError, ValueError) as exc:
-        return 0, str(exc)
 
 
 @dataclass(frozen=True)

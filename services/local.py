@@ -7,7 +7,6 @@ the deployment file says. ``LocalStack`` starts them, waits until every tier is 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -15,14 +14,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from services.contracts.specs import TIERS, TierName, load_deployment
+from services.contracts.transport import json_call
 
 _POLL_INTERVAL_S = 0.1
 _LOG_TAIL_BYTES = 4000
@@ -41,14 +39,9 @@ def free_ports(count: int) -> list[int]:
 
 
 def http_get_json(url: str, timeout_s: float = 2.0) -> tuple[int, dict[str, Any]]:
-    """GET a JSON document; (status, body), with status 0 when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as reply:
-            return reply.status, json.loads(reply.read() or b"{}")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-    except (OSError, ValueError):
-        return 0, {}
+    """GET a JSON document; (status, body as a dict, empty when it is none), status 0 when nothing answers."""
+    code, body = json_call(url, timeout_s=timeout_s)
+    return code, body if isinstance(body, dict) else {}
 
 
 class LocalStack:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.contracts.dtypes import NUMPY_DTYPES, Datatype
@@ -28,6 +29,23 @@ class FrozenSpec(BaseModel):
     """Base of every spec: immutable, validated, unknown fields refused."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+SpecT = TypeVar("SpecT", bound=FrozenSpec)
+
+
+def load_yaml_spec(path: Path, spec_type: type[SpecT], what: str) -> SpecT:
+    """Read a YAML (or JSON) file into ``spec_type``; every problem is a ConfigError naming ``what`` and path."""
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
+    try:
+        return spec_type.model_validate(document)
+    except ValidationError as exc:
+        raise ConfigError(f"{what} {path} is invalid:\n{exc}") from None
 
 
 class TensorSpec(FrozenSpec):

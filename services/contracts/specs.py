@@ -17,7 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from services.contracts.errors import ConfigError
-from services.contracts.manifest import FrozenSpec
+from services.contracts.manifest import FrozenSpec, load_yaml_spec
 
 TierName = Literal["mobile", "edge", "cloud"]
 TIERS: tuple[TierName, ...] = get_args(TierName)
@@ -153,16 +153,7 @@ class DeploymentSpec(FrozenSpec):
 
 def load_deployment(path: Path) -> DeploymentSpec:
     """Read a deployment file (YAML or JSON) and validate it."""
-    try:
-        document = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read deployment {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"deployment {path} is not valid YAML: {exc}") from None
-    try:
-        return DeploymentSpec.model_validate(document)
-    except ValidationError as exc:
-        raise ConfigError(f"deployment {path} is invalid:\n{exc}") from None
+    return load_yaml_spec(path, DeploymentSpec, "deployment")
 
 
 # TCP payload per Ethernet frame at MTU 1500 with timestamps: 1448 of 1514 bytes on the wire

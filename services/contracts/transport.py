@@ -1,4 +1,5 @@
-"""A lean HTTP/1.1 client over kept-alive connections: asyncio protocol + ``httptools``.
+"""HTTP clients every part shares: a lean HTTP/1.1 client over kept-alive connections (asyncio protocol +
+``httptools``) for the hot path, and ``json_call`` for small blocking control calls.
 
 The tiers forward tensors with it and the loadgen drives its hot path with it; ``benchmarks/forwarding.py``
 measures it against aiohttp and httpx (it is the fastest of the three here). One request at a time per
@@ -9,10 +10,13 @@ closed while idle. Bodies are written with ``writelines`` (no join, no copy of a
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.error
+import urllib.request
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import httptools
 
@@ -138,3 +142,21 @@ class Pool:
     def close(self) -> None:
         while self.idle:
             self.idle.pop().close()
+
+
+def json_call(url: str, *, method: str = "GET", body: Any = None, timeout_s: float = 5.0) -> tuple[int, Any]:
+    """A JSON control call (blocking, stdlib): (status, parsed body); (0, reason) when nothing answers.
+    An error status keeps its body (parsed, or the raw text) so callers can show what the peer said."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            return reply.status, json.loads(reply.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw or b"null")
+        except ValueError:
+            return exc.code, raw.decode(errors="replace")
+    except (OSError, ValueError) as exc:
+        return 0, str(exc)

@@ -23,6 +23,7 @@ from services.contracts.specs import (
     LinkSpec,
     network_profile_links,
 )
+from services.contracts.transport import json_call
 from services.stack.compose import (
     DEFAULT_SUBJECTS,
     DockerStack,
@@ -30,7 +31,6 @@ from services.stack.compose import (
     available,
     compose_available,
     find_manifests,
-    http_json,
     leftovers,
     override_file,
     read_state,
@@ -123,7 +123,7 @@ def _print_status(state: dict[str, Any]) -> int:
     healthy = True
     for tier in TIERS:
         url = state["urls"][tier]
-        code, status = http_json(f"{url}/tierlab/status")
+        code, status = json_call(f"{url}/tierlab/status")
         if code != 200:
             healthy = False
             print(f"  {tier:<6} {url}  {'DOWN' if code == 0 else f'answered {code}'}")
@@ -147,7 +147,7 @@ def _print_status(state: dict[str, Any]) -> int:
             )
     prometheus = state.get("prometheus")
     if prometheus:
-        code, targets = http_json(f"{prometheus}/api/v1/targets")
+        code, targets = json_call(f"{prometheus}/api/v1/targets")
         if code == 200:
             active = targets["data"]["activeTargets"]
             up = [t["labels"].get("tier") or t["labels"]["job"] for t in active if t["health"] == "up"]
@@ -179,7 +179,7 @@ def measure_links(urls: dict[str, str], *, pings: int = 20) -> list[LinkMeasurem
     """Each link measured by the tier that sends over it (``POST /tierlab/probe``)."""
     measured = []
     for sender, peer in LINK_SENDERS.values():
-        code, body = http_json(
+        code, body = json_call(
             f"{urls[sender]}/tierlab/probe", method="POST", body={"peer": peer, "pings": pings}, timeout_s=120
         )
         if code != 200:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import yaml
 
 from services.contracts.errors import ConfigError
 from services.contracts.specs import TIERS, DeploymentSpec, ModelEntrySpec, TierEndpointSpec, TierName
+from services.contracts.transport import json_call
 from services.stack.docker import compose_command, output, project_root, require_engine, run, say
 from services.stack.images import ImageSet, ensure_images
 
@@ -79,22 +78,6 @@ def stack_deployment(manifests: list[str]) -> DeploymentSpec:
         models=tuple(ModelEntrySpec(manifest=m) for m in manifests),
         tiers={t: TierEndpointSpec(url=f"http://{t}:{CONTAINER_PORT}") for t in TIERS},
     )
-
-
-def http_json(url: str, *, method: str = "GET", body: Any = None, timeout_s: float = 5.0) -> tuple[int, Any]:
-    """A small JSON request for control calls; (0, None) when nothing answers."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
-            return reply.status, json.loads(reply.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        try:
-            return exc.code, json.loads(exc.read() or b"null")
-        except ValueError:
-            return exc.code, None
-    except (OSError, ValueError):
-        return 0, None
 
 
 @dataclass
@@ -175,7 +158,7 @@ class DockerStack:
         waiting = set(TIERS)
         while waiting:
             for tier in sorted(waiting):
-                code, _ = http_json(f"http://127.0.0.1:{HOST_PORTS[tier]}/v2/health/ready", timeout_s=2)
+                code, _ = json_call(f"http://127.0.0.1:{HOST_PORTS[tier]}/v2/health/ready", timeout_s=2)
                 if code == 200:
                     waiting.discard(tier)
                     say(f"{tier} ready")

@@ -18,10 +18,10 @@ import yaml
 
 from loadgen.telemetry import LoadgenTelemetry
 from services.contracts.specs import TIERS, LinkMeasurementSpec
+from services.contracts.transport import json_call
 from services.demo import local_deployment, write_deployment
 from services.local import LocalStack, free_ports
 from services.stack import dashboard
-from services.stack.compose import http_json
 from tests.conftest import DeploymentFactory, infer_over_http, require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +72,7 @@ def prometheus_server(tiers: LocalStack, tmp_path_factory: pytest.TempPathFactor
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(100):
-            if http_json(f"{url}/-/ready")[0] == 200:
+            if json_call(f"{url}/-/ready")[0] == 200:
                 break
             time.sleep(0.1)
         yield url, folder / "targets"
@@ -94,7 +94,7 @@ def test_promtool_accepts_the_shipped_config() -> None:
 
 
 def _query(prometheus: str, expr: str) -> list[dict[str, Any]]:
-    code, body = http_json(f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': expr})}")
+    code, body = json_call(f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': expr})}")
     assert code == 200 and body["status"] == "success", f"{expr}: {code} {body}"
     return list(body["data"]["result"])
 
@@ -162,7 +162,7 @@ def test_probe_measures_userspace_delay_and_rate_and_follows_a_reshape(
         mobile = stack.url("mobile")
 
         def probe() -> LinkMeasurementSpec:
-            code, body = http_json(f"{mobile}/tierlab/probe", method="POST",
+            code, body = json_call(f"{mobile}/tierlab/probe", method="POST",
                                    body={"peer": "edge", "pings": 8, "bulk_s": 0.3}, timeout_s=60)  # fmt: skip
             assert code == 200, body
             return LinkMeasurementSpec.model_validate(body)
@@ -170,7 +170,7 @@ def test_probe_measures_userspace_delay_and_rate_and_follows_a_reshape(
         unshaped = probe()
         assert unshaped.backend == "none"
 
-        code, body = http_json(f"{mobile}/tierlab/links", method="PUT",
+        code, body = json_call(f"{mobile}/tierlab/links", method="PUT",
                                body={"mobile-edge": {"delay_ms": 15, "rate_mbit": 40}})  # fmt: skip
         assert code == 200, body
         shaped = probe()
@@ -178,9 +178,9 @@ def test_probe_measures_userspace_delay_and_rate_and_follows_a_reshape(
         assert shaped.problems() == [], shaped.problems()  # within ±10 % / ±1 ms RTT and ±10 % rate
         assert 29 < shaped.rtt_ms_p50 < 33
 
-        code, body = http_json(f"{mobile}/tierlab/links", method="PUT", body={"mobile-edge": {"delay_ms": 2}})
+        code, body = json_call(f"{mobile}/tierlab/links", method="PUT", body={"mobile-edge": {"delay_ms": 2}})
         assert probe().rtt_ms_p50 < shaped.rtt_ms_p50 - 20  # 30 ms of delay gone, 4 ms left
-        code, body = http_json(f"{mobile}/tierlab/links", method="PUT", body={"mobile-edge": {"delay_ms": -1}})
+        code, body = json_call(f"{mobile}/tierlab/links", method="PUT", body={"mobile-edge": {"delay_ms": -1}})
         assert code == 422
-        code, body = http_json(f"{mobile}/tierlab/probe", method="POST", body={"peer": "mobile"})
+        code, body = json_call(f"{mobile}/tierlab/probe", method="POST", body={"peer": "mobile"})
         assert code == 400 and "no link towards mobile" in json.dumps(body)

@@ -23,9 +23,10 @@ import yaml
 
 from services.contracts.errors import ConfigError
 from services.contracts.specs import TIERS, TierName
+from services.contracts.transport import json_call
 from services.demo import build_demo_mlp
 from services.stack.cli import measure_links, network_links
-from services.stack.compose import DockerStack, StackSpec, http_json, leftovers, override_file, read_state
+from services.stack.compose import DockerStack, StackSpec, leftovers, override_file, read_state
 from services.stack.docker import output, require_engine
 from tests.conftest import infer_over_http
 
@@ -94,7 +95,7 @@ def wait_for_targets(prometheus: str, timeout_s: float = 30.0) -> dict[str, str]
     health: dict[str, str] = {}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        code, body = http_json(f"{prometheus}/api/v1/targets")
+        code, body = json_call(f"{prometheus}/api/v1/targets")
         if code == 200:
             active = body["data"]["activeTargets"]
             health = {t["labels"].get("tier", t["labels"]["job"]): t["health"] for t in active}
@@ -107,7 +108,7 @@ def wait_for_targets(prometheus: str, timeout_s: float = 30.0) -> dict[str, str]
 def check_stack(state: dict[str, Any], profile: str, network: str, models_dir: Path) -> None:
     urls = state["urls"]
     for tier in TIERS:
-        code, status = http_json(f"{urls[tier]}/tierlab/status")
+        code, status = json_call(f"{urls[tier]}/tierlab/status")
         assert code == 200 and status["ready"], f"{tier}: {code} {status}"
 
     expected = profile_limits(profile)
@@ -115,7 +116,7 @@ def check_stack(state: dict[str, Any], profile: str, network: str, models_dir: P
         cores, memory = kernel_limits(tier)
         assert cores == pytest.approx(expected[tier][0]), f"{tier} CPU quota"
         assert memory == expected[tier][1], f"{tier} memory limit"
-        _, status = http_json(f"{urls[tier]}/tierlab/status")
+        _, status = json_call(f"{urls[tier]}/tierlab/status")
         assert status["limits"]["cpu_quota_cores"] == pytest.approx(cores)  # the tier reads the same back
         assert status["limits"]["memory_limit_bytes"] == memory
 
