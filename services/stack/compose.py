@@ -128,6 +128,7 @@ class DockerStack:
         grafana = images.grafana is not None
         self._compose("up", "-d", "--remove-orphans", images=images, grafana=grafana)
         self.wait_ready(timeout_s)
+        self.wait_scraped(f"http://127.0.0.1:{PROMETHEUS_PORT}")
         state = {
             "runtime": "docker",
             "profile": self.spec.profile,
@@ -170,6 +171,19 @@ class DockerStack:
                 reason = f"{', '.join(exited)} exited" if exited else f"not ready within {timeout_s:g} s"
                 raise ConfigError(f"the stack did not come up: {reason}. Last log lines:\n{logs}")
             time.sleep(1.0)
+
+    def wait_scraped(self, prometheus: str, timeout_s: float = 30.0) -> None:
+        """Until Prometheus has scraped every tier once (so `make status` right after shows them up)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            code, body = json_call(f"{prometheus}/api/v1/targets", timeout_s=2)
+            if code == 200:
+                up = {t["labels"].get("tier") for t in body["data"]["activeTargets"] if t["health"] == "up"}
+                if set(TIERS) <= up:
+                    say("prometheus scraping every tier")
+                    return
+            time.sleep(1.0)
+        say(f"prometheus has not scraped every tier within {timeout_s:g} s (see make status)")
 
     def exited_containers(self) -> list[str]:
         text = output(
