@@ -43,12 +43,7 @@ async def measure(url: str, requests: int) -> dict[str, dict[str, float]]:
     pool = Pool(host, int(port))
 
     async def tierlab(encoded: codec.Encoded) -> bytes:
-        head = (
-            f"POST / HTTP/1.1\r\nHost: {host}\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in encoded.http_headers().items())
-            + f"Content-Length: {encoded.size_bytes}\r\n\r\n"
-        ).encode()
-        return (await pool.request(head, encoded.chunks)).body
+        return (await pool.post("/", encoded.http_headers(), encoded.chunks, encoded.size_bytes)).body
 
     results: dict[str, dict[str, float]] = {}
     async with aiohttp.ClientSession() as session, httpx.AsyncClient() as client:

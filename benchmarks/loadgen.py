@@ -41,11 +41,7 @@ RATES_RPS = (250, 500, 1000, 1500, 2000, 2500, 3000, 4000)
 def _request(pool: Pool) -> tuple[bytes, list[Any], int]:
     x = np.zeros((1, 1, 28, 28), dtype=np.float32)  # a Fashion-MNIST image, as the default subjects send
     encoded = codec.encode_request({"x": x}, parameters={"placement": "M", "request_id": "0"})
-    head = "".join([
-        f"POST /v2/models/null/infer HTTP/1.1\r\nHost: {pool.host}:{pool.port}\r\n",
-        *(f"{k}: {v}\r\n" for k, v in encoded.http_headers().items()),
-        f"Content-Length: {encoded.size_bytes}\r\n\r\n",
-    ]).encode("latin-1")  # fmt: skip
+    head = pool.post_head("/v2/models/null/infer", encoded.http_headers(), encoded.size_bytes)
     return head, list(encoded.chunks), encoded.size_bytes
 
 

@@ -109,16 +109,10 @@ class Stack:
     ) -> Answer:
         """One request; a failure of any kind is an answer with a status and an error, never an exception."""
         encoded = codec.encode_request(inputs, parameters={p.PLACEMENT: placement, p.REQUEST_ID: request_id})
-        head = "".join(
-            [
-                f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {self.pool.host}:{self.pool.port}\r\n",
-                *(f"{k}: {v}\r\n" for k, v in encoded.http_headers().items()),
-                f"Content-Length: {encoded.size_bytes}\r\n\r\n",
-            ]
-        ).encode("latin-1")
         try:
             async with asyncio.timeout(timeout_s):
-                reply = await self.pool.request(head, encoded.chunks)
+                path = f"/v2/models/{model}/infer"
+                reply = await self.pool.post(path, encoded.http_headers(), encoded.chunks, encoded.size_bytes)
         except TimeoutError:
             return Answer(0, {}, {}, f"no answer within {timeout_s:g} s", encoded.size_bytes, 0)
         except OSError as exc:

@@ -14,7 +14,7 @@ import json
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -110,6 +110,16 @@ class Pool:
     async def _connect(self) -> Connection:
         _, connection = await asyncio.get_running_loop().create_connection(Connection, self.host, self.port)
         return connection
+
+    def post_head(self, path: str, headers: Mapping[str, str], size_bytes: int) -> bytes:
+        """The head of ``POST path`` to this peer: request line, Host, ``headers``, Content-Length."""
+        lines = [f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"]
+        lines += [f"{k}: {v}\r\n" for k, v in headers.items()]
+        lines.append(f"Content-Length: {size_bytes}\r\n\r\n")
+        return "".join(lines).encode("latin-1")
+
+    async def post(self, path: str, headers: Mapping[str, str], body: Sequence[Buffer], size_bytes: int) -> Reply:
+        return await self.request(self.post_head(path, headers, size_bytes), body)
 
     async def request(self, head: bytes, body: Sequence[Buffer]) -> Reply:
         while self.idle:

@@ -85,12 +85,12 @@ class Forwarder:
         self._links = dict(links)
 
     async def exchange(
-        self, peer: TierName, head_lines: str, chunks: Sequence[Buffer], size_bytes: int
+        self, peer: TierName, path: str, headers: Mapping[str, str], chunks: Sequence[Buffer], size_bytes: int
     ) -> tuple[Reply, int]:
-        """One request to ``peer`` through the emulated link: (reply, elapsed ns). Raises the hop's 502/504."""
+        """One POST to ``peer`` through the emulated link: (reply, elapsed ns). Raises the hop's 502/504."""
         hop = f"{self._tier} -> {peer}"
         pool = self._pools[peer]
-        head = f"{head_lines}Host: {pool.host}:{pool.port}\r\nContent-Length: {size_bytes}\r\n\r\n".encode("latin-1")
+        head = pool.post_head(path, headers, size_bytes)
         link = self._links.get(peer)
         started = time.perf_counter_ns()
         try:
@@ -112,13 +112,8 @@ class Forwarder:
         hop = f"{self._tier} -> {next_tier}"
         started = time.perf_counter_ns()
         encoded = codec.encode_request(inputs, parameters=parameters)
-        head_lines = "".join(
-            [
-                f"POST /v2/models/{model}/infer HTTP/1.1\r\n",
-                *(f"{k}: {v}\r\n" for k, v in encoded.http_headers().items()),
-            ]
-        )
-        reply, _ = await self.exchange(next_tier, head_lines, encoded.chunks, encoded.size_bytes)
+        path = f"/v2/models/{model}/infer"
+        reply, _ = await self.exchange(next_tier, path, encoded.http_headers(), encoded.chunks, encoded.size_bytes)
         if reply.status != 200:
             message = f"{hop} answered {reply.status}: {_error_message(reply.body)}"
             raise (NextTierTimeout(message) if reply.status == NextTierTimeout.status_code else NextTierError(message))

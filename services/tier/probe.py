@@ -36,8 +36,8 @@ async def _send(forwarder: Forwarder, peer: TierName, size_bytes: int) -> float:
     full, rest = divmod(size_bytes, _CHUNK_BYTES)
     block = bytes(_CHUNK_BYTES) if full else b""
     chunks = [memoryview(block)] * full + ([memoryview(bytes(rest))] if rest else [])
-    head = f"POST {SINK_PATH} HTTP/1.1\r\nContent-Type: application/octet-stream\r\n"
-    reply, elapsed_ns = await forwarder.exchange(peer, head, chunks, size_bytes)
+    headers = {"Content-Type": "application/octet-stream"}
+    reply, elapsed_ns = await forwarder.exchange(peer, SINK_PATH, headers, chunks, size_bytes)
     if reply.status != 200:
         raise NextTierError(f"probe to {peer}'s sink answered {reply.status}")
     return elapsed_ns / _NS_PER_MS
