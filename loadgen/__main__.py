@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from loadgen.spec import SCHEMA_FILE_NAME, SPECS_DIR, json_schema, load_spec
+from loadgen.spec import SCHEMA_FILE_NAME, SPECS_DIR, SWEEP_PREFIX, json_schema, load_spec
 from services.contracts.errors import ConfigError
 
 console = Console(stderr=True)
@@ -146,7 +146,7 @@ def _report(folder: Path, *, print_table: bool) -> int:
     records = read_records(folder)
     if not records:
         raise ConfigError(f"{folder} has no records")
-    summary = summarise(records, folder.name)
+    summary = summarise(records, folder.name, load_spec(str(folder / "spec.yaml")).sweep)
     write_json(folder / "summary.json", summary)
     bundle = json.loads((folder / "bundle.json").read_text()) if (folder / "bundle.json").exists() else {}
     path = write_report(folder, summary, records, bundle)
@@ -161,7 +161,7 @@ def print_ranking(summary: dict[str, Any], per_tier: int = 3) -> None:
     out = Console(width=None if console.is_terminal else 140)
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for e in summary["strategies"]:
-        if not e["network"].startswith("sweep:"):
+        if not e["network"].startswith(SWEEP_PREFIX):
             groups.setdefault((e["subject"], e["scenario"], e["network"]), []).append(e)
     for (subject, scenario, network), entries in groups.items():
         table = Table(title=f"{subject} · {scenario} · network {network}", title_justify="left")

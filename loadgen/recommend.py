@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from loadgen.spec import SWEEP_PREFIX
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -32,7 +34,7 @@ def recommend(
     """One verdict per (subject, scenario, network) group; ``max_accuracy_drop`` in points (0.01 = 1 point)."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for e in summary["strategies"]:
-        if e["network"].startswith("sweep:"):
+        if e["network"].startswith(SWEEP_PREFIX):
             continue
         if (subject and e["subject"] != subject) or (scenario and e["scenario"] != scenario):
             continue

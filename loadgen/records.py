@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -98,12 +97,6 @@ def read_records(folder: Path) -> list[dict[str, Any]]:
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     return [_typed(r) for r in rows if r.get("bytes_in") is not None and None not in r]
-
-
-@dataclass(frozen=True)
-class FinishedRun:
-    key: str
-    info: dict[str, Any]
 
 
 def finished_runs(folder: Path) -> dict[str, dict[str, Any]]:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from loadgen.records import by_run
-from loadgen.runner import SWEEP_PREFIX
+from loadgen.spec import SWEEP_PREFIX
 from loadgen.stats import pareto_front
 
 REPORT_FILE = "report.html"
@@ -143,22 +143,23 @@ class _Figures:
 
     def sweep(self, sweep: dict[str, Any]) -> None:
         go = self.go
-        rows = [f"{r:g}" for r in sweep["rows_rate_mbit"]]
-        columns = [f"{c:g}" for c in sweep["columns_rate_mbit"]]
         names = sorted(sweep["p50_ms"])
         best_index = [[names.index(s) for s in row] for row in sweep["best"]]
-        heat = go.Figure(go.Heatmap(z=best_index, x=columns, y=rows, text=sweep["best"], texttemplate="%{text}",
-                                    colorscale="Viridis", showscale=False))  # fmt: skip
-        for figure in [heat]:
-            figure.update_xaxes(title="edge–cloud rate (Mbit/s)", type="category")
-            figure.update_yaxes(title="mobile–edge rate (Mbit/s)", type="category")
-        self.add("Fastest strategy (p50) at each bandwidth", heat)
+        best = go.Heatmap(z=best_index, text=sweep["best"], texttemplate="%{text}", colorscale="Viridis",
+                          showscale=False)  # fmt: skip
+        self._grid("Fastest strategy (p50) at each bandwidth", best, sweep)
         for name in names:
-            grid = go.Figure(go.Heatmap(z=sweep["p50_ms"][name], x=columns, y=rows, colorbar={"title": "p50 ms"},
-                                        texttemplate="%{z:.1f}"))  # fmt: skip
-            grid.update_xaxes(title="edge–cloud rate (Mbit/s)", type="category")
-            grid.update_yaxes(title="mobile–edge rate (Mbit/s)", type="category")
-            self.add(f"p50 latency of {name} over the bandwidth grid", grid)
+            p50 = go.Heatmap(z=sweep["p50_ms"][name], colorbar={"title": "p50 ms"}, texttemplate="%{z:.1f}")
+            self._grid(f"p50 latency of {name} over the bandwidth grid", p50, sweep)
+
+    def _grid(self, title: str, heatmap: Any, sweep: dict[str, Any]) -> None:
+        """A heatmap over the sweep's grid: rows and columns are the two links' rates."""
+        rows = [f"{r:g}" for r in sweep["rows_rate_mbit"]]
+        columns = [f"{c:g}" for c in sweep["columns_rate_mbit"]]
+        figure = self.go.Figure(heatmap.update(x=columns, y=rows))
+        figure.update_xaxes(title=f"{sweep['columns_link']} rate (Mbit/s)", type="category")
+        figure.update_yaxes(title=f"{sweep['rows_link']} rate (Mbit/s)", type="category")
+        self.add(title, figure)
 
 
 def _tests_html(summary: dict[str, Any]) -> str:

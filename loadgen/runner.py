@@ -29,7 +29,7 @@ import yaml
 
 from loadgen.engine import Issue, RealClock, StopRule, drive
 from loadgen.records import RecordWriter, finished_runs, mark_finished, read_records
-from loadgen.spec import ExperimentSpec, ScenarioSpec, StoppingSpec
+from loadgen.spec import SWEEP_PREFIX, ExperimentSpec, ScenarioSpec, StoppingSpec
 from loadgen.target import Answer, Stack
 from loadgen.telemetry import LoadgenTelemetry
 from services.contracts import pipeline as p
@@ -39,7 +39,6 @@ from services.contracts.samples import SampleSet, load_samples
 from services.contracts.specs import LinkName, LinkSpec, network_profile_links
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SWEEP_PREFIX = "sweep:"
 
 
 @dataclass(frozen=True)
@@ -117,12 +116,15 @@ def plan_experiment(spec: ExperimentSpec, stack: Stack, models_dir: Path) -> Pla
     if spec.sweep is not None:
         stopping = StoppingSpec(min_samples=spec.sweep.samples, max_samples=spec.sweep.samples, max_duration_s=60)
         planned = {f"{m.name}@{pl}" for _, m, pl in chosen}
+        sweepable = []
+        for strategy in spec.sweep.strategies:
+            model, _, placement = strategy.partition("@")
+            if strategy in planned or placement in (stack.served_placements(model) or []):
+                sweepable.append((model, placement))
+            else:
+                plan.skipped.append(f"sweep {strategy}: not served")
         for row, column in spec.sweep.cells():
-            for strategy in spec.sweep.strategies:
-                model, _, placement = strategy.partition("@")
-                if strategy not in planned and placement not in (stack.served_placements(model) or []):
-                    plan.skipped.append(f"sweep {strategy}: not served")
-                    continue
+            for model, placement in sweepable:
                 subject, variant = model.split(".", 1)
                 plan.runs.append(
                     RunPlan(
@@ -183,6 +185,7 @@ def environment_bundle(stack: Stack, spec: ExperimentSpec) -> dict[str, Any]:
         )
     except OSError:
         commit = None
+    statuses = {t: stack.status(t) for t in stack.urls}
     return {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_commit": commit,
@@ -193,9 +196,7 @@ def environment_bundle(stack: Stack, spec: ExperimentSpec) -> dict[str, Any]:
         "versions": {k: version(k) for k in ("onnxruntime", "numpy", "fastapi", "uvicorn", "tierlab")},
         "seed": spec.seed,
         "stack": {k: stack.state.get(k) for k in ("runtime", "profile", "network", "images", "subjects")},
-        "tiers": {
-            t: {"limits": stack.status(t)["limits"], "onnxruntime": stack.status(t)["onnxruntime"]} for t in stack.urls
-        },
+        "tiers": {t: {k: status[k] for k in ("limits", "onnxruntime")} for t, status in statuses.items()},
         "networks": {},
     }
 

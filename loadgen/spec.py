@@ -22,6 +22,8 @@ from services.contracts.specs import LinkName, LinkSpec
 SPECS_DIR = Path(__file__).parent / "specs"
 SCHEMA_FILE_NAME = "schema.json"
 ScenarioKind = Literal["single-stream", "server", "offline", "burst"]
+# the network name of a sweep cell: sweep:<rows rate>x<columns rate>
+SWEEP_PREFIX = "sweep:"
 
 
 class ScenarioSpec(FrozenSpec):

@@ -14,7 +14,7 @@ import numpy as np
 
 from loadgen import stats
 from loadgen.records import MAX_HOPS, by_run
-from loadgen.runner import SWEEP_PREFIX
+from loadgen.spec import SWEEP_PREFIX, SweepSpec
 
 ALPHA = 0.05
 
@@ -122,7 +122,7 @@ def compare_group(entries: list[dict[str, Any]], records: dict[str, list[dict[st
     return result
 
 
-def summarise(records: list[dict[str, Any]], run_id: str) -> dict[str, Any]:
+def summarise(records: list[dict[str, Any]], run_id: str, sweep: SweepSpec | None = None) -> dict[str, Any]:
     grouped = dict(by_run(records))
     entries = [summarise_run(rs) for rs in grouped.values()]
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -132,10 +132,10 @@ def summarise(records: list[dict[str, Any]], run_id: str) -> dict[str, Any]:
     comparisons = [
         {"subject": s, "scenario": sc, "network": n, **compare_group(es, grouped)} for (s, sc, n), es in groups.items()
     ]
-    return {"run_id": run_id, "strategies": entries, "comparisons": comparisons, "sweep": _sweep(entries)}
+    return {"run_id": run_id, "strategies": entries, "comparisons": comparisons, "sweep": _sweep(entries, sweep)}
 
 
-def _sweep(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _sweep(entries: list[dict[str, Any]], spec: SweepSpec | None) -> dict[str, Any] | None:
     cells = [e for e in entries if e["network"].startswith(SWEEP_PREFIX)]
     if not cells:
         return None
@@ -148,7 +148,14 @@ def _sweep(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
     best = [
         [min(strategies, key=lambda s: _nan_last(p50[s][i][j])) for j in range(len(columns))] for i in range(len(rows))
     ]
-    return {"rows_rate_mbit": rows, "columns_rate_mbit": columns, "p50_ms": p50, "best": best}
+    return {
+        "rows_link": spec.rows_link if spec else "rows link",
+        "columns_link": spec.columns_link if spec else "columns link",
+        "rows_rate_mbit": rows,
+        "columns_rate_mbit": columns,
+        "p50_ms": p50,
+        "best": best,
+    }
 
 
 def _nan_last(value: float) -> float:

@@ -19,8 +19,8 @@ import numpy as np
 from services.contracts import codec
 from services.contracts import pipeline as p
 from services.contracts.errors import ConfigError, MalformedBody
-from services.contracts.specs import LINK_SENDERS, TIERS, LinkMeasurementSpec, LinkName, LinkSpec, TierName
-from services.contracts.transport import Pool
+from services.contracts.specs import TIERS, LinkMeasurementSpec, LinkName, LinkSpec, TierName
+from services.contracts.transport import Pool, probe_links
 from services.contracts.transport import json_call as control
 
 STATE_FILE = Path(".local/stack.json")
@@ -91,18 +91,7 @@ class Stack:
         return states
 
     def measure_links(self, pings: int = 20, bulk_s: float = 0.5) -> list[LinkMeasurementSpec]:
-        measured = []
-        for sender, peer in LINK_SENDERS.values():
-            code, body = control(
-                f"{self.urls[sender]}/tierlab/probe",
-                method="POST",
-                body={"peer": peer, "pings": pings, "bulk_s": bulk_s},
-                timeout_s=300,
-            )
-            if code != 200:
-                raise ConfigError(f"{sender} could not probe its link to {peer}: {code} {body}")
-            measured.append(LinkMeasurementSpec.model_validate(body))
-        return measured
+        return probe_links(self.urls, pings=pings, bulk_s=bulk_s)
 
     async def infer(
         self, model: str, inputs: dict[str, np.ndarray], *, placement: str, request_id: str, timeout_s: float

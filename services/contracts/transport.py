@@ -21,6 +21,8 @@ from typing import Any, cast
 import httptools
 
 from services.contracts.codec import Buffer
+from services.contracts.errors import ConfigError
+from services.contracts.specs import LINK_SENDERS, LinkMeasurementSpec, TierName
 
 _MAX_IDLE_CONNECTIONS = 32
 
@@ -170,3 +172,21 @@ def json_call(url: str, *, method: str = "GET", body: Any = None, timeout_s: flo
             return exc.code, raw.decode(errors="replace")
     except (OSError, ValueError) as exc:
         return 0, str(exc)
+
+
+def probe_links(
+    urls: Mapping[TierName, str], *, pings: int = 20, bulk_s: float = 1.0, timeout_s: float = 300.0
+) -> list[LinkMeasurementSpec]:
+    """Each link measured by the tier that sends over it (``POST /tierlab/probe``); ConfigError if one fails."""
+    measured = []
+    for sender, peer in LINK_SENDERS.values():
+        code, body = json_call(
+            f"{urls[sender]}/tierlab/probe",
+            method="POST",
+            body={"peer": peer, "pings": pings, "bulk_s": bulk_s},
+            timeout_s=timeout_s,
+        )
+        if code != 200:
+            raise ConfigError(f"{sender} could not probe its link to {peer}: {code} {body}")
+        measured.append(LinkMeasurementSpec.model_validate(body))
+    return measured

@@ -16,14 +16,12 @@ from typing import Any
 
 from services.contracts.errors import ConfigError
 from services.contracts.specs import (
-    LINK_SENDERS,
     TIERS,
-    LinkMeasurementSpec,
     LinkName,
     LinkSpec,
     network_profile_links,
 )
-from services.contracts.transport import json_call
+from services.contracts.transport import json_call, probe_links
 from services.stack.compose import (
     DEFAULT_SUBJECTS,
     DockerStack,
@@ -175,19 +173,6 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure_links(urls: dict[str, str], *, pings: int = 20) -> list[LinkMeasurementSpec]:
-    """Each link measured by the tier that sends over it (``POST /tierlab/probe``)."""
-    measured = []
-    for sender, peer in LINK_SENDERS.values():
-        code, body = json_call(
-            f"{urls[sender]}/tierlab/probe", method="POST", body={"peer": peer, "pings": pings}, timeout_s=120
-        )
-        if code != 200:
-            raise ConfigError(f"{sender} could not probe its link to {peer}: {code} {body}")
-        measured.append(LinkMeasurementSpec.model_validate(body))
-    return measured
-
-
 def cmd_fidelity(args: argparse.Namespace) -> int:
     state = read_state(project_root())
     if state is None:
@@ -196,7 +181,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     problems = []
     print(f"{'link':<13}{'backend':<15}{'RTT configured':>15}{'measured p50':>14}{'rate configured':>17}"
           f"{'goodput expected':>18}{'measured':>10}")  # fmt: skip
-    for m in measure_links(state["urls"], pings=args.pings):
+    for m in probe_links(state["urls"], pings=args.pings):
         rate = m.configured.rate_mbit
         expected = m.expected_goodput_mbit
         print(

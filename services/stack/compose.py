@@ -20,13 +20,14 @@ import yaml
 from services.contracts.errors import ConfigError
 from services.contracts.specs import TIERS, DeploymentSpec, ModelEntrySpec, TierEndpointSpec, TierName
 from services.contracts.transport import json_call
+from services.demo import DEFAULT_PORTS
 from services.stack.docker import compose_command, output, project_root, require_engine, run, say
 from services.stack.images import ImageSet, ensure_images
 
 PROJECT = "tierlab"
 CONTAINER_MODELS_DIR = "/models"
 CONTAINER_PORT = 8000
-HOST_PORTS: dict[TierName, int] = {"mobile": 8001, "edge": 8002, "cloud": 8003}
+HOST_PORTS: dict[TierName, int] = DEFAULT_PORTS  # docker-compose.yml publishes the tiers where local ones listen
 PROMETHEUS_PORT, GRAFANA_PORT = 9090, 3000
 DEFAULT_SUBJECTS = ("fmnist-resnet", "fmnist-resnext")
 
@@ -101,13 +102,19 @@ class DockerStack:
             env.update(images.environment())
         return env
 
-    def _compose(self, *args: str, images: ImageSet | None = None, quiet: bool = False, grafana: bool = False) -> str:
+    def _compose_argv(self, *profiles: str) -> list[str]:
         argv = [*compose_command(), "-p", PROJECT]
         for path in self.spec.compose_files(self.root):
             argv += ["-f", str(path)]
-        if grafana:
-            argv += ["--profile", "grafana"]
-        done = run([*argv, *args], env=self._environment(images), quiet=quiet, timeout_s=900, cwd=self.root)
+        for profile in profiles:
+            argv += ["--profile", profile]
+        return argv
+
+    def _compose(
+        self, *args: str, images: ImageSet | None = None, quiet: bool = False, profiles: tuple[str, ...] = ()
+    ) -> str:
+        argv = [*self._compose_argv(*profiles), *args]
+        done = run(argv, env=self._environment(images), quiet=quiet, timeout_s=900, cwd=self.root)
         return (done.stdout or b"").decode()
 
     def up(self, timeout_s: float = 300.0) -> dict[str, Any]:
@@ -126,7 +133,7 @@ class DockerStack:
             f"{len(manifests)} variants"
         )
         grafana = images.grafana is not None
-        self._compose("up", "-d", "--remove-orphans", images=images, grafana=grafana)
+        self._compose("up", "-d", "--remove-orphans", images=images, profiles=("grafana",) if grafana else ())
         self.wait_ready(timeout_s)
         self.wait_scraped(f"http://127.0.0.1:{PROMETHEUS_PORT}")
         state = {
@@ -204,7 +211,7 @@ class DockerStack:
     def down(self) -> None:
         if not compose_available():
             return
-        self._compose("--profile", "grafana", "--profile", "loadgen", "down", "--volumes", "--remove-orphans")
+        self._compose("down", "--volumes", "--remove-orphans", profiles=("grafana", "loadgen"))
         state = state_path(self.root)
         if state.exists():
             state.unlink()
@@ -213,10 +220,7 @@ class DockerStack:
         """Run an experiment from the loadgen container (compose profile ``loadgen``) and wait for it."""
         (self.root / "results").mkdir(exist_ok=True)
         images = ensure_images(with_grafana=False)  # the loadgen runs the current code
-        argv = [*compose_command(), "-p", PROJECT]
-        for path in self.spec.compose_files(self.root):
-            argv += ["-f", str(path)]
-        argv += ["--profile", "loadgen", "run", "--rm", "--use-aliases", "loadgen", "--spec", spec]
+        argv = [*self._compose_argv("loadgen"), "run", "--rm", "--use-aliases", "loadgen", "--spec", spec]
         return run(argv, env=self._environment(images), check=False, cwd=self.root).returncode
 
     def logs(self, tail: int = 100) -> str:

@@ -23,9 +23,9 @@ import yaml
 
 from services.contracts.errors import ConfigError
 from services.contracts.specs import TIERS, TierName
-from services.contracts.transport import json_call
+from services.contracts.transport import json_call, probe_links
 from services.demo import build_demo_mlp
-from services.stack.cli import measure_links, network_links
+from services.stack.cli import network_links
 from services.stack.compose import DockerStack, StackSpec, leftovers, override_file, read_state
 from services.stack.docker import output, require_engine
 from tests.conftest import infer_over_http
@@ -121,7 +121,7 @@ def check_stack(state: dict[str, Any], profile: str, network: str, models_dir: P
         assert status["limits"]["memory_limit_bytes"] == memory
 
     configured = network_links(network, ROOT)
-    measured = measure_links(urls, pings=60)
+    measured = probe_links(urls, pings=60)
     assert {m.link for m in measured} == set(configured)
     for m in measured:
         assert m.configured == configured[m.link]
@@ -148,7 +148,7 @@ def test_stack_under_two_profiles_then_down_leaves_nothing(docker: None, models_
     check_stack(state, "rpi4", "4g", models_dir)
     rpi4 = {t: kernel_limits(t) for t in TIERS}
     assert laptop != rpi4, "switching PROFILE changed nothing"
-    rtt = {m.link: m.rtt_ms_p50 for m in measure_links(state["urls"], pings=20)}
+    rtt = {m.link: m.rtt_ms_p50 for m in probe_links(state["urls"], pings=20)}
     assert rtt["mobile-cloud"] > 50, "the 4g network profile is in force"
 
     stack.down()
