@@ -37,12 +37,12 @@ import onnxruntime as ort
 from onnx import helper
 
 from services.contracts import codec
+from services.contracts.calibration import session_options
 from services.contracts.specs import TIERS
 from services.contracts.variant import StageModel, write_variant
 from services.demo import local_deployment, onnx_model, write_deployment
 from services.local import LocalStack, free_ports
 from services.tier.limits import host_cpu_count, read_limits
-from services.tier.runtime import session_options
 
 RELAY_SIZES_BYTES = {"4KB": 4 * 1024, "200KB": 200 * 1024, "1MB": 1024 * 1024}
 HOPS = 3

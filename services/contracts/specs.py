@@ -171,6 +171,7 @@ class LinkProbeSpec(FrozenSpec):
 
     peer: TierName
     pings: int = Field(default=20, ge=1, le=1000, description="small round trips for the RTT")
+    rounds: int = Field(default=5, ge=1, le=50, description="spaced blocks of pings; p50 = median of their medians")
     bulk_s: float = Field(default=1.0, gt=0.0, le=30.0, description="aim of each bulk transfer at the configured rate")
     bulk_repeats: int = Field(default=2, ge=0, le=10, description="bulk transfers for the goodput; 0 = skip")
 
@@ -183,7 +184,7 @@ class LinkMeasurementSpec(FrozenSpec):
     backend: str
     configured: LinkSpec
     rtt_ms_min: float
-    rtt_ms_p50: float
+    rtt_ms_p50: float = Field(description="median of the medians of spaced rounds of pings")
     rtt_ms_p90: float
     bulk_bytes: int
     goodput_mbit: float | None = Field(description="payload bits per second of the best bulk transfer")

@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from services.contracts.calibration import measure_speeds
 from services.contracts.errors import ConfigError
 from services.contracts.specs import (
     TIERS,
     LinkName,
     LinkSpec,
+    TierName,
     network_profile_links,
 )
 from services.contracts.transport import json_call, probe_links
@@ -59,7 +61,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         return _up_local(root, spec)
     state = DockerStack(spec, root).up(timeout_s=args.timeout_s)
     say(f"stack up in {state['up_s']:.0f} s")
-    return cmd_status(args)
+    code = cmd_status(args)
+    print("device speed (the calibration model on each tier vs this host; `make fidelity` adds the links):")
+    for problem in print_speed_fidelity(state["urls"], runs=30):
+        print(f"  outside tolerance: {problem}")
+    return code
 
 
 def _up_local(root: Path, spec: StackSpec) -> int:
@@ -136,6 +142,15 @@ def _print_status(state: dict[str, Any]) -> int:
             f"{f'{memory / (1 << 30):.2f} GiB' if memory else 'unlimited'}, onnxruntime threads "
             f"{status['onnxruntime']['intra_op_threads']}, {len(status['models'])} variants"
         )
+        device, throttling = status["device"], status.get("cpu_throttling")
+        throttled = (
+            f"CFS throttled in {throttling['throttled_periods']} of {throttling['periods']} periods "
+            f"({throttling['throttled_s']:.2f} s)" if throttling else "no CFS statistics"
+        )  # fmt: skip
+        print(
+            f"         device speed {device['speed']:g} of a host core, {device['cores']} core(s), "
+            f"CFS period {device['cfs_period_us'] / 1000:g} ms; {throttled}"
+        )
         for link in status["links"]:
             rate = f"{link['rate_mbit']:g} Mbit/s" if link["rate_mbit"] else "unlimited"
             print(
@@ -178,7 +193,8 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     if state is None:
         print("no stack is up (make up)")
         return 1
-    problems = []
+    problems = print_speed_fidelity(state["urls"], runs=args.runs)
+    print()
     print(f"{'link':<13}{'backend':<15}{'RTT configured':>15}{'measured p50':>14}{'rate configured':>17}"
           f"{'goodput expected':>18}{'measured':>10}")  # fmt: skip
     for m in probe_links(state["urls"], pings=args.pings):
@@ -193,6 +209,20 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"  outside tolerance: {problem}")
     return 0 if not problems else 1
+
+
+def print_speed_fidelity(urls: dict[TierName, str], *, runs: int) -> list[str]:
+    """Each tier's calibration model against the host's ÷ its speed, as a table; the problems found."""
+    print(f"{'tier':<8}{'speed':>6}{'threads':>8}{'host p50':>11}{'expected':>11}{'measured p50':>14}"
+          f"{'achieved speed':>16}{'p95/p50':>9}")  # fmt: skip
+    problems: list[str] = []
+    for m in measure_speeds(urls, runs=runs):
+        print(
+            f"{m.tier:<8}{m.configured_speed:>6g}{m.threads:>8}{m.host_ms_p50:>8.2f} ms{m.expected_ms:>8.2f} ms"
+            f"{m.tier_ms_p50:>11.2f} ms{m.achieved_speed:>16.2f}{m.p95_over_p50:>9.2f}"
+        )
+        problems += m.problems()
+    return problems
 
 
 def cmd_loadgen(args: argparse.Namespace) -> int:
@@ -267,8 +297,11 @@ def add_commands(commands: Any) -> None:
         ("profiles", cmd_profiles, "list resource and network profiles"),
     ):
         verbs.add_parser(name, help=text).set_defaults(handler=handler)
-    fidelity = verbs.add_parser("fidelity", help="measure every link's RTT and rate against its profile")
-    fidelity.add_argument("--pings", type=int, default=20)
+    fidelity = verbs.add_parser(
+        "fidelity", help="measure every tier's speed and every link's RTT and rate against the profiles"
+    )
+    fidelity.add_argument("--pings", type=int, default=60)
+    fidelity.add_argument("--runs", type=int, default=60, help="calibration runs per tier")
     fidelity.set_defaults(handler=cmd_fidelity)
     logs = verbs.add_parser("logs", help="the last log lines of every service")
     logs.add_argument("--tail", type=int, default=100)

@@ -77,7 +77,8 @@ def stack_deployment(manifests: list[str]) -> DeploymentSpec:
     return DeploymentSpec(
         models_dir=CONTAINER_MODELS_DIR,
         models=tuple(ModelEntrySpec(manifest=m) for m in manifests),
-        tiers={t: TierEndpointSpec(url=f"http://{t}:{CONTAINER_PORT}") for t in TIERS},
+        # `<tier>-link` resolves only on the link network two tiers share (docker-compose.yml)
+        tiers={t: TierEndpointSpec(url=f"http://{t}-link:{CONTAINER_PORT}") for t in TIERS},
     )
 
 

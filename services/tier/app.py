@@ -30,6 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from services.contracts import codec
+from services.contracts.calibration import session_options
+from services.contracts.device import CalibrationRequestSpec, DeviceSpec
 from services.contracts.errors import MalformedBody, PayloadTooLarge, TierlabError
 from services.contracts.specs import (
     TIERS,
@@ -43,7 +45,7 @@ from services.contracts.specs import (
 )
 from services.tier.dataplane import DataPlane, resolve_models
 from services.tier.forwarder import Forwarder
-from services.tier.limits import CgroupLimits, host_cpu_count, read_limits
+from services.tier.limits import CgroupLimits, host_cpu_count, read_cpu_throttling, read_limits
 from services.tier.links import (
     CommandRunner,
     LinkState,
@@ -54,7 +56,6 @@ from services.tier.links import (
     run_command,
 )
 from services.tier.probe import SINK_PATH, probe_link
-from services.tier.runtime import session_options
 from services.tier.settings import TierSettings
 from services.tier.telemetry import TierTelemetry, label_for
 
@@ -105,6 +106,8 @@ class Tier:
                 "memory_limit_bytes": self.limits.memory_limit_bytes,
                 "cpu_cores": self.cpu_cores,
             },
+            "device": plane.device.model_dump(mode="json"),
+            "cpu_throttling": throttling.model_dump(mode="json") if (throttling := read_cpu_throttling()) else None,
             "onnxruntime": {"intra_op_threads": self.intra_op_threads, "allow_spinning": self.allow_spinning},
             "links": [state.describe() for state in self.links],
             "models": {
@@ -138,7 +141,12 @@ def build_tier(settings: TierSettings, *, run: CommandRunner = run_command) -> T
     models = resolve_models(deployment, settings.deployment.resolve().parent)
     limits = read_limits()
     cores = limits.cpu_cores(host_cpu_count())
-    threads = settings.intra_op_threads or limits.intra_op_threads(host_cpu_count())
+    # a device's cores are limited by the host's (and a cpuset), not by the quota, which carries its speed
+    device = settings.device or DeviceSpec(cores=limits.intra_op_threads(host_cpu_count()))
+    unquoted = CgroupLimits(limits.version, None, limits.cpuset_cpu_count, limits.memory_limit_bytes)
+    threads = settings.intra_op_threads or device.threads(unquoted.cpu_cores(host_cpu_count()))
+    if device.is_paced:
+        log.info("%s computes at speed %g of a host core, %d core(s)", tier, device.speed, device.cores)
     spinning = settings.allow_spinning if settings.allow_spinning is not None else limits.cpu_quota_cores is None
 
     configured = {**deployment.links, **(settings.links or {})} if settings.shape_links else {}
@@ -154,10 +162,17 @@ def build_tier(settings: TierSettings, *, run: CommandRunner = run_command) -> T
         timeout_s=settings.forward_timeout_s,
     )
     telemetry = TierTelemetry(tier)
-    telemetry.record_limits(limits, cores, threads)
+    telemetry.record_limits(limits, cores, threads, device)
     telemetry.record_links(states)
     plane = DataPlane(
-        tier, models, forwarder, telemetry, compute_slots=settings.compute_slots, max_queue=settings.max_queue
+        tier,
+        models,
+        forwarder,
+        telemetry,
+        compute_slots=settings.compute_slots,
+        max_queue=settings.max_queue,
+        device=device,
+        threads=threads,
     )
     return Tier(settings, deployment, plane, states, limits, cores, threads, spinning, run)
 
@@ -345,8 +360,18 @@ def create_app(tier: Tier) -> TierApp:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        plane.telemetry.record_throttling(read_cpu_throttling())
         body, content_type = plane.telemetry.render()
         return Response(body, media_type=content_type)
+
+    _add_control_routes(app, tier)
+    return TierApp(tier, app)
+
+
+def _add_control_routes(app: FastAPI, tier: Tier) -> None:
+    """tierlab's own routes beside the V2 ones: status, re-shaping, link probes, speed calibration."""
+    plane = tier.dataplane
+    settings = tier.settings
 
     @app.get("/tierlab/status")
     async def status() -> dict[str, Any]:
@@ -366,10 +391,15 @@ def create_app(tier: Tier) -> TierApp:
             size += len(chunk)
         return {"bytes": size}
 
+    @app.post("/tierlab/calibrate")
+    async def calibrate(spec: CalibrationRequestSpec) -> dict[str, Any]:
+        """Time the calibration model single-stream here, paced like every stage (speed fidelity)."""
+        options = session_options(tier.intra_op_threads, allow_spinning=tier.allow_spinning)
+        measured = await plane.calibrate(spec.runs, options)
+        return measured.model_dump(mode="json")
+
     @app.post("/tierlab/probe")
     async def probe(spec: LinkProbeSpec) -> dict[str, Any]:
         """Measure this tier's link towards ``spec.peer`` through the path forwarded tensors take."""
         measured = await probe_link(plane.forwarder, tier.links, spec)
         return measured.model_dump(mode="json")
-
-    return TierApp(tier, app)

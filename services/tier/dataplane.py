@@ -12,25 +12,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
 
 from services.contracts import pipeline as p
+from services.contracts.calibration import time_runs
 from services.contracts.codec import InferRequest, InferResponse
+from services.contracts.device import CalibrationTimesSpec, DeviceSpec
 from services.contracts.errors import BadParameter, ConfigError, ModelNotFound, TensorMismatch, Unavailable
 from services.contracts.manifest import ManifestSpec, load_manifest, verify_stage_files
 from services.contracts.pipeline import HopTiming, PipelineRequest
 from services.contracts.specs import TIERS, DeploymentSpec, Placement, TierName, placements_for
 from services.tier.forwarder import Forwarder
-from services.tier.runtime import StageSession, StagesResult, check_inputs, run_stages
+from services.tier.runtime import StageSession, StagesResult, check_inputs, pace, run_stages
 from services.tier.telemetry import TierTelemetry
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _NS_PER_MS = 1_000_000
 # stages this cheap run on the event loop: a worker-thread hand-off costs 100-250 µs (benchmarks/overhead.py)
@@ -110,6 +114,8 @@ class DataPlane:
     telemetry: TierTelemetry
     compute_slots: int = 1
     max_queue: int = 64
+    device: DeviceSpec = field(default_factory=DeviceSpec)
+    threads: int = 1
     sessions: dict[tuple[str, int], StageSession] = field(default_factory=dict)
     stage_cost_us: dict[tuple[str, int], float] = field(default_factory=dict)  # warm-up median
     ready: bool = False
@@ -251,23 +257,38 @@ class DataPlane:
         exit_threshold: float | None,
         received_ns: int,
     ) -> StagesResult:
+        stages = [self.sessions[(model.name, index)] for index in local]
+        # warm-up timed one item; a batch costs about that many times more
+        cost_us = sum(self.stage_cost_us[(model.name, index)] for index in local) * _batch_items(stages[0], inputs)
+        # a paced run waits out the device's compute time: never on the event loop
+        if self._compute_pending == 0 and cost_us <= INLINE_COMPUTE_MAX_US and not self.device.is_paced:
+            return run_stages(stages, inputs, exit_threshold, received_ns)
+        return await self._on_compute_slot(run_stages, stages, inputs, exit_threshold, received_ns, self.device.speed)
+
+    async def _on_compute_slot(self, work: Callable[..., _T], *args: Any) -> _T:
+        """Run ``work`` on a compute slot (a worker thread), or 503 when slots and queue are full."""
         limit = self.compute_slots + self.max_queue
         if self._compute_pending >= limit:
             raise Unavailable(
                 f"{self.tier} has {self._compute_pending} requests in or waiting for compute "
                 f"(limit {limit}); retry later"
             )
-        stages = [self.sessions[(model.name, index)] for index in local]
-        # warm-up timed one item; a batch costs about that many times more
-        cost_us = sum(self.stage_cost_us[(model.name, index)] for index in local) * _batch_items(stages[0], inputs)
-        if self._compute_pending == 0 and cost_us <= INLINE_COMPUTE_MAX_US:
-            return run_stages(stages, inputs, exit_threshold, received_ns)
         self._compute_pending += 1
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, run_stages, stages, inputs, exit_threshold, received_ns)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
         finally:
             self._compute_pending -= 1
+
+    async def calibrate(self, runs: int, options: ort.SessionOptions) -> CalibrationTimesSpec:
+        """Time the calibration model single-stream on a compute slot, paced like every stage."""
+
+        def timed() -> CalibrationTimesSpec:
+            wall_ms, cpu_ms = time_runs(options, runs, lambda started, cpu: pace(started, cpu, self.device.speed))
+            return CalibrationTimesSpec(
+                tier=self.tier, device=self.device, threads=self.threads, wall_ms=tuple(wall_ms), cpu_ms=tuple(cpu_ms)
+            )
+
+        return await self._on_compute_slot(timed)
 
     @staticmethod
     def _answer(model: ServedModel, result: StagesResult) -> dict[str, np.ndarray]:

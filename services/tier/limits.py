@@ -1,7 +1,8 @@
 """The CPU and memory limits a tier runs under, read from its cgroup (v1 or v2), not the host.
 
 A container limited to 1.5 CPUs on a 16-core host must run onnxruntime with 1 intra-op thread, not 16:
-threads beyond the quota only get throttled. Parsers are pure functions of file text; ``read_limits``
+threads beyond the quota only get throttled. ``read_cpu_throttling`` reads the CFS counters (``cpu.stat``)
+that say how often the quota ran out. Parsers are pure functions of file text; ``read_limits``
 walks the process's cgroup and its ancestors (the tightest limit wins) under a root that tests replace
 with a fake tree.
 """
@@ -13,6 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal, TypeVar
+
+from services.contracts.device import CpuThrottlingSpec
 
 # cgroup v1 reports "no memory limit" as a page-rounded LONG_MAX; anything this large means unlimited
 _V1_UNLIMITED_MEMORY_BYTES = 1 << 62
@@ -167,3 +170,37 @@ def _read_v2(root: Path, path: str) -> CgroupLimits:
 
 def host_cpu_count() -> int:
     return os.cpu_count() or 1
+
+
+def parse_cpu_stat(text: str) -> CpuThrottlingSpec:
+    """``cpu.stat`` (v1: ``throttled_time`` ns; v2: ``throttled_usec``) → the CFS throttling counters."""
+    fields = dict(line.split(maxsplit=1) for line in text.splitlines() if len(line.split()) == 2)
+    throttled_s = (
+        int(fields["throttled_time"]) / 1e9
+        if "throttled_time" in fields
+        else int(fields.get("throttled_usec", 0)) / 1e6
+    )
+    return CpuThrottlingSpec(
+        periods=int(fields.get("nr_periods", 0)),
+        throttled_periods=int(fields.get("nr_throttled", 0)),
+        throttled_s=round(throttled_s, 6),
+    )
+
+
+def read_cpu_throttling(
+    root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")
+) -> CpuThrottlingSpec | None:
+    """This process's cgroup CFS statistics (the innermost ``cpu.stat``), None where none is readable."""
+    try:
+        paths = parse_proc_cgroup(proc_cgroup.read_text())
+    except OSError:
+        paths = {}
+    if (root / "cpu").is_dir() or (root / "cpu,cpuacct").is_dir():
+        base, path = (root / "cpu" if (root / "cpu").is_dir() else root / "cpu,cpuacct"), paths.get("cpu", "/")
+    else:
+        base, path = root, paths.get("", "/")
+    for folder in _candidates(base, path):
+        text = _read(folder, "cpu.stat")
+        if text is not None and "nr_periods" in text:
+            return parse_cpu_stat(text)
+    return None

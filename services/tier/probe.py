@@ -2,13 +2,17 @@
 
 The probe goes through the tier's forwarder, so whatever emulates the link (netem, tbf, userspace delay)
 acts on it exactly as on a forwarded tensor; the numbers are measured, never read back from the config.
-RTT is the round trip of an empty body. Goodput is the slope between a bulk transfer and one a quarter
-its size — (¾ · bytes · 8) / (t_full − t_quarter), each the best of a few — so the RTT, TCP slow start
-and a token bucket's initial burst (which both transfers get) cancel out instead of inflating it.
+RTT is the round trip of an empty body, taken in rounds spaced apart; its p50 is the median of the
+rounds' medians, so a burst of scheduling noise on a busy machine (which delays a run of consecutive
+pings, not scattered ones) spoils one round and not the estimate. Goodput is the slope between a bulk
+transfer and one a quarter its size — (¾ · bytes · 8) / (t_full − t_quarter), each the best of a few —
+so the RTT, TCP slow start and a token bucket's initial burst (which both transfers get) cancel out
+instead of inflating it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 
 from services.contracts.errors import BadParameter, NextTierError
@@ -22,6 +26,7 @@ _NS_PER_MS = 1e6
 _UNLIMITED_BULK_BYTES = 32 << 20
 _MIN_BULK_BYTES = 128 << 10  # a quarter of it still exceeds tbf's burst at 1 Mbit/s
 _CHUNK_BYTES = 1 << 20
+_ROUND_GAP_S = 0.05  # longer than a scheduler time slice: rounds see independent noise
 
 
 def bulk_size_bytes(state: LinkState, bulk_s: float) -> int:
@@ -48,7 +53,15 @@ async def probe_link(forwarder: Forwarder, states: list[LinkState], probe: LinkP
     if state is None:
         raise BadParameter(f"no link towards {probe.peer} from this tier")
     await _send(forwarder, probe.peer, 0)  # open the connection outside the measurement
-    rtts = sorted([await _send(forwarder, probe.peer, 0) for _ in range(probe.pings)])
+    rounds = min(probe.rounds, probe.pings)
+    round_medians, rtts = [], []
+    for k in range(rounds):
+        if k:
+            await asyncio.sleep(_ROUND_GAP_S)
+        block = [await _send(forwarder, probe.peer, 0) for _ in range(probe.pings // rounds)]
+        round_medians.append(statistics.median(block))
+        rtts += block
+    rtts.sort()
     bulk = bulk_size_bytes(state, probe.bulk_s)
     goodput: float | None = None
     if probe.bulk_repeats:
@@ -64,7 +77,7 @@ async def probe_link(forwarder: Forwarder, states: list[LinkState], probe: LinkP
         backend=state.backend.value,
         configured=state.spec,
         rtt_ms_min=round(rtts[0], 3),
-        rtt_ms_p50=round(statistics.median(rtts), 3),
+        rtt_ms_p50=round(statistics.median(round_medians), 3),
         rtt_ms_p90=round(deciles[8], 3),
         bulk_bytes=bulk,
         goodput_mbit=goodput,

@@ -1,8 +1,9 @@
 """onnxruntime sessions for the stages a tier runs: created once, checked against the manifest, warmed.
 
 A ``StageSession`` is one submodel in one persistent ``InferenceSession`` whose thread counts come from
-the tier's CPU quota. ``run_stages`` runs a tier's consecutive stages in one call (one thread hop per
-request), checking each stage's exit head on the way.
+the tier's device. ``run_stages`` runs a tier's consecutive stages in one call (one thread hop per
+request), checking each stage's exit head on the way, and paces the call to the device's speed: it ends
+no sooner than the CPU time its thread used divided by the speed (see ``services.contracts.device``).
 """
 
 from __future__ import annotations
@@ -20,18 +21,6 @@ import onnxruntime as ort
 from services.contracts.dtypes import NUMPY_DTYPES, ORT_TYPE_NAMES, datatype_of
 from services.contracts.errors import ConfigError, TensorMismatch
 from services.contracts.manifest import ExitSpec, ManifestSpec, StageSpec, TensorSpec, max_softmax
-
-
-def session_options(intra_op_threads: int, *, allow_spinning: bool) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # spinning threads burn a CPU quota the stage could use; only spin when the tier owns its cores
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-    options.log_severity_level = 3
-    return options
 
 
 def _check_against_onnx(stage: StageSpec, session: ort.InferenceSession, where: str) -> None:
@@ -127,21 +116,40 @@ class StagesResult:
     compute_ns: int
 
 
+def pace(started_ns: int, cpu_ns: int, speed: float) -> None:
+    """Block until ``cpu_ns / speed`` has passed since ``started_ns``: the device's compute time.
+
+    Sleeps rather than spins, so the wait costs the tier's CPU quota nothing; a thread's sleep wakes
+    within ~0.1 ms (hrtimers), a few percent of the shortest paced stage.
+    """
+    if speed >= 1.0:
+        return
+    remaining_ns = started_ns + cpu_ns / speed - time.perf_counter_ns()
+    if remaining_ns > 0:
+        time.sleep(remaining_ns / 1e9)
+
+
 def run_stages(
     stages: Sequence[StageSession],
     feeds: Mapping[str, np.ndarray],
     exit_threshold: float | None,
     clock_start_ns: int,
+    speed: float = 1.0,
 ) -> StagesResult:
     """Run consecutive stages, feeding each the previous one's outputs; stop at a confident exit head.
 
-    Runs in a worker thread; ``clock_start_ns`` lets it report how long the request queued for it.
+    Runs in a worker thread (or inline when ``speed`` is 1 and the stages are cheap); ``clock_start_ns``
+    lets it report how long the request queued for it. With ``speed`` < 1 it is paced to the device.
     """
     started = time.perf_counter_ns()
+    cpu_started = time.thread_time_ns()
     tensors: dict[str, np.ndarray] = dict(feeds)
+    last, exited = stages[-1].index, False
     for stage in stages:
         tensors = stage.run({spec.name: tensors[spec.name] for spec in stage.spec.inputs})
         head = stage.spec.exit
         if head is not None and exit_confident(head, tensors, exit_threshold):
-            return StagesResult(tensors, stage.index, True, started - clock_start_ns, time.perf_counter_ns() - started)
-    return StagesResult(tensors, stages[-1].index, False, started - clock_start_ns, time.perf_counter_ns() - started)
+            last, exited = stage.index, True
+            break
+    pace(started, time.thread_time_ns() - cpu_started, speed)
+    return StagesResult(tensors, last, exited, started - clock_start_ns, time.perf_counter_ns() - started)

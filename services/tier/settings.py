@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.contracts.device import DeviceSpec
 from services.contracts.specs import LinkName, LinkSpec, TierName
 
 _MIB = 1 << 20
@@ -28,7 +29,11 @@ class TierSettings(BaseSettings):
     compute_slots: int = Field(default=1, ge=1, description="stage runs at once (each uses all ORT threads)")
     max_queue: int = Field(default=64, ge=0, description="requests waiting for a compute slot before 503")
     forward_timeout_s: float = Field(default=30.0, gt=0, description="next tier answers within this or 504")
-    intra_op_threads: int | None = Field(default=None, ge=1, description="default: from the CPU quota")
+    device: DeviceSpec | None = Field(
+        default=None,
+        description="the device's speed and cores (JSON in TIERLAB_DEVICE); default: host speed, cores from the quota",
+    )
+    intra_op_threads: int | None = Field(default=None, ge=1, description="default: the device's cores")
     allow_spinning: bool | None = Field(default=None, description="default: only when no CPU quota is set")
     warmup_runs: int = Field(default=3, ge=0)
     shape_links: bool = Field(default=True, description="apply the deployment's link specs")

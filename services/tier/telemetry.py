@@ -22,6 +22,7 @@ from prometheus_client import (
 )
 
 from services.contracts import metrics as m
+from services.contracts.device import CpuThrottlingSpec, DeviceSpec
 from services.contracts.pipeline import HopTiming
 from services.tier.limits import CgroupLimits
 from services.tier.links import LinkState
@@ -81,6 +82,15 @@ class TierTelemetry:
         self.memory_limit = Gauge(m.MEMORY_LIMIT_BYTES, "Memory limit (cgroup); 0 = unlimited", [m.TIER], registry=r)
         self.ort_threads = Gauge(m.ORT_THREADS, "onnxruntime intra-op threads per session", [m.TIER], registry=r)
         self.ready = Gauge(m.READY, "1 when every session is loaded and warmed", [m.TIER], registry=r)
+        self.device_speed = Gauge(m.DEVICE_SPEED, "A device core's speed relative to a host core", [m.TIER], registry=r)
+        # cumulative counters owned by the kernel: gauges set from cpu.stat when scraped
+        self.cpu_periods = Gauge(m.CPU_PERIODS, "CFS periods with runnable work (cpu.stat)", [m.TIER], registry=r)
+        self.cpu_throttled_periods = Gauge(
+            m.CPU_THROTTLED_PERIODS, "CFS periods in which the quota ran out (cpu.stat)", [m.TIER], registry=r
+        )
+        self.cpu_throttled_seconds = Gauge(
+            m.CPU_THROTTLED_SECONDS, "Time the tier's threads were held back by CFS (cpu.stat)", [m.TIER], registry=r
+        )
         link_labels = [m.TIER, m.LINK, m.BACKEND]
         self.link_info = Gauge(f"{m.LINK_INFO}_info", "Link emulation in force (value 1)", link_labels, registry=r)
         self.link_delay = Gauge(m.LINK_DELAY_MS, "Configured one-way link delay", link_labels, registry=r)
@@ -90,7 +100,8 @@ class TierTelemetry:
         self.ready.labels(tier).set(0)
         self._by_strategy: dict[tuple[str, str], _StrategySeries] = {}
 
-    def record_limits(self, limits: CgroupLimits, cpu_cores: float, threads: int) -> None:
+    def record_limits(self, limits: CgroupLimits, cpu_cores: float, threads: int, device: DeviceSpec) -> None:
+        self.device_speed.labels(self.tier).set(device.speed)
         self.cpu_limit.labels(self.tier).set(cpu_cores)
         self.memory_limit.labels(self.tier).set(limits.memory_limit_bytes or 0)
         self.ort_threads.labels(self.tier).set(threads)
@@ -135,6 +146,12 @@ class TierTelemetry:
 
     def record_error(self, model: str, status: int) -> None:
         self.errors.labels(self.tier, model, str(status)).inc()
+
+    def record_throttling(self, throttling: CpuThrottlingSpec | None) -> None:
+        if throttling is not None:
+            self.cpu_periods.labels(self.tier).set(throttling.periods)
+            self.cpu_throttled_periods.labels(self.tier).set(throttling.throttled_periods)
+            self.cpu_throttled_seconds.labels(self.tier).set(throttling.throttled_s)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
