@@ -138,7 +138,7 @@ def _report(folder: Path, *, print_table: bool) -> int:
         console.print(f"records are in {folder}; the report needs {', '.join(missing)} (the `report` extra): "
                       f"make it on the host with `python -m loadgen report {folder.name}`")  # fmt: skip
         return 0
-    from loadgen.records import read_records
+    from loadgen.records import finished_runs, read_records
     from loadgen.report import write_report
     from loadgen.runner import write_json
     from loadgen.summary import summarise
@@ -146,9 +146,15 @@ def _report(folder: Path, *, print_table: bool) -> int:
     records = read_records(folder)
     if not records:
         raise ConfigError(f"{folder} has no records")
-    summary = summarise(records, folder.name, load_spec(str(folder / "spec.yaml")).sweep)
-    write_json(folder / "summary.json", summary)
     bundle = json.loads((folder / "bundle.json").read_text()) if (folder / "bundle.json").exists() else {}
+    summary = summarise(
+        records,
+        folder.name,
+        load_spec(str(folder / "spec.yaml")).sweep,
+        runs=finished_runs(folder),
+        networks=bundle.get("networks"),
+    )
+    write_json(folder / "summary.json", summary)
     path = write_report(folder, summary, records, bundle)
     if print_table:
         print_ranking(summary)

@@ -33,6 +33,8 @@ from loadgen.spec import SWEEP_PREFIX, ExperimentSpec, ScenarioSpec, StoppingSpe
 from loadgen.target import Answer, Stack
 from loadgen.telemetry import LoadgenTelemetry
 from services.contracts import pipeline as p
+from services.contracts.calibration import measure_speeds
+from services.contracts.device import CpuThrottlingSpec
 from services.contracts.errors import BadParameter, ConfigError
 from services.contracts.manifest import ManifestSpec, load_manifest
 from services.contracts.samples import SampleSet, load_samples
@@ -196,7 +198,7 @@ def environment_bundle(stack: Stack, spec: ExperimentSpec) -> dict[str, Any]:
         "versions": {k: version(k) for k in ("onnxruntime", "numpy", "fastapi", "uvicorn", "tierlab")},
         "seed": spec.seed,
         "stack": {k: stack.state.get(k) for k in ("runtime", "profile", "network", "images", "subjects")},
-        "tiers": {t: {k: status[k] for k in ("limits", "onnxruntime")} for t, status in statuses.items()},
+        "tiers": {t: {k: status.get(k) for k in ("limits", "onnxruntime", "device")} for t, status in statuses.items()},
         "networks": {},
     }
 
@@ -300,8 +302,11 @@ class Experiment:
             on_sample()
             return ended_ns
 
-        started = time.monotonic()
+        throttling_before = self._throttling()
+        started, cpu_started = time.monotonic(), time.process_time()
         issued = await drive(plan.scenario, send, stop, clock, seed=self.spec.seed + first_seq)
+        duration_s = time.monotonic() - started
+        throttling_after = self._throttling()
         return {
             "run": plan.key,
             "strategy": plan.strategy,
@@ -311,8 +316,31 @@ class Experiment:
             "issued": issued,
             "errors": errors,
             "stop_reason": stop.reason,
-            "duration_s": round(time.monotonic() - started, 3),
+            "duration_s": round(duration_s, 3),
+            "requested": {
+                "scenario_kind": plan.scenario.kind,
+                "rate_rps": plan.scenario.rate_rps,
+                "min_samples": plan.stopping.min_samples,
+                "max_samples": plan.stopping.max_samples,
+                "max_duration_s": plan.stopping.max_duration_s,
+                "ci_rel_width": plan.stopping.ci_rel_width,
+            },
+            "loadgen_cpu": round((time.process_time() - cpu_started) / duration_s, 4) if duration_s > 0 else None,
+            "cpu_throttling": {
+                tier: after.since(throttling_before[tier]).model_dump(mode="json")
+                for tier, after in throttling_after.items()
+                if tier in throttling_before
+            },
         }
+
+    def _throttling(self) -> dict[str, CpuThrottlingSpec]:
+        """Each tier's CFS counters now (tiers without a quota or cgroup have none)."""
+        found: dict[str, CpuThrottlingSpec] = {}
+        for tier in self.stack.urls:
+            reading = self.stack.status(tier).get("cpu_throttling")
+            if reading is not None:
+                found[tier] = CpuThrottlingSpec.model_validate(reading)
+        return found
 
     def apply_network(self, network: str, bundle: dict[str, Any], *, measure: bool) -> None:
         if network.startswith(SWEEP_PREFIX):
@@ -324,16 +352,36 @@ class Experiment:
             links = network_links(network)
         states = self.stack.shape(links)
         if measure:
-            measured = self.stack.measure_links(pings=10, bulk_s=0.3)
             bundle["networks"][network] = {
                 "links": {k: v.model_dump(mode="json") for k, v in links.items()},
                 "backends": sorted({s["backend"] for s in states}),
                 "notes": sorted({s["note"] for s in states if s["note"]}),
-                "measured": [m.model_dump(mode="json") for m in measured],
-                "problems": [problem for m in measured for problem in m.problems()],
             }
-            for problem in bundle["networks"][network]["problems"]:
-                self.say(f"link fidelity: {problem}")
+            self.measure_fidelity(network, bundle, "before")
+
+    def measure_fidelity(self, network: str, bundle: dict[str, Any], when: str) -> None:
+        """Links and device speeds, measured ``before`` or ``after`` a network's runs, into the bundle."""
+        entry = bundle["networks"][network]
+        measured = self.stack.measure_links(pings=20, bulk_s=0.3)
+        speeds = measure_speeds(self.stack.urls, runs=30)
+        suffix = "" if when == "before" else "_after"
+        entry[f"measured{suffix}"] = [m.model_dump(mode="json") for m in measured]
+        entry[f"problems{suffix}"] = [problem for m in measured for problem in m.problems()]
+        entry[f"speed_{when}"] = [
+            {**m.model_dump(mode="json"), "achieved_speed": round(m.achieved_speed, 4)} for m in speeds
+        ]
+        entry[f"speed_problems_{when}"] = [problem for m in speeds for problem in m.problems()]
+        for problem in entry[f"problems{suffix}"]:
+            self.say(f"link fidelity {when} the runs: {problem}")
+        for problem in entry[f"speed_problems_{when}"]:
+            self.say(f"speed fidelity {when} the runs: {problem}")
+
+
+def _close_network(experiment: Experiment, network: str | None, bundle: dict[str, Any], bundle_path: Path) -> None:
+    """After a network's runs: measure its links and speeds again (drift during the runs invalidates them)."""
+    if network is not None and network in bundle["networks"]:
+        experiment.measure_fidelity(network, bundle, "after")
+        write_json(bundle_path, bundle)
 
 
 def write_json(path: Path, document: Any) -> None:
@@ -384,6 +432,7 @@ async def _execute(experiment: Experiment, plan: Plan, progress: Any) -> None:
     try:
         for run in todo:
             if run.network != current_network:
+                _close_network(experiment, current_network, bundle, bundle_path)
                 experiment.apply_network(run.network, bundle, measure=not run.network.startswith(SWEEP_PREFIX))
                 write_json(bundle_path, bundle)
                 current_network = run.network
@@ -391,6 +440,7 @@ async def _execute(experiment: Experiment, plan: Plan, progress: Any) -> None:
             info = await experiment.run_one(run, writer, partial.get(run.key, []), progress.sample)
             mark_finished(folder, info)
             progress.end_run(info)
+        _close_network(experiment, current_network, bundle, bundle_path)
     finally:
         writer.close()
         experiment.stack.close()

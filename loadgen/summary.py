@@ -1,7 +1,8 @@
 """From records to verdicts: per-run summaries (latency percentiles with CIs, accuracy with CI, exit rate,
-errors, per-hop means) and, per group of comparable runs (subject × scenario × network), Kruskal-Wallis
-with Dunn/Holm and Cliff's δ against the fastest strategy, and exact McNemar against the identity
-variant on the same samples. Everything in ``summary.json`` is computed here from ``records.csv``.
+errors, per-hop means, the run's VALID/INVALID verdict from ``loadgen.verdict``) and, per group of
+comparable runs (subject × scenario × network), Kruskal-Wallis with Dunn/Holm and Cliff's δ against the
+fastest strategy, and exact McNemar against the identity variant on the same samples. Everything in
+``summary.json`` is computed here from ``records.csv``, ``runs.jsonl`` and the bundle's fidelity.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from loadgen import stats
 from loadgen.records import MAX_HOPS, by_run
 from loadgen.spec import SWEEP_PREFIX, SweepSpec
+from loadgen.verdict import judge
 
 ALPHA = 0.05
 
@@ -122,9 +124,21 @@ def compare_group(entries: list[dict[str, Any]], records: dict[str, list[dict[st
     return result
 
 
-def summarise(records: list[dict[str, Any]], run_id: str, sweep: SweepSpec | None = None) -> dict[str, Any]:
+def summarise(
+    records: list[dict[str, Any]],
+    run_id: str,
+    sweep: SweepSpec | None = None,
+    *,
+    runs: dict[str, dict[str, Any]] | None = None,
+    networks: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Everything in ``summary.json``; ``runs`` are the ``runs.jsonl`` lines and ``networks`` the bundle's
+    fidelity per network, which the verdicts need."""
     grouped = dict(by_run(records))
     entries = [summarise_run(rs) for rs in grouped.values()]
+    for e in entries:
+        verdict = judge(e, (runs or {}).get(e["run"]), (networks or {}).get(e["network"]))
+        e["verdict"] = {"label": verdict.label, **verdict.model_dump(mode="json")}
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for e in entries:
         if not e["network"].startswith(SWEEP_PREFIX):

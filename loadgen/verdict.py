@@ -1,0 +1,109 @@
+"""A run's verdict, as MLPerf LoadGen gives one: VALID or INVALID with the reasons, requested vs effective.
+
+A run is INVALID when its numbers cannot be trusted as a measurement of the strategy on the profile:
+
+- its stopping rule gave up (``max_samples``/``max_duration_s``) before the p50/p95 CIs were as narrow as
+  asked (unless the spec fixed the sample count: ``min_samples == max_samples``);
+- more than ``MAX_ERROR_RATE`` of its requests failed;
+- an open-loop run fell behind its schedule (lag p99 over ``MAX_LAG_MS_P99``) or delivered less than
+  ``MIN_RATE_SHARE`` of the requested rate;
+- a link of its network was outside tolerance when measured before or after the network's runs;
+- a tier it used computed outside its configured speed (speed fidelity before or after);
+- single-stream, a tier it used was CFS-throttled in more than ``MAX_THROTTLED_SHARE`` of the periods
+  (throttling under load is the device being busy, and is only noted);
+- the loadgen itself used more than ``MAX_LOADGEN_CPU`` of a core (it may have been the bottleneck).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from services.contracts.manifest import FrozenSpec
+from services.contracts.specs import TIER_LETTERS
+
+MAX_ERROR_RATE = 0.01
+MAX_LAG_MS_P99 = 5.0
+MIN_RATE_SHARE = 0.9
+MAX_THROTTLED_SHARE = 0.10
+MAX_LOADGEN_CPU = 0.9
+OPEN_LOOP = ("server", "burst")
+
+
+class VerdictSpec(FrozenSpec):
+    valid: bool
+    reasons: tuple[str, ...] = Field(description="why the run is INVALID; empty when VALID")
+    notes: tuple[str, ...] = Field(description="worth knowing, not invalidating")
+    requested: dict[str, Any]
+    effective: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return "VALID" if self.valid else "INVALID"
+
+
+def tiers_used(placement: str) -> list[str]:
+    """The tiers a placement's requests touch: the device always (requests enter there), then its stages'."""
+    tiers = ["mobile"] + [TIER_LETTERS[letter] for letter in placement.split("-")]
+    return list(dict.fromkeys(tiers))
+
+
+def judge(entry: dict[str, Any], info: dict[str, Any] | None, network: dict[str, Any] | None) -> VerdictSpec:
+    """The verdict of one run from its summary ``entry``, its ``runs.jsonl`` line and its network's fidelity."""
+    reasons: list[str] = []
+    notes: list[str] = []
+    info = info or {}
+    requested: dict[str, Any] = dict(info.get("requested") or {})
+    stop_reason = info.get("stop_reason")
+    effective: dict[str, Any] = {
+        "samples": entry["n"],
+        "duration_s": info.get("duration_s"),
+        "rate_rps": entry.get("throughput_rps"),
+        "stop_reason": stop_reason,
+        "error_rate": entry["error_rate"],
+        "lag_ms_p99": entry["lag_ms_p99"],
+        "loadgen_cpu": info.get("loadgen_cpu"),
+        "cpu_throttling": info.get("cpu_throttling") or {},
+    }
+    if not info:
+        reasons.append("the run did not finish (no line in runs.jsonl)")
+    fixed_count = requested.get("min_samples") == requested.get("max_samples")
+    ci_met = bool(stop_reason) and not str(stop_reason).startswith("max_")
+    effective["ci_met"] = ci_met
+    if stop_reason and not ci_met and not fixed_count:
+        reasons.append(f"stopped at {stop_reason} before the p50/p95 CIs were within ±{requested.get('ci_rel_width')}")
+    if entry["error_rate"] > MAX_ERROR_RATE:
+        reasons.append(f"{entry['error_rate']:.1%} of requests failed (at most {MAX_ERROR_RATE:.0%})")
+    if requested.get("scenario_kind") in OPEN_LOOP:
+        if entry["lag_ms_p99"] > MAX_LAG_MS_P99:
+            reasons.append(
+                f"the loadgen lagged its schedule: lag p99 {entry['lag_ms_p99']:.1f} ms > {MAX_LAG_MS_P99:g}"
+            )
+        wanted = requested.get("rate_rps")
+        got = entry.get("throughput_rps")
+        if wanted and got is not None and got < MIN_RATE_SHARE * wanted:
+            reasons.append(f"delivered {got:.1f} req/s of the {wanted:g} requested")
+    used = tiers_used(entry["placement"])
+    if network is None:
+        notes.append("links and device speed not measured for this network (sweep cell)")
+    else:
+        for when in ("before", "after"):
+            for problem in network.get("problems" if when == "before" else "problems_after") or []:
+                reasons.append(f"link fidelity {when} the runs: {problem}")
+            for problem in network.get(f"speed_problems_{when}") or []:
+                if problem.split(":")[0] in used:
+                    reasons.append(f"speed fidelity {when} the runs: {problem}")
+    for tier, throttling in (info.get("cpu_throttling") or {}).items():
+        if tier not in used or not throttling.get("periods"):
+            continue
+        share = throttling["throttled_periods"] / throttling["periods"]
+        if share > MAX_THROTTLED_SHARE:
+            message = f"{tier} CFS-throttled in {share:.0%} of periods ({throttling['throttled_s']:.2f} s)"
+            (reasons if requested.get("scenario_kind") == "single-stream" else notes).append(message)
+    loadgen_cpu = info.get("loadgen_cpu")
+    if loadgen_cpu is not None and loadgen_cpu > MAX_LOADGEN_CPU:
+        reasons.append(f"the loadgen used {loadgen_cpu:.0%} of a core: it may have been the bottleneck")
+    return VerdictSpec(
+        valid=not reasons, reasons=tuple(reasons), notes=tuple(notes), requested=requested, effective=effective
+    )
