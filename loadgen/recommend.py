@@ -1,7 +1,8 @@
 """Which strategy for this constraint: from a results folder's ``summary.json``, the strategies whose p95
 latency is within the budget and whose accuracy is within the allowed drop of the identity variant
 (the unmodified model, measured in the same experiment), best first, with runner-ups and why the
-others were ruled out."""
+others were ruled out. An INVALID run (``loadgen.verdict``) is never recommended: it is ruled out with
+its verdict's reasons, and when only INVALID runs would meet the constraint the answer says so."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from loadgen.spec import SWEEP_PREFIX
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Recommendation:
     subject: str
     scenario: str
     network: str
     baseline_accuracy: float | None
     chosen: list[dict[str, Any]]
     ruled_out: list[tuple[str, str]]
+    untrusted: list[dict[str, Any]]  # INVALID runs that would otherwise meet the constraint
 
 
 def recommend(
@@ -30,7 +32,7 @@ def recommend(
     subject: str | None = None,
     scenario: str | None = None,
     network: str | None = None,
-) -> list[Verdict]:
+) -> list[Recommendation]:
     """One verdict per (subject, scenario, network) group; ``max_accuracy_drop`` in points (0.01 = 1 point)."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for e in summary["strategies"]:
@@ -45,10 +47,11 @@ def recommend(
     for (subj, scen, net), entries in groups.items():
         identity = [e["accuracy"]["value"] for e in entries if e["variant"] == "identity" and e.get("accuracy")]
         baseline = max(identity) if identity else None
-        chosen, ruled_out = [], []
+        chosen, ruled_out, untrusted = [], [], []
         for e in entries:
             p95 = e["latency_ms"].get("p95", math.inf)
             accuracy = e["accuracy"]["value"] if e.get("accuracy") else None
+            verdict = e.get("verdict") or {"valid": True, "reasons": []}
             if e["error_rate"] > 0.01:
                 ruled_out.append((e["strategy"], f"{e['error_rate']:.0%} of requests failed"))
             elif p95 > p95_ms:
@@ -57,19 +60,32 @@ def recommend(
                 ruled_out.append(
                     (e["strategy"], f"accuracy {accuracy:.3f} is {baseline - accuracy:.3f} below identity")
                 )
+            elif not verdict["valid"]:
+                ruled_out.append((e["strategy"], "INVALID run: " + "; ".join(verdict["reasons"])))
+                untrusted.append(e)
             else:
                 chosen.append(e)
+
         # fastest tail first; among equally fast (CIs overlap), the more accurate
-        chosen.sort(key=lambda e: (e["latency_ms"]["p95"], -(e.get("accuracy") or {}).get("value", 0.0)))
-        verdicts.append(Verdict(subj, scen, net, baseline, chosen, sorted(ruled_out)))
+        def rank(e: dict[str, Any]) -> tuple[float, float]:
+            return e["latency_ms"]["p95"], -(e.get("accuracy") or {}).get("value", 0.0)
+
+        chosen.sort(key=rank)
+        untrusted.sort(key=rank)
+        verdicts.append(Recommendation(subj, scen, net, baseline, chosen, sorted(ruled_out), untrusted))
     return verdicts
 
 
-def explain(verdict: Verdict, *, runner_ups: int = 3) -> list[str]:
+def explain(verdict: Recommendation, *, runner_ups: int = 3) -> list[str]:
     head = f"{verdict.subject} · {verdict.scenario} · network {verdict.network}"
     if not verdict.chosen:
-        return [f"{head}: no strategy meets the constraint; closest misses:",
-                *(f"  {s}: {why}" for s, why in verdict.ruled_out[:5])]  # fmt: skip
+        lines = [f"{head}: no VALID strategy meets the constraint; closest misses:",
+                 *(f"  {s}: {why}" for s, why in verdict.ruled_out[:5])]  # fmt: skip
+        if verdict.untrusted:
+            lines.append(
+                f"  {verdict.untrusted[0]['strategy']} would, but its run is INVALID: rerun it before trusting it"
+            )
+        return lines
 
     def line(e: dict[str, Any]) -> str:
         acc = e.get("accuracy")

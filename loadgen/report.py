@@ -1,10 +1,13 @@
 """``report.html``: one self-contained page (plotly.js inlined, opens offline) with the plots and the
 statistics of an experiment, made from ``summary.json`` and ``records.csv``.
 
-Plots: latency CDFs per strategy, accuracy vs p95 latency with the Pareto front, per-hop stacked bars
-(compute / queue per tier, transfer per link, the rest), per-tier bars like the studies' tables, and the
-bandwidth heatmap of a sweep. Tables: every strategy with CIs; Kruskal-Wallis + Dunn/Holm + Cliff's δ;
-McNemar against identity, with the effect sizes in words.
+It leads with the answer: per subject, scenario and network, how many runs are VALID (and why the
+others are not) and the recommended strategy under a few stated constraints with its runner-ups
+(``loadgen.recommend``, which never picks an INVALID run). Then the plots: accuracy vs p95 with the
+Pareto front, latency CDFs, per-hop stacked bars (compute / queue per tier, transfer per link, the rest),
+per-tier bars like the studies' tables, the bandwidth heatmap of a sweep; the statistics (Kruskal-Wallis
++ Dunn/Holm + Cliff's δ, McNemar against identity, in words); speed and link fidelity; and last the full
+table of every run, grouped by subject, INVALID runs marked.
 """
 
 from __future__ import annotations
@@ -16,11 +19,18 @@ from typing import Any
 
 import numpy as np
 
+from loadgen.recommend import explain, recommend
 from loadgen.records import by_run
 from loadgen.spec import SWEEP_PREFIX
 from loadgen.stats import pareto_front
 
 REPORT_FILE = "report.html"
+# the constraints the report answers for (accuracy drop from identity, in points of the metric)
+ANSWER_CONSTRAINTS = (
+    ("fastest p95 within 1 point of identity's accuracy", 0.01),
+    ("fastest p95 within 3 points", 0.03),
+    ("fastest p95, any accuracy", 1.0),
+)
 
 
 def _figure_html(figure: Any, first: bool) -> str:
@@ -35,15 +45,26 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return html.escape(str(value))
 
 
+def _verdict_text(e: dict[str, Any]) -> str:
+    verdict = e.get("verdict")
+    if verdict is None:
+        return "–"
+    return "VALID" if verdict["valid"] else "INVALID: " + "; ".join(verdict["reasons"])
+
+
+def _table_order(e: dict[str, Any]) -> tuple[str, str, str, float]:
+    return e["subject"], e["network"], e["scenario"], e["latency_ms"].get("p50", math.inf)
+
+
 def _strategy_table(entries: list[dict[str, Any]]) -> str:
-    head = ("strategy", "scenario", "network", "n", "p50 ms [95 % CI]", "p95 ms [95 % CI]", "p99 ms",
-            "accuracy [95 % CI]", "exit rate", "errors", "req/s")  # fmt: skip
+    head = ("subject", "strategy", "scenario", "network", "verdict", "n", "p50 ms [95 % CI]", "p95 ms [95 % CI]",
+            "p99 ms", "accuracy [95 % CI]", "exit rate", "errors", "req/s")  # fmt: skip
     rows = []
-    for e in sorted(entries, key=lambda e: (e["network"], e["scenario"], e["latency_ms"].get("p50", math.inf))):
+    for e in sorted(entries, key=_table_order):
         lat, acc = e["latency_ms"], e.get("accuracy")
         accuracy = f"{acc['value']:.3f} [{acc['low']:.3f}–{acc['high']:.3f}] {acc['metric']}" if acc else "–"
         rows.append([
-            e["strategy"], e["scenario"], e["network"], e["n"],
+            e["subject"], e["strategy"], e["scenario"], e["network"], _verdict_text(e), e["n"],
             f"{_fmt(lat.get('p50'))} [{_fmt(lat.get('p50_low'))}–{_fmt(lat.get('p50_high'))}]",
             f"{_fmt(lat.get('p95'))} [{_fmt(lat.get('p95_low'))}–{_fmt(lat.get('p95_high'))}]",
             _fmt(lat.get("p99")), accuracy, _fmt(e.get("exit_rate")), e["errors"], _fmt(e.get("throughput_rps"), 1),
@@ -83,6 +104,9 @@ class _Figures:
 
     def group(self, label: str, group: list[dict[str, Any]], grouped: dict[str, list[dict[str, Any]]]) -> None:
         go = self.go
+        judged = [e for e in group if e.get("accuracy") and "p95" in e["latency_ms"]]
+        if judged:
+            self.pareto(label, judged)
         by_speed = sorted(group, key=lambda e: e["latency_ms"].get("p50", math.inf))
         cdf = go.Figure()
         for e in by_speed:
@@ -93,10 +117,6 @@ class _Figures:
         cdf.update_xaxes(title="end-to-end latency (ms, from intended send time)", type="log")
         cdf.update_yaxes(title="fraction of requests")
         self.add(f"Latency CDF — {label}", cdf)
-
-        judged = [e for e in group if e.get("accuracy") and "p95" in e["latency_ms"]]
-        if judged:
-            self.pareto(label, judged)
 
         bars = go.Figure()
         for part in sorted({k for e in group for k in e["breakdown_ms"]}):
@@ -179,8 +199,51 @@ def _tests_html(summary: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-FIDELITY_HEAD = ("network", "link", "backend", "RTT configured ms", "RTT measured p50 ms", "rate configured Mbit/s",
-                 "goodput measured Mbit/s")  # fmt: skip
+FIDELITY_HEAD = ("network", "when", "link", "backend", "RTT configured ms", "RTT measured p50 ms",
+                 "rate configured Mbit/s", "goodput measured Mbit/s")  # fmt: skip
+SPEED_HEAD = ("network", "when", "tier", "speed configured", "threads", "host p50 ms", "tier p50 ms",
+              "achieved speed", "p95/p50")  # fmt: skip
+
+
+def _answer_html(summary: dict[str, Any]) -> str:
+    """Per group: the verdicts in one line, then the recommendation under each stated constraint."""
+    parts = []
+    by_constraint = [
+        (name, recommend(summary, p95_ms=math.inf, max_accuracy_drop=drop)) for name, drop in ANSWER_CONSTRAINTS
+    ]
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for e in summary["strategies"]:
+        if not e["network"].startswith(SWEEP_PREFIX):
+            groups.setdefault((e["subject"], e["scenario"], e["network"]), []).append(e)
+    for key, entries in groups.items():
+        invalid = [e for e in entries if not (e.get("verdict") or {"valid": True})["valid"]]
+        reasons = sorted({r.split(":")[0] for e in invalid for r in e["verdict"]["reasons"]})
+        verdicts = f"{len(entries) - len(invalid)} of {len(entries)} runs VALID" + (
+            f"; INVALID because: {'; '.join(reasons)}" if invalid else ""
+        )
+        items = []
+        for name, recommendations in by_constraint:
+            found = next(r for r in recommendations if (r.subject, r.scenario, r.network) == key)
+            lines = explain(found, runner_ups=2)
+            items.append(f"<li><b>{html.escape(name)}</b>: " + "<br>".join(html.escape(x) for x in lines) + "</li>")
+        parts.append(
+            f"<h3>{html.escape(' · '.join(key[:2]) + ' · network ' + key[2])}</h3><p>{html.escape(verdicts)}</p>"
+            f"<ul>{''.join(items)}</ul>"
+        )
+    return "\n".join(parts)
+
+
+def _fidelity_tables(bundle: dict[str, Any]) -> tuple[str, str]:
+    links, speeds = [], []
+    for name, info in bundle.get("networks", {}).items():
+        for when, suffix in (("before", ""), ("after", "_after")):
+            for m in info.get(f"measured{suffix}") or []:
+                links.append([name, when, m["link"], m["backend"], m["configured"]["delay_ms"] * 2, m["rtt_ms_p50"],
+                              m["configured"]["rate_mbit"] or "unlimited", m["goodput_mbit"]])  # fmt: skip
+            for m in info.get(f"speed_{when}") or []:
+                speeds.append([name, when, m["tier"], m["configured_speed"], m["threads"], m["host_ms_p50"],
+                               m["tier_ms_p50"], m["achieved_speed"], m["tier_ms_p95"] / m["tier_ms_p50"]])  # fmt: skip
+    return _table(FIDELITY_HEAD, links), _table(SPEED_HEAD, speeds)
 
 
 def build_report(summary: dict[str, Any], records: list[dict[str, Any]], bundle: dict[str, Any]) -> str:
@@ -195,11 +258,7 @@ def build_report(summary: dict[str, Any], records: list[dict[str, Any]], bundle:
         figures.group(f"{subject} · {scenario} · network {network}", group, grouped)
     if summary.get("sweep"):
         figures.sweep(summary["sweep"])
-    fidelity_rows = [
-        [name, m["link"], m["backend"], m["configured"]["delay_ms"] * 2, m["rtt_ms_p50"],
-         m["configured"]["rate_mbit"] or "unlimited", m["goodput_mbit"]]
-        for name, info in bundle.get("networks", {}).items() for m in info["measured"]
-    ]  # fmt: skip
+    link_fidelity, speed_fidelity = _fidelity_tables(bundle)
     stack = bundle.get("stack", {})
     meta = (
         f"stack {stack.get('runtime')} · resources {stack.get('profile')} · onnxruntime "
@@ -209,10 +268,12 @@ def build_report(summary: dict[str, Any], records: list[dict[str, Any]], bundle:
     return _PAGE.format(
         title=html.escape(summary["run_id"]),
         meta=html.escape(meta),
+        answer=_answer_html(summary),
         strategies=_strategy_table(entries),
         figures="\n".join(figures.sections),
         tests=_tests_html(summary),
-        fidelity=_table(FIDELITY_HEAD, fidelity_rows),
+        links=link_fidelity,
+        speeds=speed_fidelity,
     )
 
 
@@ -227,14 +288,18 @@ section.figure {{ margin-bottom: 2rem; }}
 </style></head><body>
 <h1>tierlab experiment {title}</h1>
 <p class="note">{meta}</p>
-<h2>Strategies</h2>
-{strategies}
+<h2>The answer</h2>
+{answer}
 <h2>Plots</h2>
 {figures}
 <h2>Statistics</h2>
 {tests}
+<h2>Device speed fidelity (the calibration model on each tier vs the host)</h2>
+{speeds}
 <h2>Link fidelity (measured through the request path)</h2>
-{fidelity}
+{links}
+<h2>Every run</h2>
+{strategies}
 </body></html>
 """
 
