@@ -256,4 +256,15 @@ def test_recommend_honours_the_budget_and_the_accuracy_floor() -> None:
     text = "\n".join(explain(verdict))
     assert "use s.sptq@M" in text and "runner-up s.identity@M" in text
     (none,) = recommend(summary, p95_ms=1, max_accuracy_drop=0.0)
-    assert not none.chosen and "no strategy meets" in explain(none)[0]
+    assert not none.chosen and "no VALID strategy meets" in explain(none)[0]
+
+
+def test_recommend_never_picks_an_invalid_run_and_says_when_only_one_would_do() -> None:
+    fast_but_untrusted = {**_entry("s.sptq@M", 2.0, 0.90), "verdict": {"valid": False, "reasons": ["lagged"]}}
+    summary = {"strategies": [_entry("s.identity@M", 12.0, 0.90), fast_but_untrusted]}
+    (verdict,) = recommend(summary, p95_ms=15, max_accuracy_drop=0.02)
+    assert [e["strategy"] for e in verdict.chosen] == ["s.identity@M"]
+    assert dict(verdict.ruled_out)["s.sptq@M"] == "INVALID run: lagged"
+    (tight,) = recommend(summary, p95_ms=5, max_accuracy_drop=0.02)
+    assert not tight.chosen
+    assert "s.sptq@M would, but its run is INVALID" in "\n".join(explain(tight))

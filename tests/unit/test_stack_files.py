@@ -30,11 +30,18 @@ def test_compose_file_has_the_stack_and_one_network_per_link() -> None:
         assert all(p.startswith("127.0.0.1:") for p in service["ports"])
         assert service["read_only"] and service["user"] != "0"
         assert "/v2/health/ready" in " ".join(service["healthcheck"]["test"])
-    # two tiers share exactly the network of the link between them, so DNS picks the shaped interface
+    # two tiers share the network of their link and the management network; the name a peer forwards to,
+    # `<tier>-link`, exists only on link networks, so DNS always picks the shaped interface for tensors
     for link in LINKS:
         a, b = link.split("-")
         shared = set(services[a]["networks"]) & set(services[b]["networks"])
-        assert shared == {link}
+        assert shared == {link, "mgmt"}
+        for tier in (a, b):
+            assert f"{tier}-link" in services[tier]["networks"][link]["aliases"]
+            assert "aliases" not in (services[tier]["networks"]["mgmt"] or {})
+    # nothing but tensors on the links: scrapes, dashboards and control calls travel over mgmt
+    for other in ("prometheus", "grafana", "loadgen"):
+        assert not set(services[other]["networks"]) & set(LINKS), other
 
 
 @pytest.mark.parametrize("name", available("resources", ROOT))
@@ -45,7 +52,7 @@ def test_resource_profiles_limit_every_tier_and_say_what_they_stand_for(name: st
     for tier in TIERS:
         limits = services[tier]
         assert "mem_limit" in limits
-        assert "cpus" in limits or ("cpu_quota" in limits and "cpu_period" in limits)
+        assert "cpu_quota" in limits and "cpu_period" in limits  # see tests/unit/test_device.py
 
 
 @pytest.mark.parametrize("name", available("network", ROOT))
@@ -99,11 +106,11 @@ def test_debootstrap_base_has_python_and_tc() -> None:
     assert argv[-3:] == ["bookworm", "/tmp/rootfs", "http://mirror/debian"]
 
 
-def test_stack_deployment_reaches_peers_by_service_name(demo_root: Path) -> None:
+def test_stack_deployment_reaches_peers_by_their_link_alias(demo_root: Path) -> None:
     manifests = find_manifests(demo_root, ("demo-mlp",))
     deployment = stack_deployment(manifests)
     assert deployment.models_dir == "/models"
-    assert deployment.tiers["edge"].base_url == "http://edge:8000"
+    assert deployment.tiers["edge"].base_url == "http://edge-link:8000"  # the link alias, never mgmt
     with pytest.raises(ConfigError, match="make models"):
         find_manifests(demo_root, ("no-such-subject",))
 

@@ -1,0 +1,96 @@
+"""Run verdicts: each rule that makes a run INVALID, and a clean run VALID (pure functions of documents)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from loadgen.verdict import judge, tiers_used
+
+REQUESTED = {"scenario_kind": "single-stream", "rate_rps": None, "min_samples": 100, "max_samples": 2000,
+             "max_duration_s": 60.0, "ci_rel_width": 0.05}  # fmt: skip
+
+
+def _entry(**changes: Any) -> dict[str, Any]:
+    entry = {"run": "r", "placement": "E", "scenario": "single-stream", "n": 300, "error_rate": 0.0,
+             "throughput_rps": 100.0, "lag_ms_p99": 0.2}  # fmt: skip
+    return {**entry, **changes}
+
+
+def _info(**changes: Any) -> dict[str, Any]:
+    info = {"stop_reason": "p50 and p95 95 % CIs within ±5%", "duration_s": 3.0, "requested": REQUESTED,
+            "loadgen_cpu": 0.3, "cpu_throttling": {}}  # fmt: skip
+    return {**info, **changes}
+
+
+CLEAN_NETWORK: dict[str, Any] = {"problems": [], "problems_after": [], "speed_problems_before": [],
+                                 "speed_problems_after": []}  # fmt: skip
+
+
+def test_a_clean_run_is_valid_with_requested_and_effective_settings() -> None:
+    verdict = judge(_entry(), _info(), CLEAN_NETWORK)
+    assert verdict.valid and verdict.label == "VALID" and verdict.reasons == ()
+    assert verdict.requested["max_samples"] == 2000
+    assert verdict.effective["samples"] == 300 and verdict.effective["ci_met"] is True
+
+
+@pytest.mark.parametrize(
+    ("entry", "info", "network", "reason"),
+    [
+        (_entry(), _info(stop_reason="max_duration_s (60 s)"), CLEAN_NETWORK, "before the p50/p95 CIs"),
+        (_entry(error_rate=0.05), _info(), CLEAN_NETWORK, "5.0% of requests failed"),
+        (
+            _entry(lag_ms_p99=20.0),
+            _info(requested={**REQUESTED, "scenario_kind": "server", "rate_rps": 100.0}),
+            CLEAN_NETWORK,
+            "lagged its schedule",
+        ),
+        (
+            _entry(throughput_rps=50.0),
+            _info(requested={**REQUESTED, "scenario_kind": "server", "rate_rps": 100.0}),
+            CLEAN_NETWORK,
+            "delivered 50.0 req/s of the 100",
+        ),
+        (_entry(), _info(), {**CLEAN_NETWORK, "problems_after": ["edge-cloud: RTT p50 9 ms"]}, "link fidelity after"),
+        (
+            _entry(),
+            _info(),
+            {**CLEAN_NETWORK, "speed_problems_before": ["edge: calibration p50 9 ms"]},
+            "speed fidelity before",
+        ),
+        (
+            _entry(),
+            _info(cpu_throttling={"edge": {"periods": 100, "throttled_periods": 30, "throttled_s": 0.4}}),
+            CLEAN_NETWORK,
+            "edge CFS-throttled in 30% of periods",
+        ),
+        (_entry(), _info(loadgen_cpu=0.97), CLEAN_NETWORK, "the loadgen used 97% of a core"),
+        (_entry(), None, CLEAN_NETWORK, "did not finish"),
+    ],
+)
+def test_each_rule_makes_a_run_invalid_with_its_reason(
+    entry: dict[str, Any], info: dict[str, Any] | None, network: dict[str, Any], reason: str
+) -> None:
+    verdict = judge(entry, info, network)
+    assert not verdict.valid and verdict.label == "INVALID"
+    assert any(reason in r for r in verdict.reasons), verdict.reasons
+
+
+def test_problems_of_tiers_a_run_does_not_use_do_not_count() -> None:
+    network = {**CLEAN_NETWORK, "speed_problems_before": ["cloud: calibration p50 9 ms"]}
+    throttled = {"cloud": {"periods": 100, "throttled_periods": 90, "throttled_s": 2.0}}
+    assert judge(_entry(placement="E"), _info(cpu_throttling=throttled), network).valid
+    assert not judge(_entry(placement="M-C"), _info(cpu_throttling=throttled), network).valid
+    assert tiers_used("E-C") == ["mobile", "edge", "cloud"] and tiers_used("M") == ["mobile"]
+
+
+def test_throttling_under_load_is_a_note_and_fixed_sample_counts_need_no_ci() -> None:
+    load = {**REQUESTED, "scenario_kind": "offline", "min_samples": 50, "max_samples": 50}
+    throttled = {"edge": {"periods": 100, "throttled_periods": 60, "throttled_s": 1.0}}
+    verdict = judge(_entry(), _info(requested=load, stop_reason="max_samples (50)", cpu_throttling=throttled),
+                    CLEAN_NETWORK)  # fmt: skip
+    assert verdict.valid and any("CFS-throttled" in n for n in verdict.notes)
+    assert judge(_entry(), _info(), None).notes == (
+        "links and device speed not measured for this network (sweep cell)",
+    )
