@@ -27,6 +27,7 @@ _UNLIMITED_BULK_BYTES = 32 << 20
 _MIN_BULK_BYTES = 128 << 10  # a quarter of it still exceeds tbf's burst at 1 Mbit/s
 _CHUNK_BYTES = 1 << 20
 _ROUND_GAP_S = 0.05  # longer than a scheduler time slice: rounds see independent noise
+_MIN_PINGS_PER_ROUND = 4
 
 
 def bulk_size_bytes(state: LinkState, bulk_s: float) -> int:
@@ -53,12 +54,14 @@ async def probe_link(forwarder: Forwarder, states: list[LinkState], probe: LinkP
     if state is None:
         raise BadParameter(f"no link towards {probe.peer} from this tier")
     await _send(forwarder, probe.peer, 0)  # open the connection outside the measurement
-    rounds = min(probe.rounds, probe.pings)
+    rounds = max(1, min(probe.rounds, probe.pings // _MIN_PINGS_PER_ROUND))
     round_medians, rtts = [], []
     for k in range(rounds):
         if k:
             await asyncio.sleep(_ROUND_GAP_S)
-        block = [await _send(forwarder, probe.peer, 0) for _ in range(probe.pings // rounds)]
+            await _send(forwarder, probe.peer, 0)  # the first exchange after a pause wakes what slept
+        size = probe.pings // rounds + (1 if k < probe.pings % rounds else 0)
+        block = [await _send(forwarder, probe.peer, 0) for _ in range(size)]
         round_medians.append(statistics.median(block))
         rtts += block
     rtts.sort()
