@@ -29,7 +29,7 @@ CALIBRATION_SHAPE = (1, 1, 28, 28)
 _CHANNELS = (32, 64, 64, 64, 64)
 _OPSET, _IR_VERSION = 13, 8
 # let the session settle (allocations, caches) before timing
-WARMUP_RUNS = 5
+WARMUP_RUNS = 20
 
 
 def session_options(intra_op_threads: int, *, allow_spinning: bool) -> ort.SessionOptions:

@@ -31,8 +31,9 @@ from services.contracts.manifest import FrozenSpec
 MIN_CFS_US, MAX_CFS_PERIOD_US = 1_000, 1_000_000
 DEFAULT_CFS_PERIOD_US = 20_000
 # capacity beyond cores × speed for what is not the model (HTTP, codec, forwarding): without it the
-# paced compute alone fills the quota and CFS throttles single-stream requests (measured: see README)
-QUOTA_HEADROOM = 1.25
+# paced compute alone nearly fills the quota; at 1.25 a back-to-back single stream on a 0.5-speed tier was
+# still throttled in a third of its periods (measured with /tierlab/calibrate, see README)
+QUOTA_HEADROOM = 1.5
 # speed fidelity: compute within ±10 % of host ÷ speed, and p95/p50 of a throttled tier at most 1.5
 SPEED_TOLERANCE_PCT = 10.0
 MAX_P95_OVER_P50 = 1.5
@@ -56,7 +57,7 @@ class DeviceSpec(FrozenSpec):
 
     def cfs_quota_us(self) -> int:
         """``cpu_quota`` for ``cfs_period_us``: capacity × period, never under the kernel's 1 ms minimum."""
-        return max(MIN_CFS_US, math.ceil(self.capacity_cores * self.cfs_period_us))
+        return max(MIN_CFS_US, math.ceil(round(self.capacity_cores * self.cfs_period_us, 6)))  # no float dust
 
     def threads(self, available_cores: float) -> int:
         """onnxruntime intra-op threads: the device's cores, no more than the host gives the tier."""
