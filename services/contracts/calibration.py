@@ -106,7 +106,7 @@ def host_times_ms(threads: int, runs: int) -> list[float]:
     return time_runs(session_options(threads, allow_spinning=False), runs)[0]
 
 
-def measure_speeds(urls: Mapping[TierName, str], *, runs: int = 30, rounds: int = 3) -> list[SpeedMeasurementSpec]:
+def measure_speeds(urls: Mapping[TierName, str], *, runs: int = 60, rounds: int = 6) -> list[SpeedMeasurementSpec]:
     """Each tier's speed fidelity: ``POST /tierlab/calibrate`` against the host reference, in ``rounds``
     alternating blocks (host, tier, host, tier …) so a burst of load on the machine hits both sides alike.
     ConfigError if a tier cannot calibrate."""

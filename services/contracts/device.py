@@ -29,7 +29,7 @@ from services.contracts.manifest import FrozenSpec
 
 # the kernel's limits on cpu.cfs_period_us / cfs_quota_us (and cgroup v2's cpu.max)
 MIN_CFS_US, MAX_CFS_PERIOD_US = 1_000, 1_000_000
-DEFAULT_CFS_PERIOD_US = 20_000
+DEFAULT_CFS_PERIOD_US = 100_000
 # capacity beyond cores × speed for what is not the model (HTTP, codec, forwarding): without it the
 # paced compute alone nearly fills the quota; at 1.25 a back-to-back single stream on a 0.5-speed tier was
 # still throttled in a third of its periods (measured with /tierlab/calibrate, see README)
