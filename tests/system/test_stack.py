@@ -3,14 +3,19 @@
 Brought up from offline-built images with the demo models, under two resource/network profile pairs:
 every tier healthy; each container's cgroup quota and memory limit read from the kernel equal the
 profile's; each link's RTT and goodput, measured through the path tensors take, match the network
-profile (±10 % or ±1 ms RTT, ±10 % goodput of the TCP payload share of the rate); Prometheus has every
-target up; a three-tier request answers what the model gives in-process; ``down`` leaves nothing.
+profile (±10 % or ±1 ms RTT, ±10 % goodput of the TCP payload share of the rate); each tier computes the
+calibration model at its configured device speed (±10 % of host ÷ speed, p95/p50 ≤ 1.5 when slowed;
+the median of three measurements, so one burst of load on the machine does not decide it); while
+Prometheus scrapes and the host makes control calls, no link interface carries a byte (the management
+network does); Prometheus has every target up; a three-tier request answers what the model gives
+in-process; ``down`` leaves nothing.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +26,10 @@ import onnxruntime as ort
 import pytest
 import yaml
 
+from services.contracts.calibration import measure_speeds
+from services.contracts.device import MAX_P95_OVER_P50, SPEED_TOLERANCE_PCT
 from services.contracts.errors import ConfigError
-from services.contracts.specs import TIERS, TierName
+from services.contracts.specs import LINKS, TIERS, TierName
 from services.contracts.transport import json_call, probe_links
 from services.demo import build_demo_mlp
 from services.stack.cli import network_links
@@ -131,6 +138,8 @@ def check_stack(state: dict[str, Any], profile: str, network: str, models_dir: P
     health = wait_for_targets(state["prometheus"])
     assert set(TIERS) <= set(health) and set(health.values()) == {"up"}, health
 
+    check_speeds(urls)
+
     x = np.random.default_rng(5).normal(size=(3, 64)).astype(np.float32)
     reference = ort.InferenceSession(str(models_dir / "demo-mlp" / "identity" / "stage0.onnx"))
     want = reference.run(None, {"x": x})[0]
@@ -139,8 +148,56 @@ def check_stack(state: dict[str, Any], profile: str, network: str, models_dir: P
     assert answer.parameters["hops"] == 3
 
 
+def check_speeds(urls: dict[TierName, str], repeats: int = 3) -> None:
+    """Speed fidelity, the median of ``repeats`` measurements per tier against the tolerance."""
+    rounds = [measure_speeds(urls, runs=60) for _ in range(repeats)]
+    for tier in TIERS:
+        mine = [m for measured in rounds for m in measured if m.tier == tier]
+        ratio = statistics.median(m.tier_ms_p50 / m.expected_ms for m in mine)
+        assert abs(ratio - 1) <= SPEED_TOLERANCE_PCT / 100, f"{tier}: {[m.model_dump() for m in mine]}"
+        if mine[0].configured_speed < 1:
+            jitter = statistics.median(m.p95_over_p50 for m in mine)
+            assert jitter <= MAX_P95_OVER_P50, f"{tier}: {[m.model_dump() for m in mine]}"
+
+
+def interface_bytes(tier: TierName) -> dict[str, int]:
+    """rx + tx bytes of each of the tier's Docker networks (by network name, project prefix dropped)."""
+    name = f"tierlab_{tier}_1"
+    ips = output(["docker", "inspect", name, "--format",
+                  "{{range $k, $v := .NetworkSettings.Networks}}{{$k}}={{$v.IPAddress}} {{end}}"]).split()  # fmt: skip
+    interfaces = dict(line.split()[1::2][::-1] for line in output(
+        ["docker", "exec", name, "ip", "-o", "-4", "addr", "show"]).splitlines())  # fmt: skip
+    counted = {}
+    for entry in ips:
+        network, ip = entry.split("=")
+        device = next(d for address, d in interfaces.items() if address.split("/")[0] == ip)
+        stats = output(["docker", "exec", name, "cat", f"/sys/class/net/{device}/statistics/rx_bytes",
+                        f"/sys/class/net/{device}/statistics/tx_bytes"]).split()  # fmt: skip
+        counted[network.removeprefix("tierlab_")] = int(stats[0]) + int(stats[1])
+    return counted
+
+
+def check_management_off_the_links(urls: dict[TierName, str], scrape_interval_s: float = 5.0) -> None:
+    """No request crosses a link for two scrape intervals: every link interface stays flat, while the
+    management network carries the scrapes and the host's status calls."""
+    before = {t: interface_bytes(t) for t in TIERS}
+    deadline = time.monotonic() + 2.5 * scrape_interval_s
+    while time.monotonic() < deadline:
+        for tier in TIERS:
+            assert json_call(f"{urls[tier]}/tierlab/status")[0] == 200
+        time.sleep(0.5)
+    after = {t: interface_bytes(t) for t in TIERS}
+    for tier in TIERS:
+        grown = {network: after[tier][network] - before[tier][network] for network in before[tier]}
+        assert grown["control"] > 10_000, f"{tier}: scrapes and status calls should cross control: {grown}"
+        for network in LINKS:
+            if network in grown:
+                assert grown[network] == 0, f"{tier}: {network} carried {grown[network]} bytes: {grown}"
+
+
 def test_stack_under_two_profiles_then_down_leaves_nothing(docker: None, models_dir: Path) -> None:
     stack, state = bring_up(models_dir, "laptop", "lan")
+    check_management_off_the_links(state["urls"])
     check_stack(state, "laptop", "lan", models_dir)
     laptop = {t: kernel_limits(t) for t in TIERS}
 

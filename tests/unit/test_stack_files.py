@@ -35,11 +35,11 @@ def test_compose_file_has_the_stack_and_one_network_per_link() -> None:
     for link in LINKS:
         a, b = link.split("-")
         shared = set(services[a]["networks"]) & set(services[b]["networks"])
-        assert shared == {link, "mgmt"}
+        assert shared == {link, "control"}
         for tier in (a, b):
             assert f"{tier}-link" in services[tier]["networks"][link]["aliases"]
-            assert "aliases" not in (services[tier]["networks"]["mgmt"] or {})
-    # nothing but tensors on the links: scrapes, dashboards and control calls travel over mgmt
+            assert "aliases" not in (services[tier]["networks"]["control"] or {})
+    # nothing but tensors on the links: scrapes, dashboards and control calls travel over control
     for other in ("prometheus", "grafana", "loadgen"):
         assert not set(services[other]["networks"]) & set(LINKS), other
 
@@ -110,7 +110,7 @@ def test_stack_deployment_reaches_peers_by_their_link_alias(demo_root: Path) -> 
     manifests = find_manifests(demo_root, ("demo-mlp",))
     deployment = stack_deployment(manifests)
     assert deployment.models_dir == "/models"
-    assert deployment.tiers["edge"].base_url == "http://edge-link:8000"  # the link alias, never mgmt
+    assert deployment.tiers["edge"].base_url == "http://edge-link:8000"  # the link alias, never control
     with pytest.raises(ConfigError, match="make models"):
         find_manifests(demo_root, ("no-such-subject",))
 
