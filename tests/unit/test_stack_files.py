@@ -36,9 +36,12 @@ def test_compose_file_has_the_stack_and_one_network_per_link() -> None:
         a, b = link.split("-")
         shared = set(services[a]["networks"]) & set(services[b]["networks"])
         assert shared == {link, "control"}
-        for tier in (a, b):
-            assert f"{tier}-link" in services[tier]["networks"][link]["aliases"]
-            assert "aliases" not in (services[tier]["networks"]["control"] or {})
+        for end in (a, b):
+            assert f"{end}-link" in services[end]["networks"][link]["aliases"]
+            assert "aliases" not in (services[end]["networks"]["control"] or {})
+    # the management network sorts first by name: docker-compose publishes ports on that one
+    for tier in TIERS:
+        assert min(services[tier]["networks"]) == "control"
     # nothing but tensors on the links: scrapes, dashboards and control calls travel over control
     for other in ("prometheus", "grafana", "loadgen"):
         assert not set(services[other]["networks"]) & set(LINKS), other
