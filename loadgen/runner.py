@@ -368,7 +368,11 @@ class Experiment:
         entry[f"measured{suffix}"] = [m.model_dump(mode="json") for m in measured]
         entry[f"problems{suffix}"] = [problem for m in measured for problem in m.problems()]
         entry[f"speed_{when}"] = [
-            {**m.model_dump(mode="json"), "achieved_speed": round(m.achieved_speed, 4)} for m in speeds
+            {
+                **m.model_dump(mode="json"),
+                "achieved_speed": round(m.achieved_speed, 4),
+                "p95_over_p50": round(m.p95_over_p50, 4),
+            } for m in speeds
         ]
         entry[f"speed_problems_{when}"] = [problem for m in speeds for problem in m.problems()]
         for problem in entry[f"problems{suffix}"]:

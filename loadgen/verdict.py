@@ -2,8 +2,10 @@
 
 A run is INVALID when its numbers cannot be trusted as a measurement of the strategy on the profile:
 
-- its stopping rule gave up (``max_samples``/``max_duration_s``) before the p50/p95 CIs were as narrow as
-  asked (unless the spec fixed the sample count: ``min_samples == max_samples``);
+- its stopping rule gave up (``max_samples``/``max_duration_s``) before the p50's CI was as narrow as asked
+  (unless the spec fixed the sample count: ``min_samples == max_samples``). A p95 CI still wider than
+  asked is only noted: a tail needs far more samples than a median for the same width (on a 2-core host a
+  p95 from 200 samples was commonly ±30 %), its CI is in every table, and recommend compares CIs;
 - more than ``MAX_ERROR_RATE`` of its requests failed;
 - an open-loop run fell behind its schedule (lag p99 over ``MAX_LAG_MS_P99``) or delivered less than
   ``MIN_RATE_SHARE`` of the requested rate;
@@ -49,6 +51,16 @@ def tiers_used(placement: str) -> list[str]:
     return list(dict.fromkeys(tiers))
 
 
+def ci_half_widths(latency_ms: dict[str, Any]) -> dict[str, float]:
+    """Each percentile's 95 % CI half-width relative to its estimate (``p50``, ``p95``), where recorded."""
+    widths = {}
+    for q in ("p50", "p95"):
+        low, high, estimate = latency_ms.get(f"{q}_low"), latency_ms.get(f"{q}_high"), latency_ms.get(q)
+        if low is not None and high is not None and estimate:
+            widths[q] = round((high - low) / 2 / estimate, 4)
+    return widths
+
+
 def judge(entry: dict[str, Any], info: dict[str, Any] | None, network: dict[str, Any] | None) -> VerdictSpec:
     """The verdict of one run from its summary ``entry``, its ``runs.jsonl`` line and its network's fidelity."""
     reasons: list[str] = []
@@ -70,9 +82,17 @@ def judge(entry: dict[str, Any], info: dict[str, Any] | None, network: dict[str,
         reasons.append("the run did not finish (no line in runs.jsonl)")
     fixed_count = requested.get("min_samples") == requested.get("max_samples")
     ci_met = bool(stop_reason) and not str(stop_reason).startswith("max_")
+    widths = ci_half_widths(entry.get("latency_ms") or {})
     effective["ci_met"] = ci_met
+    effective["ci_rel_half_width"] = widths
+    asked = requested.get("ci_rel_width")
     if stop_reason and not ci_met and not fixed_count:
-        reasons.append(f"stopped at {stop_reason} before the p50/p95 CIs were within ±{requested.get('ci_rel_width')}")
+        p50, p95 = widths.get("p50"), widths.get("p95")
+        if asked is None or p50 is None or p50 > asked:
+            shown = f"±{p50:.0%}" if p50 is not None else "unknown"
+            reasons.append(f"stopped at {stop_reason} with the p50 CI {shown}, wider than the ±{asked} asked")
+        elif p95 is not None and p95 > asked:
+            notes.append(f"p95 CI ±{p95:.0%} at {stop_reason}, wider than the ±{asked} asked: compare tails by CI")
     if entry["error_rate"] > MAX_ERROR_RATE:
         reasons.append(f"{entry['error_rate']:.1%} of requests failed (at most {MAX_ERROR_RATE:.0%})")
     if requested.get("scenario_kind") in OPEN_LOOP:

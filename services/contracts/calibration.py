@@ -101,9 +101,10 @@ def time_runs(
     return wall_ms, cpu_ms
 
 
-def host_times_ms(threads: int, runs: int) -> list[float]:
-    """The host reference: the calibration model in this process, unthrottled, ``threads`` threads."""
-    return time_runs(session_options(threads, allow_spinning=False), runs)[0]
+def host_times_ms(threads: int, runs: int, *, allow_spinning: bool = False) -> list[float]:
+    """The host reference: the calibration model in this process, unthrottled, with a tier's thread count
+    and spin setting (two spinning threads finish a run sooner than two that sleep between ops)."""
+    return time_runs(session_options(threads, allow_spinning=allow_spinning), runs)[0]
 
 
 def measure_speeds(urls: Mapping[TierName, str], *, runs: int = 60, rounds: int = 6) -> list[SpeedMeasurementSpec]:
@@ -113,23 +114,16 @@ def measure_speeds(urls: Mapping[TierName, str], *, runs: int = 60, rounds: int 
     measured = []
     per_round = max(3, runs // rounds)
     for tier, url in urls.items():
-        host_ms: list[float] = []
-        times: CalibrationTimesSpec | None = None
+        tier_rounds: list[CalibrationTimesSpec] = []
+        host_rounds: list[list[float]] = []
         for _ in range(rounds):
             code, body = json_call(f"{url}/tierlab/calibrate", method="POST", body={"runs": per_round}, timeout_s=300)
             if code != 200:
                 raise ConfigError(f"{tier} could not run the calibration model: {code} {body}")
             block = CalibrationTimesSpec.model_validate(body)
-            host_ms += host_times_ms(block.threads, per_round)
-            times = (
-                block
-                if times is None
-                else times.model_copy(
-                    update={"wall_ms": times.wall_ms + block.wall_ms, "cpu_ms": times.cpu_ms + block.cpu_ms}
-                )
-            )
-        assert times is not None
-        measured.append(SpeedMeasurementSpec.of(times, host_ms))
+            tier_rounds.append(block)
+            host_rounds.append(host_times_ms(block.threads, per_round, allow_spinning=block.allow_spinning))
+        measured.append(SpeedMeasurementSpec.of(tier_rounds, host_rounds))
     return measured
 
 

@@ -394,8 +394,7 @@ def _add_control_routes(app: FastAPI, tier: Tier) -> None:
     @app.post("/tierlab/calibrate")
     async def calibrate(spec: CalibrationRequestSpec) -> dict[str, Any]:
         """Time the calibration model single-stream here, paced like every stage (speed fidelity)."""
-        options = session_options(tier.intra_op_threads, allow_spinning=tier.allow_spinning)
-        measured = await plane.calibrate(spec.runs, options)
+        measured = await plane.calibrate(spec.runs, allow_spinning=tier.allow_spinning)
         return measured.model_dump(mode="json")
 
     @app.post("/tierlab/probe")

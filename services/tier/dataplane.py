@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from services.contracts import pipeline as p
-from services.contracts.calibration import time_runs
+from services.contracts.calibration import session_options, time_runs
 from services.contracts.codec import InferRequest, InferResponse
 from services.contracts.device import CalibrationTimesSpec, DeviceSpec
 from services.contracts.errors import BadParameter, ConfigError, ModelNotFound, TensorMismatch, Unavailable
@@ -279,13 +279,20 @@ class DataPlane:
         finally:
             self._compute_pending -= 1
 
-    async def calibrate(self, runs: int, options: ort.SessionOptions) -> CalibrationTimesSpec:
-        """Time the calibration model single-stream on a compute slot, paced like every stage."""
+    async def calibrate(self, runs: int, *, allow_spinning: bool) -> CalibrationTimesSpec:
+        """Time the calibration model single-stream on a compute slot, paced like every stage, with the
+        served sessions' thread count and spin setting."""
 
         def timed() -> CalibrationTimesSpec:
+            options = session_options(self.threads, allow_spinning=allow_spinning)
             wall_ms, cpu_ms = time_runs(options, runs, lambda started, cpu: pace(started, cpu, self.device.speed))
             return CalibrationTimesSpec(
-                tier=self.tier, device=self.device, threads=self.threads, wall_ms=tuple(wall_ms), cpu_ms=tuple(cpu_ms)
+                tier=self.tier,
+                device=self.device,
+                threads=self.threads,
+                allow_spinning=allow_spinning,
+                wall_ms=tuple(wall_ms),
+                cpu_ms=tuple(cpu_ms),
             )
 
         return await self._on_compute_slot(timed)

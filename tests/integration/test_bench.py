@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,8 +92,23 @@ def test_quick_spec_report_matches_its_records_and_renders(
     assert dom.count('class="main-svg"') >= figures
     assert errors == []
 
-    assert run_loadgen("recommend", str(folder), "--p95-ms", "1000", "--max-accuracy-drop", "0.05") == 0
-    assert "use fmnist-resnet." in capsys.readouterr().out
+    for entry in summary["strategies"]:  # every run has a verdict; an INVALID one says why
+        assert entry["verdict"]["valid"] == (entry["verdict"]["reasons"] == []), entry["verdict"]
+    lan = bundle["networks"]["lan"]
+    for when in ("before", "after"):
+        assert {m["tier"] for m in lan[f"speed_{when}"]} == set(TIERS), lan[f"speed_{when}"]
+
+    # recommend honours the verdicts: it answers from a VALID run only (a busy machine may leave none)
+    baseline = max(e["accuracy"]["value"] for e in summary["strategies"] if e["variant"] == "identity")
+    meeting = {e["strategy"]: e["verdict"]["valid"] for e in summary["strategies"]
+               if baseline - e["accuracy"]["value"] <= 0.05}  # fmt: skip
+    code = run_loadgen("recommend", str(folder), "--p95-ms", "1000", "--max-accuracy-drop", "0.05")
+    answer = capsys.readouterr().out
+    if any(meeting.values()):
+        chosen = re.search(r"use (\S+):", answer)
+        assert code == 0 and chosen and meeting[chosen.group(1)], answer
+    else:
+        assert code == 1 and "would, but its run is INVALID" in answer, answer
 
 
 def render_in_chromium(page: Path, scratch: Path) -> tuple[str, list[str]]:

@@ -95,14 +95,25 @@ def test_the_calibration_model_is_valid_deterministic_onnx_and_runs() -> None:
 
 
 def test_speed_fidelity_flags_a_tier_off_its_speed_or_too_jittery() -> None:
-    def measured(wall_ms: list[float], speed: float) -> SpeedMeasurementSpec:
-        times = CalibrationTimesSpec(tier="mobile", device=DeviceSpec(speed=speed), threads=1,
-                                     wall_ms=tuple(wall_ms), cpu_ms=tuple(w * speed for w in wall_ms))  # fmt: skip
-        return SpeedMeasurementSpec.of(times, [3.0] * 10)
+    def measured(wall_ms: list[float], speed: float, host_ms: list[float] | None = None) -> SpeedMeasurementSpec:
+        """Four rounds of five runs each; the host ran 3 ms a run unless ``host_ms`` gives every run."""
+        host = host_ms or [3.0] * len(wall_ms)
+        rounds = [CalibrationTimesSpec(tier="mobile", device=DeviceSpec(speed=speed), threads=1, allow_spinning=False,
+                                       wall_ms=tuple(wall_ms[i:i + 5]), cpu_ms=tuple(w * speed for w in wall_ms[i:i + 5]))
+                  for i in range(0, len(wall_ms), 5)]  # fmt: skip
+        return SpeedMeasurementSpec.of(rounds, [host[i : i + 5] for i in range(0, len(host), 5)])
 
     good = measured([6.0] * 19 + [6.5], 0.5)
-    assert good.problems() == [] and good.achieved_speed == pytest.approx(0.5)
+    assert good.problems() == [] and good.achieved_speed == pytest.approx(0.5) and len(good.round_speeds) == 4
     slow = measured([8.0] * 20, 0.5)
-    assert "expected 6.00 ± 10 %" in slow.problems()[0]
-    jittery = measured([6.0] * 15 + [12.0] * 5, 0.5)
+    assert "achieved speed 0.38 (median of 4 rounds), configured 0.5 ± 10 %" in slow.problems()[0]
+    jittery = measured([6.0, 6.0, 6.0, 6.0, 12.0] * 4, 0.5)  # a throttled run in every round
     assert any("p95/p50" in p for p in jittery.problems())
+    # the machine slowed down for a while: host and tier slowed alike in the same rounds, speed still right
+    drifting = measured([6.0] * 10 + [9.0] * 10, 0.5, host_ms=[3.0] * 10 + [4.5] * 10)
+    assert drifting.problems() == [] and drifting.achieved_speed == pytest.approx(0.5)
+    # one round spoilt by a burst on the tier's side only: the median over rounds shrugs it off
+    burst = measured([6.0] * 5 + [10.0] * 5 + [6.0] * 10, 0.5)
+    assert burst.problems() == []
+    with pytest.raises(ValueError, match="as many host rounds"):
+        SpeedMeasurementSpec.of([], [])

@@ -14,7 +14,9 @@ REQUESTED = {"scenario_kind": "single-stream", "rate_rps": None, "min_samples": 
 
 def _entry(**changes: Any) -> dict[str, Any]:
     entry = {"run": "r", "placement": "E", "scenario": "single-stream", "n": 300, "error_rate": 0.0,
-             "throughput_rps": 100.0, "lag_ms_p99": 0.2}  # fmt: skip
+             "throughput_rps": 100.0, "lag_ms_p99": 0.2,
+             "latency_ms": {"p50": 10.0, "p50_low": 9.8, "p50_high": 10.2, "p95": 20.0, "p95_low": 19.0,
+                            "p95_high": 21.0}}  # fmt: skip
     return {**entry, **changes}
 
 
@@ -38,7 +40,12 @@ def test_a_clean_run_is_valid_with_requested_and_effective_settings() -> None:
 @pytest.mark.parametrize(
     ("entry", "info", "network", "reason"),
     [
-        (_entry(), _info(stop_reason="max_duration_s (60 s)"), CLEAN_NETWORK, "before the p50/p95 CIs"),
+        (
+            _entry(latency_ms={"p50": 10.0, "p50_low": 9.0, "p50_high": 11.0}),
+            _info(stop_reason="max_duration_s (60 s)"),
+            CLEAN_NETWORK,
+            "with the p50 CI ±10%, wider than the ±0.05 asked",
+        ),
         (_entry(error_rate=0.05), _info(), CLEAN_NETWORK, "5.0% of requests failed"),
         (
             _entry(lag_ms_p99=20.0),
@@ -94,3 +101,10 @@ def test_throttling_under_load_is_a_note_and_fixed_sample_counts_need_no_ci() ->
     assert judge(_entry(), _info(), None).notes == (
         "links and device speed not measured for this network (sweep cell)",
     )
+
+
+def test_a_wide_tail_ci_is_noted_while_a_settled_median_keeps_the_run_valid() -> None:
+    wide_tail = {"p50": 10.0, "p50_low": 9.8, "p50_high": 10.2, "p95": 20.0, "p95_low": 14.0, "p95_high": 26.0}
+    verdict = judge(_entry(latency_ms=wide_tail), _info(stop_reason="max_samples (300)"), CLEAN_NETWORK)
+    assert verdict.valid and verdict.effective["ci_rel_half_width"] == {"p50": 0.02, "p95": 0.3}
+    assert any("p95 CI ±30%" in n for n in verdict.notes), verdict.notes
