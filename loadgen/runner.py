@@ -372,7 +372,8 @@ class Experiment:
                 **m.model_dump(mode="json"),
                 "achieved_speed": round(m.achieved_speed, 4),
                 "p95_over_p50": round(m.p95_over_p50, 4),
-            } for m in speeds
+            }
+            for m in speeds
         ]
         entry[f"speed_problems_{when}"] = [problem for m in speeds for problem in m.problems()]
         for problem in entry[f"problems{suffix}"]:

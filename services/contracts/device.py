@@ -152,7 +152,8 @@ class SpeedMeasurementSpec(FrozenSpec):
             tier_ms_p50=round(median(tier_ms), 4),
             tier_ms_p95=round(percentile(tier_ms, 95), 4),
             round_speeds=tuple(
-                round(median(host) / median(block.wall_ms), 4) for block, host in zip(tier_rounds, host_rounds, strict=True)
+                round(median(host) / median(block.wall_ms), 4)
+                for block, host in zip(tier_rounds, host_rounds, strict=True)
             ),
             round_jitters=tuple(round(percentile(b.wall_ms, 95) / median(b.wall_ms), 4) for b in tier_rounds),
             runs=len(tier_ms),

@@ -98,9 +98,13 @@ def test_speed_fidelity_flags_a_tier_off_its_speed_or_too_jittery() -> None:
     def measured(wall_ms: list[float], speed: float, host_ms: list[float] | None = None) -> SpeedMeasurementSpec:
         """Four rounds of five runs each; the host ran 3 ms a run unless ``host_ms`` gives every run."""
         host = host_ms or [3.0] * len(wall_ms)
-        rounds = [CalibrationTimesSpec(tier="mobile", device=DeviceSpec(speed=speed), threads=1, allow_spinning=False,
-                                       wall_ms=tuple(wall_ms[i:i + 5]), cpu_ms=tuple(w * speed for w in wall_ms[i:i + 5]))
-                  for i in range(0, len(wall_ms), 5)]  # fmt: skip
+        device = DeviceSpec(speed=speed)
+        blocks = [tuple(wall_ms[i : i + 5]) for i in range(0, len(wall_ms), 5)]
+        rounds = [
+            CalibrationTimesSpec(tier="mobile", device=device, threads=1, allow_spinning=False, wall_ms=block,
+                                 cpu_ms=tuple(w * speed for w in block))
+            for block in blocks
+        ]  # fmt: skip
         return SpeedMeasurementSpec.of(rounds, [host[i : i + 5] for i in range(0, len(host), 5)])
 
     good = measured([6.0] * 19 + [6.5], 0.5)
