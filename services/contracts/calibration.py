@@ -11,7 +11,7 @@ spinning are set. ``time_runs`` times it single-stream, as a device would see on
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from functools import cache
 
 import numpy as np
@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from services.contracts.device import CalibrationTimesSpec, SpeedMeasurementSpec
+from services.contracts.device import CalibrationTimesSpec, SpeedMeasurementSpec, pace
 from services.contracts.errors import ConfigError
 from services.contracts.specs import TierName
 from services.contracts.transport import json_call
@@ -78,33 +78,32 @@ def calibration_feeds() -> dict[str, np.ndarray]:
     return {CALIBRATION_INPUT: values.reshape(CALIBRATION_SHAPE)}
 
 
-def time_runs(
-    options: ort.SessionOptions, runs: int, pace: Callable[[int, int], None] | None = None
-) -> tuple[list[float], list[float]]:
-    """Wall and thread-CPU milliseconds of each of ``runs`` single-stream runs of the calibration model.
-
-    ``pace(started_ns, cpu_ns)``, when given, is called after each run (a tier paces it to its device).
-    """
+def time_runs(options: ort.SessionOptions, runs: int, *, speed: float) -> tuple[list[float], list[float], list[float]]:
+    """Milliseconds of each of ``runs`` single-stream runs of the calibration model, each paced to ``speed``
+    (``pace``, as a tier paces every stage): the paced wall time, the run's own wall time, its thread CPU."""
     session = calibration_session(options)
     feeds = calibration_feeds()
     for _ in range(WARMUP_RUNS):
         session.run(None, feeds)
-    wall_ms, cpu_ms = [], []
+    wall_ms, run_ms, cpu_ms = [], [], []
     for _ in range(runs):
         started, cpu_started = time.perf_counter_ns(), time.thread_time_ns()
         session.run(None, feeds)
-        cpu_ns = time.thread_time_ns() - cpu_started
-        if pace is not None:
-            pace(started, cpu_ns)
+        ran_ns, cpu_ns = time.perf_counter_ns() - started, time.thread_time_ns() - cpu_started
+        pace(started, cpu_ns, speed)
         wall_ms.append(round((time.perf_counter_ns() - started) / 1e6, 4))
+        run_ms.append(round(ran_ns / 1e6, 4))
         cpu_ms.append(round(cpu_ns / 1e6, 4))
-    return wall_ms, cpu_ms
+    return wall_ms, run_ms, cpu_ms
 
 
-def host_times_ms(threads: int, runs: int, *, allow_spinning: bool = False) -> list[float]:
+def host_times_ms(threads: int, runs: int, *, allow_spinning: bool = False, speed: float = 1.0) -> list[float]:
     """The host reference: the calibration model in this process, unthrottled, with a tier's thread count
-    and spin setting (two spinning threads finish a run sooner than two that sleep between ops)."""
-    return time_runs(session_options(threads, allow_spinning=allow_spinning), runs)[0]
+    and spin setting (two spinning threads finish a run sooner than two that sleep between ops), and
+    idle between runs as long as the tier's pacing at ``speed`` is, so both start each run from the same
+    cache and clock state (measured here: a 2.2 ms run took 8–20 % more CPU after a 2 ms sleep than back to
+    back). The reference is each run's own wall time, not the idle after it."""
+    return time_runs(session_options(threads, allow_spinning=allow_spinning), runs, speed=speed)[1]
 
 
 def measure_speeds(urls: Mapping[TierName, str], *, runs: int = 60, rounds: int = 6) -> list[SpeedMeasurementSpec]:
@@ -122,7 +121,9 @@ def measure_speeds(urls: Mapping[TierName, str], *, runs: int = 60, rounds: int 
                 raise ConfigError(f"{tier} could not run the calibration model: {code} {body}")
             block = CalibrationTimesSpec.model_validate(body)
             tier_rounds.append(block)
-            host_rounds.append(host_times_ms(block.threads, per_round, allow_spinning=block.allow_spinning))
+            host_rounds.append(
+                host_times_ms(block.threads, per_round, allow_spinning=block.allow_spinning, speed=block.device.speed)
+            )
         measured.append(SpeedMeasurementSpec.of(tier_rounds, host_rounds))
     return measured
 

@@ -4,8 +4,9 @@ A resource profile gives each tier a ``DeviceSpec``: ``speed`` relative to one c
 runs on (0.5 = a stage takes twice as long as on the host) and the device's ``cores``. Two mechanisms
 realise it, because measurement showed neither is enough alone:
 
-- **Pacing in the tier** (``services.tier.runtime``): a stage run that used ``c`` ns of CPU on its
-  calling thread ends no sooner than ``c / speed`` after it began; the compute slot is held meanwhile.
+- **Pacing in the tier** (``pace``, called by ``services.tier.runtime`` after every stage): a stage run
+  that used ``c`` ns of CPU on its calling thread ends no sooner than ``c / speed`` after it began; the
+  compute slot is held meanwhile.
   This is exact for stages of any length. The kernel alone is not: on a HZ=250 kernel CFS notices an
   exhausted quota only at the next 4 ms tick, so a 0.3 ms stage never throttles and a 3 ms one is slowed
   in 4 ms lumps (measured: period 10 ms / quota 1 ms gave a 3.1 ms job 40 ms, 1.3× the 31 ms asked).
@@ -25,6 +26,7 @@ single-stream on the tier (through the paced path every stage takes) against the
 from __future__ import annotations
 
 import math
+import time
 
 from pydantic import Field
 
@@ -65,6 +67,19 @@ class DeviceSpec(FrozenSpec):
     def threads(self, available_cores: float) -> int:
         """onnxruntime intra-op threads: the device's cores, no more than the host gives the tier."""
         return max(1, min(self.cores, math.floor(available_cores)))
+
+
+def pace(started_ns: int, cpu_ns: int, speed: float) -> None:
+    """Block until ``cpu_ns / speed`` has passed since ``started_ns``: the device's compute time.
+
+    Sleeps rather than spins, so the wait costs the tier's CPU quota nothing; a thread's sleep wakes
+    within ~0.1 ms (hrtimers), a few percent of the shortest paced stage.
+    """
+    if speed >= 1.0:
+        return
+    remaining_ns = started_ns + cpu_ns / speed - time.perf_counter_ns()
+    if remaining_ns > 0:
+        time.sleep(remaining_ns / 1e9)
 
 
 class CpuThrottlingSpec(FrozenSpec):

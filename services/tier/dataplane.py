@@ -30,7 +30,7 @@ from services.contracts.manifest import ManifestSpec, load_manifest, verify_stag
 from services.contracts.pipeline import HopTiming, PipelineRequest
 from services.contracts.specs import TIERS, DeploymentSpec, Placement, TierName, placements_for
 from services.tier.forwarder import Forwarder
-from services.tier.runtime import StageSession, StagesResult, check_inputs, pace, run_stages
+from services.tier.runtime import StageSession, StagesResult, check_inputs, run_stages
 from services.tier.telemetry import TierTelemetry
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,7 @@ class DataPlane:
 
         def timed() -> CalibrationTimesSpec:
             options = session_options(self.threads, allow_spinning=allow_spinning)
-            wall_ms, cpu_ms = time_runs(options, runs, lambda started, cpu: pace(started, cpu, self.device.speed))
+            wall_ms, _, cpu_ms = time_runs(options, runs, speed=self.device.speed)
             return CalibrationTimesSpec(
                 tier=self.tier,
                 device=self.device,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from services.contracts.device import pace
 from services.contracts.dtypes import NUMPY_DTYPES, ORT_TYPE_NAMES, datatype_of
 from services.contracts.errors import ConfigError, TensorMismatch
 from services.contracts.manifest import ExitSpec, ManifestSpec, StageSpec, TensorSpec, max_softmax
@@ -114,19 +115,6 @@ class StagesResult:
     exited: bool  # answered by the exit head of ``last_stage``
     queue_ns: int  # from the caller's clock start until the first stage began
     compute_ns: int
-
-
-def pace(started_ns: int, cpu_ns: int, speed: float) -> None:
-    """Block until ``cpu_ns / speed`` has passed since ``started_ns``: the device's compute time.
-
-    Sleeps rather than spins, so the wait costs the tier's CPU quota nothing; a thread's sleep wakes
-    within ~0.1 ms (hrtimers), a few percent of the shortest paced stage.
-    """
-    if speed >= 1.0:
-        return
-    remaining_ns = started_ns + cpu_ns / speed - time.perf_counter_ns()
-    if remaining_ns > 0:
-        time.sleep(remaining_ns / 1e9)
 
 
 def run_stages(

@@ -18,10 +18,10 @@ from services.contracts.device import (
     CpuThrottlingSpec,
     DeviceSpec,
     SpeedMeasurementSpec,
+    pace,
 )
 from services.contracts.specs import TIERS
 from services.tier.limits import parse_cpu_stat, read_cpu_throttling
-from services.tier.runtime import pace
 
 ROOT = Path(__file__).resolve().parents[2]
 
