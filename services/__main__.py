@@ -185,6 +185,20 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_calibration_model(args: argparse.Namespace) -> int:
+    """Write the calibration model (to time on a real device); with --runs, time it here too."""
+    from services.contracts.calibration import calibration_model_bytes, session_options, time_runs
+    from services.contracts.device import median
+
+    path = Path(args.path)
+    path.write_bytes(calibration_model_bytes())
+    print(f"wrote {path} (input x: float32 1x1x28x28, the same bytes tierlab times on every tier)")
+    if args.runs:
+        run_ms = time_runs(session_options(args.threads, allow_spinning=False), args.runs, speed=1.0)[1]
+        print(f"here, {args.threads} thread(s), {args.runs} runs back to back: p50 {median(run_ms):.3f} ms")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m services", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -214,6 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("directory", nargs="?", default="models/demo", help="where to write (default models/demo)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=run_demo)
+
+    calibration = commands.add_parser(
+        "calibration-model", help="write the calibration model, to measure a real device's speed"
+    )
+    calibration.add_argument("path", nargs="?", default="calibration.onnx")
+    calibration.add_argument("--runs", type=int, default=0, help="also time it here, back to back")
+    calibration.add_argument("--threads", type=int, default=1)
+    calibration.set_defaults(handler=run_calibration_model)
 
     from services.stack.cli import add_commands
 
