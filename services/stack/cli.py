@@ -98,8 +98,13 @@ def _down(root: Path, state: dict[str, Any] | None) -> None:
         state_path(root).unlink(missing_ok=True)
         return
     if compose_available():
+        # the containers are found by project and service name: a profile file deleted since up is not needed
         profile = (state or {}).get("profile") or "laptop"
         network = (state or {}).get("network") or "lan"
+        if profile not in available("resources", root):
+            profile = StackSpec.profile
+        if network not in available("network", root):
+            network = StackSpec.network
         DockerStack(StackSpec(profile, network), root).down()
         left = leftovers()
         say("stack down" + ("" if not any(left.values()) else f"; still there: {left}"))
