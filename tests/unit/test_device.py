@@ -50,7 +50,7 @@ def test_every_resource_profile_states_its_devices_and_realises_them(profile: st
         device = DeviceSpec.model_validate(json.loads(entry["environment"]["TIERLAB_DEVICE"]))
         assert entry["cpu_period"] == device.cfs_period_us, f"{profile} {tier}"
         assert entry["cpu_quota"] == device.cfs_quota_us(), f"{profile} {tier}: quota ≠ cores × speed × headroom"
-        assert "cpus" not in entry, "cpus would override the fine CFS period"
+        assert "cpus" not in entry, "cpus would override cpu_period and cpu_quota"
 
 
 def test_the_laptop_profile_keeps_the_studies_tier_order() -> None:
