@@ -139,8 +139,7 @@ def check_stack(state: dict[str, Any], profile: str, network: str, models_dir: P
     health = wait_for_targets(state["prometheus"])
     assert set(TIERS) <= set(health) and set(health.values()) == {"up"}, health
 
-    if profile == "laptop":  # multi-core slowed devices (rpi4: 2 threads at 0.25) pace only approximately
-        check_speeds(urls)
+    check_speeds(urls)
 
     x = np.random.default_rng(5).normal(size=(3, 64)).astype(np.float32)
     reference = ort.InferenceSession(str(models_dir / "demo-mlp" / "identity" / "stage0.onnx"))
