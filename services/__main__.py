@@ -23,6 +23,7 @@ from typing import Any, get_args, get_origin
 from pydantic import ValidationError
 
 from services.contracts.errors import ConfigError
+from services.contracts.repository import loaded_summary
 from services.tier.settings import TierSettings
 
 
@@ -172,7 +173,7 @@ def _status_line(tier: str, url: str, status: dict[str, Any]) -> str:
     ready = "ready" if status["ready"] else f"NOT READY ({status.get('load_error') or 'loading'})"
     return (
         f"{tier:>6}  {url}  {ready}; cpu {limits['cpu_cores']:g} cores ({limits['cgroup']}), memory {memory_text}, "
-        f"onnxruntime threads {status['onnxruntime']['intra_op_threads']}, models {len(status['models'])}"
+        f"onnxruntime threads {status['onnxruntime']['intra_op_threads']}, {loaded_summary(status)}"
     )
 
 

@@ -10,10 +10,12 @@ client always gets a message that names the problem::
     ├── BadRequest (400)
     │   ├── MalformedBody (400)        JSON or binary framing cannot be parsed
     │   ├── TensorMismatch (400)       wrong tensor name, datatype or shape for the model
-    │   └── BadParameter (400)         a pipeline parameter is missing, of the wrong type or out of range
+    │   ├── BadParameter (400)         a pipeline parameter is missing, of the wrong type or out of range
+    │   └── ModelNotLoaded (400)       the repository has the model, this tier has not loaded it
     ├── NotFound (404)
     │   └── ModelNotFound (404)
     ├── PayloadTooLarge (413)
+    ├── DoesNotFit (507)               loading the model would not fit the tier's memory
     ├── Unavailable (503)              not ready yet, or more work than the tier admits (Retry-After)
     └── NextTierError (502)            the next tier refused, broke or answered an error
         └── NextTierTimeout (504)      the next tier did not answer within the forward timeout
@@ -64,6 +66,10 @@ class BadParameter(BadRequest):
     """A request parameter (placement, exit_threshold, stage, …) is invalid."""
 
 
+class ModelNotLoaded(BadRequest):
+    """The model is in the tier's repository but not loaded (``POST /v2/repository/models/{name}/load``)."""
+
+
 class NotFound(TierlabError):
     status_code = 404
 
@@ -74,6 +80,12 @@ class ModelNotFound(NotFound):
 
 class PayloadTooLarge(TierlabError):
     status_code = 413
+
+
+class DoesNotFit(TierlabError):
+    """A model load refused because the tier's memory could not hold it (507 Insufficient Storage)."""
+
+    status_code = 507
 
 
 class Unavailable(TierlabError):

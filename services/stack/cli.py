@@ -16,6 +16,7 @@ from typing import Any
 
 from services.contracts.calibration import measure_speeds
 from services.contracts.errors import ConfigError
+from services.contracts.repository import loaded_summary
 from services.contracts.specs import (
     TIERS,
     LinkName,
@@ -145,7 +146,7 @@ def _print_status(state: dict[str, Any]) -> int:
             f"  {tier:<6} {url}  {ready}  cgroup {limits['cgroup']}: cpu quota "
             f"{f'{quota:g} cores' if quota else 'none'} (uses {limits['cpu_cores']:g}), memory "
             f"{f'{memory / (1 << 30):.2f} GiB' if memory else 'unlimited'}, onnxruntime threads "
-            f"{status['onnxruntime']['intra_op_threads']}, {len(status['models'])} variants"
+            f"{status['onnxruntime']['intra_op_threads']}, {loaded_summary(status)}"
         )
         device, throttling = status["device"], status.get("cpu_throttling")
         throttled = (

@@ -32,7 +32,8 @@ from starlette.types import Receive, Scope, Send
 from services.contracts import codec
 from services.contracts.calibration import session_options
 from services.contracts.device import CalibrationRequestSpec, DeviceSpec
-from services.contracts.errors import MalformedBody, PayloadTooLarge, TierlabError
+from services.contracts.errors import ConfigError, MalformedBody, PayloadTooLarge, TierlabError
+from services.contracts.repository import MIB, RepositoryIndexRequestSpec
 from services.contracts.specs import (
     TIERS,
     DeploymentSpec,
@@ -45,7 +46,7 @@ from services.contracts.specs import (
 )
 from services.tier.dataplane import DataPlane, resolve_models
 from services.tier.forwarder import Forwarder
-from services.tier.limits import CgroupLimits, host_cpu_count, read_cpu_throttling, read_limits
+from services.tier.limits import CgroupLimits, MemoryBudget, host_cpu_count, read_cpu_throttling, read_limits
 from services.tier.links import (
     CommandRunner,
     LinkState,
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 _HEADER_LENGTH_KEY = codec.HEADER_LENGTH_HTTP_HEADER.lower()
 SERVER_NAME = "tierlab"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ("binary_tensor_data", "parameters", "tierlab_pipeline")
+EXTENSIONS = ("binary_tensor_data", "parameters", "model_repository", "tierlab_pipeline")
 
 
 @dataclass
@@ -110,12 +111,10 @@ class Tier:
             "cpu_throttling": throttling.model_dump(mode="json") if (throttling := read_cpu_throttling()) else None,
             "onnxruntime": {"intra_op_threads": self.intra_op_threads, "allow_spinning": self.allow_spinning},
             "links": [state.describe() for state in self.links],
+            "memory": {"free_mib": round(plane.memory.free_mib()[0], 1), "of": plane.memory.free_mib()[1]},
             "models": {
-                name: {
-                    "stages_here": model.stages_on(self.settings.tier),
-                    "placements": list(model.placements),
-                }
-                for name, model in plane.models.items()
+                entry.name: {**entry.model_dump(mode="json"), "placements": list(plane.models[entry.name].placements)}
+                for entry in plane.index()
             },
         }
 
@@ -173,7 +172,13 @@ def build_tier(settings: TierSettings, *, run: CommandRunner = run_command) -> T
         max_queue=settings.max_queue,
         device=device,
         threads=threads,
+        memory=MemoryBudget(
+            int(settings.memory_budget_mb * MIB) if settings.memory_budget_mb else None, limits.memory_limit_bytes
+        ),
     )
+    unknown = [n for n in settings.startup if n not in models] if isinstance(settings.startup, tuple) else []
+    if unknown:
+        raise ConfigError(f"startup model(s) {unknown} are not in the deployment; it has {sorted(models)}")
     return Tier(settings, deployment, plane, states, limits, cores, threads, spinning, run)
 
 
@@ -281,7 +286,7 @@ def create_app(tier: Tier) -> TierApp:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await plane.forwarder.start()
         options = session_options(tier.intra_op_threads, allow_spinning=tier.allow_spinning)
-        loading = asyncio.create_task(asyncio.to_thread(plane.load, options, settings.warmup_runs))
+        loading = asyncio.create_task(asyncio.to_thread(plane.load, options, settings.warmup_runs, settings.startup))
         try:
             yield
         finally:
@@ -364,8 +369,34 @@ def create_app(tier: Tier) -> TierApp:
         body, content_type = plane.telemetry.render()
         return Response(body, media_type=content_type)
 
+    _add_repository_routes(app, tier)
     _add_control_routes(app, tier)
     return TierApp(tier, app)
+
+
+def _add_repository_routes(app: FastAPI, tier: Tier) -> None:
+    """The Open Inference Protocol model-repository extension: index, load, unload."""
+    plane = tier.dataplane
+    settings = tier.settings
+
+    @app.post("/v2/repository/index")
+    async def repository_index(spec: RepositoryIndexRequestSpec | None = None) -> list[dict[str, Any]]:
+        """Every model this tier can serve, its state and what loading it cost here (model-repository extension)."""
+        ready_only = spec.ready if spec is not None else False
+        return [entry.model_dump(mode="json") for entry in plane.index(ready_only=ready_only)]
+
+    @app.post("/v2/repository/models/{name}/load")
+    async def repository_load(name: str) -> dict[str, Any]:
+        """Load the model's stages on this tier (200 when READY; 507 when it does not fit, with the numbers)."""
+        options = session_options(tier.intra_op_threads, allow_spinning=tier.allow_spinning)
+        entry = await asyncio.to_thread(plane.load_model, name, options, settings.warmup_runs)
+        return entry.model_dump(mode="json")
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def repository_unload(name: str) -> dict[str, Any]:
+        """Drop the model's sessions on this tier and give their memory back."""
+        entry = await asyncio.to_thread(plane.unload_model, name)
+        return entry.model_dump(mode="json")
 
 
 def _add_control_routes(app: FastAPI, tier: Tier) -> None:

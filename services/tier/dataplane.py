@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -25,11 +26,27 @@ from services.contracts import pipeline as p
 from services.contracts.calibration import session_options, time_runs
 from services.contracts.codec import InferRequest, InferResponse
 from services.contracts.device import CalibrationTimesSpec, DeviceSpec
-from services.contracts.errors import BadParameter, ConfigError, ModelNotFound, TensorMismatch, Unavailable
+from services.contracts.errors import (
+    BadParameter,
+    ConfigError,
+    DoesNotFit,
+    ModelNotFound,
+    ModelNotLoaded,
+    TensorMismatch,
+    Unavailable,
+)
 from services.contracts.manifest import ManifestSpec, load_manifest, verify_stage_files
 from services.contracts.pipeline import HopTiming, PipelineRequest
+from services.contracts.repository import MIB, ModelState, RepositoryModelSpec, StartupModels, estimated_peak_mib
 from services.contracts.specs import TIERS, DeploymentSpec, Placement, TierName, placements_for
 from services.tier.forwarder import Forwarder
+from services.tier.limits import (
+    MemoryBudget,
+    process_peak_rss_bytes,
+    process_rss_bytes,
+    release_memory,
+    reset_peak_rss,
+)
 from services.tier.runtime import StageSession, StagesResult, check_inputs, run_stages
 from services.tier.telemetry import TierTelemetry
 
@@ -116,33 +133,116 @@ class DataPlane:
     max_queue: int = 64
     device: DeviceSpec = field(default_factory=DeviceSpec)
     threads: int = 1
+    memory: MemoryBudget = field(default_factory=MemoryBudget)
     sessions: dict[tuple[str, int], StageSession] = field(default_factory=dict)
     stage_cost_us: dict[tuple[str, int], float] = field(default_factory=dict)  # warm-up median
     ready: bool = False
     load_error: str | None = None
+    repository: dict[str, RepositoryModelSpec] = field(init=False)
     _executor: ThreadPoolExecutor = field(init=False)
+    _loading: threading.Lock = field(init=False, default_factory=threading.Lock)
     _compute_pending: int = 0
 
     def __post_init__(self) -> None:
         self._executor = ThreadPoolExecutor(self.compute_slots, thread_name_prefix=f"{self.tier}-compute")
+        self.repository = {name: self._entry(model, "UNAVAILABLE", "not loaded") for name, model in self.models.items()}
 
     # ------------------------------------------------------------------------------------- lifecycle
 
-    def load(self, options: ort.SessionOptions, warmup_runs: int) -> None:
-        """Create and warm a session for every stage this tier may run (blocking; run it in a thread)."""
+    def load(self, options: ort.SessionOptions, warmup_runs: int, startup: StartupModels) -> None:
+        """Load the ``startup`` models (blocking; run it in a thread), then serve. A model that does not fit
+        stays UNAVAILABLE with the reason and the tier serves the others; a broken one stops the tier."""
+        names = list(self.models) if startup == "all" else [] if startup == "none" else list(startup)
         try:
-            for model in self.models.values():
-                for index in model.stages_on(self.tier):
-                    stage = StageSession.load(model.manifest, model.folder, index, options)
-                    self.stage_cost_us[(model.name, index)] = stage.warm(warmup_runs)
-                    self.sessions[(model.name, index)] = stage
-        except ConfigError as exc:
+            for name in names:
+                try:
+                    self.load_model(name, options, warmup_runs)
+                except DoesNotFit as exc:
+                    log.warning("%s", exc.message)
+        except (ConfigError, ModelNotFound) as exc:
             self.load_error = exc.message
             log.critical("%s cannot serve: %s", self.tier, exc.message)
             return
         self.ready = True
         self.telemetry.ready.labels(self.tier).set(1)
-        log.info("%s ready: %d stage session(s) of %d model(s)", self.tier, len(self.sessions), len(self.models))
+        loaded = sum(entry.ready for entry in self.repository.values())
+        log.info(
+            "%s ready: %d of %d model(s) loaded, %d stage session(s)",
+            self.tier,
+            loaded,
+            len(self.models),
+            len(self.sessions),
+        )
+
+    def _entry(
+        self, model: ServedModel, state: ModelState, reason: str = "", measured: dict[str, float] | None = None
+    ) -> RepositoryModelSpec:
+        stages = model.stages_on(self.tier)
+        file_bytes = sum(model.manifest.stages[i].size_bytes for i in stages)
+        return RepositoryModelSpec(
+            name=model.name,
+            state=state,
+            reason=reason,
+            stages_here=tuple(stages),
+            file_mib=round(file_bytes / MIB, 3),
+            **(measured or {}),
+        )
+
+    def index(self, *, ready_only: bool = False) -> list[RepositoryModelSpec]:
+        """The repository index: every model this tier can serve, its state and measured load costs."""
+        return [entry for entry in self.repository.values() if entry.ready or not ready_only]
+
+    def load_model(self, name: str, options: ort.SessionOptions, warmup_runs: int) -> RepositoryModelSpec:
+        """Create and warm the sessions of the model's stages on this tier, measuring what that costs;
+        DoesNotFit (the model stays UNAVAILABLE) when its estimated peak exceeds the memory free."""
+        model = self.model(name)
+        with self._loading:
+            if self.repository[name].ready:
+                return self.repository[name]
+            entry = self._entry(model, "LOADING")
+            free_mib, of = self.memory.free_mib()
+            need_mib = estimated_peak_mib(entry.file_mib)
+            if need_mib > free_mib:
+                reason = f"does not fit: needs ~{need_mib:.0f} MiB, {free_mib:.0f} MiB free of {of}"
+                self.repository[name] = self._entry(model, "UNAVAILABLE", reason)
+                raise DoesNotFit(f"{name} on {self.tier}: {reason}")
+            self.repository[name] = entry
+            rss_before = process_rss_bytes()
+            measures_peak = reset_peak_rss()
+            started = time.perf_counter_ns()
+            try:
+                stages = {i: StageSession.load(model.manifest, model.folder, i, options) for i in entry.stages_here}
+                loaded = time.perf_counter_ns()
+                costs = {i: stage.warm(warmup_runs) for i, stage in stages.items()}
+            except ConfigError as exc:
+                self.repository[name] = self._entry(model, "UNAVAILABLE", f"load failed: {exc.message}")
+                raise
+            warmed = time.perf_counter_ns()
+            for index, stage in stages.items():
+                self.stage_cost_us[(name, index)] = costs[index]
+                self.sessions[(name, index)] = stage
+            measured = {
+                "resident_mib": round(max(0, process_rss_bytes() - rss_before) / MIB, 2),
+                "load_ms": round(_ms(loaded - started), 2),
+                "warmup_ms": round(_ms(warmed - loaded), 2),
+            }
+            if measures_peak:
+                measured["peak_mib"] = round(max(0, process_peak_rss_bytes() - rss_before) / MIB, 2)
+            self.repository[name] = self._entry(model, "READY", measured=measured)
+            log.info("%s loaded %s: %s", self.tier, name, measured)
+            return self.repository[name]
+
+    def unload_model(self, name: str) -> RepositoryModelSpec:
+        """Drop the model's sessions here (requests already computing finish with them)."""
+        model = self.model(name)
+        with self._loading:
+            self.repository[name] = self._entry(model, "UNLOADING")
+            for index in model.stages_on(self.tier):
+                self.sessions.pop((name, index), None)
+                self.stage_cost_us.pop((name, index), None)
+            release_memory()
+            self.repository[name] = self._entry(model, "UNAVAILABLE", "unloaded")
+            return self.repository[name]
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -195,6 +295,13 @@ class DataPlane:
         model = self.model(model_name)
         control = PipelineRequest.from_parameters(request.parameters)
         placement, stage_tiers, local = self._plan(model, control)
+        if any((model.name, index) not in self.sessions for index in local):
+            entry = self.repository[model.name]
+            raise ModelNotLoaded(
+                f"model '{model.name}' is not loaded on {self.tier} ({entry.state}"
+                + (f": {entry.reason}" if entry.reason else "")
+                + f"); load it with POST /v2/repository/models/{model.name}/load"
+            )
         final_names = [t.name for t in model.manifest.outputs]
         unknown = [o.name for o in request.outputs if o.name not in final_names]
         if unknown:

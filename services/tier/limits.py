@@ -9,6 +9,9 @@ with a fake tree.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import math
 import os
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Literal, TypeVar
 
 from services.contracts.device import CpuThrottlingSpec
+from services.contracts.repository import MIB
 
 # cgroup v1 reports "no memory limit" as a page-rounded LONG_MAX; anything this large means unlimited
 _V1_UNLIMITED_MEMORY_BYTES = 1 << 62
@@ -204,3 +208,96 @@ def read_cpu_throttling(
         if text is not None and "nr_periods" in text:
             return parse_cpu_stat(text)
     return None
+
+
+def parse_memory_stat(text: str, key: str) -> int:
+    """One counter of ``memory.stat`` (0 when absent)."""
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def read_memory_in_use(
+    root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")
+) -> int | None:
+    """The cgroup's working set: usage less the inactive page cache the kernel reclaims before it OOM-kills
+    (what ``docker stats`` shows); None where no memory controller is readable."""
+    try:
+        paths = parse_proc_cgroup(proc_cgroup.read_text())
+    except OSError:
+        paths = {}
+    if (root / "memory").is_dir():
+        folders, usage_file, inactive_key = (
+            _candidates(root / "memory", paths.get("memory", "/")),
+            "memory.usage_in_bytes",
+            "total_inactive_file",
+        )
+    else:
+        folders, usage_file, inactive_key = _candidates(root, paths.get("", "/")), "memory.current", "inactive_file"
+    for folder in folders:
+        usage = _read(folder, usage_file)
+        if usage is not None and usage.strip().isdigit():
+            inactive = parse_memory_stat(_read(folder, "memory.stat") or "", inactive_key)
+            return max(0, int(usage) - inactive)
+    return None
+
+
+def _proc_status_bytes(key: str, status: Path = Path("/proc/self/status")) -> int:
+    for line in status.read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024  # kB
+    return 0
+
+
+def process_rss_bytes() -> int:
+    """This process's resident set now."""
+    return _proc_status_bytes("VmRSS")
+
+
+def process_peak_rss_bytes() -> int:
+    """This process's peak resident set since the last ``reset_peak_rss``."""
+    return _proc_status_bytes("VmHWM")
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak (writing 5 to ``/proc/self/clear_refs``); False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def host_memory_available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """The host's ``MemAvailable`` (a process with no memory limit competes for this)."""
+    return _proc_status_bytes("MemAvailable", meminfo)
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What a tier may hold in memory: an explicit budget (``TIERLAB_MEMORY_BUDGET_MB``; for tiers
+    without a cgroup limit, e.g. ``make up RUNTIME=local``), else the cgroup's limit, else the host."""
+
+    budget_bytes: int | None = None
+    limit_bytes: int | None = None
+
+    def free_mib(self) -> tuple[float, str]:
+        """MiB free now, and what they are free of (for messages)."""
+        if self.budget_bytes is not None:
+            return (
+                self.budget_bytes - process_rss_bytes()
+            ) / MIB, f"the tier's budget of {self.budget_bytes / MIB:.0f} MiB"
+        if self.limit_bytes is not None:
+            in_use = read_memory_in_use()
+            used = in_use if in_use is not None else process_rss_bytes()
+            return (self.limit_bytes - used) / MIB, f"the tier's limit of {self.limit_bytes / MIB:.0f} MiB"
+        return host_memory_available_bytes() / MIB, "the host's available memory"
+
+
+def release_memory() -> None:
+    """Give freed session memory back to the OS (glibc keeps freed heap otherwise), so RSS falls on unload."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

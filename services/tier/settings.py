@@ -13,6 +13,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.contracts.device import DeviceSpec
+from services.contracts.repository import StartupModels, parse_startup_models
 from services.contracts.specs import LinkName, LinkSpec, TierName
 
 _MIB = 1 << 20
@@ -36,6 +37,12 @@ class TierSettings(BaseSettings):
     intra_op_threads: int | None = Field(default=None, ge=1, description="default: the device's cores")
     allow_spinning: bool | None = Field(default=None, description="default: only when no CPU quota is set")
     warmup_runs: int = Field(default=3, ge=0)
+    startup_models: str = Field(
+        default="all", description="models loaded at start: all, none, or names (comma-separated); the rest on demand"
+    )
+    memory_budget_mb: float | None = Field(
+        default=None, gt=0, description="refuse loads beyond this (default: the cgroup memory limit)"
+    )
     shape_links: bool = Field(default=True, description="apply the deployment's link specs")
     links: dict[LinkName, LinkSpec] | None = Field(
         default=None, description="link conditions replacing the deployment's (JSON in TIERLAB_LINKS)"
@@ -45,3 +52,7 @@ class TierSettings(BaseSettings):
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * _MIB)
+
+    @property
+    def startup(self) -> StartupModels:
+        return parse_startup_models(self.startup_models)

@@ -17,8 +17,11 @@ import pytest
 
 from services.contracts import codec
 from services.contracts.codec import InferResponse
+from services.contracts.errors import ConfigError
 from services.demo import local_deployment, write_deployment
 from services.local import free_ports
+from services.tier.app import build_tier
+from services.tier.limits import process_rss_bytes
 from services.tier.settings import TierSettings
 from tests.conftest import DeploymentFactory, serve_in_process, v2_json_request
 
@@ -316,3 +319,57 @@ async def test_a_tier_whose_model_cannot_load_is_not_ready(
         reply = await client.post("/v2/models/demo-mlp.identity/infer", json=v2_json_request(X, placement="E"))
         assert reply.status_code == 503 and "not ready" in reply.json()["error"]
         assert (await client.get("/v2/health/live")).status_code == 200
+
+
+async def test_the_model_repository_loads_and_unloads_with_measured_costs(
+    tier_settings: SettingsFactory, sample_batch: np.ndarray
+) -> None:
+    async with serve_in_process(tier_settings("edge", startup_models="demo-mlp.identity")) as (_, client):
+        assert (await client.get("/v2/health/ready")).status_code == 200
+        assert "model_repository" in (await client.get("/v2")).json()["extensions"]
+        index = {e["name"]: e for e in (await client.post("/v2/repository/index")).json()}
+        assert set(index) == {"demo-mlp.identity", "demo-mlp.partition3", "demo-mlp.early-exit"}
+        assert index["demo-mlp.identity"]["state"] == "READY" and index["demo-mlp.identity"]["load_ms"] > 0
+        assert index["demo-mlp.partition3"]["state"] == "UNAVAILABLE"
+        ready_only = (await client.post("/v2/repository/index", json={"ready": True})).json()
+        assert [e["name"] for e in ready_only] == ["demo-mlp.identity"]
+
+        # a model not loaded here: 400 naming the load call, and its ready route says no
+        reply = await client.post("/v2/models/demo-mlp.partition3/infer", json=v2_json_request(X, placement="E"))
+        assert (
+            reply.status_code == 400 and "POST /v2/repository/models/demo-mlp.partition3/load" in reply.json()["error"]
+        )
+        assert (await client.get("/v2/models/demo-mlp.partition3/ready")).status_code == 503
+
+        loaded = await client.post("/v2/repository/models/demo-mlp.partition3/load")
+        assert loaded.status_code == 200 and loaded.json()["state"] == "READY", loaded.text
+        assert loaded.json()["stages_here"] == [0, 1, 2] and loaded.json()["resident_mib"] is not None
+        await infer(client, "demo-mlp.partition3", sample_batch, placement="E")
+
+        unloaded = await client.post("/v2/repository/models/demo-mlp.partition3/unload")
+        assert unloaded.status_code == 200 and unloaded.json()["state"] == "UNAVAILABLE"
+        reply = await client.post("/v2/models/demo-mlp.partition3/infer", json=v2_json_request(X, placement="E"))
+        assert reply.status_code == 400 and "unloaded" in reply.json()["error"]
+        missing = await client.post("/v2/repository/models/no-such-model/load")
+        assert missing.status_code == 404 and "not served here" in missing.json()["error"]
+
+
+async def test_a_load_beyond_the_memory_budget_is_refused_with_the_numbers(tier_settings: SettingsFactory) -> None:
+    budget_mb = process_rss_bytes() / (1 << 20) + 20  # the process as it is, and 20 MiB to spare: not enough
+    settings = tier_settings("edge", startup_models="all", memory_budget_mb=budget_mb)
+    async with serve_in_process(settings) as (_, client):
+        assert (await client.get("/v2/health/ready")).status_code == 200  # the tier serves, the models wait
+        index = (await client.post("/v2/repository/index")).json()
+        assert {e["state"] for e in index} == {"UNAVAILABLE"}
+        assert all(
+            re.search(r"does not fit: needs ~\d+ MiB, -?\d+ MiB free of the tier's budget", e["reason"]) for e in index
+        )
+        refused = await client.post("/v2/repository/models/demo-mlp.identity/load")
+        assert refused.status_code == 507 and "does not fit" in refused.json()["error"], refused.text
+        status = (await client.get("/tierlab/status")).json()
+        assert status["models"]["demo-mlp.identity"]["state"] == "UNAVAILABLE"
+
+
+async def test_a_startup_model_not_in_the_deployment_is_a_config_error(tier_settings: SettingsFactory) -> None:
+    with pytest.raises(ConfigError, match=r"startup model\(s\) \['nope'\] are not in the deployment"):
+        build_tier(tier_settings("edge", startup_models="nope"))
