@@ -50,6 +50,7 @@ RUNTIME ?= docker
 PROFILE ?= laptop
 NETWORK ?= lan
 SUBJECTS ?= fmnist-resnet,fmnist-resnext
+STARTUP_MODELS ?= none
 STACK := $(PY) -m services stack
 
 models-for-stack: | $(STAMP)
@@ -58,7 +59,7 @@ models-for-stack: | $(STAMP)
 	    $(PY) -m operators build --subject $$s || exit 1; fi; done
 
 up: $(STAMP) models-for-stack ## start the stack: make up [PROFILE=laptop|paper|rpi4|phone] [NETWORK=lan|wifi|4g|wan|paper|none] [RUNTIME=docker|local]
-	$(STACK) up --runtime $(RUNTIME) --profile $(PROFILE) --network $(NETWORK) --subjects $(SUBJECTS)
+	$(STACK) up --runtime $(RUNTIME) --profile $(PROFILE) --network $(NETWORK) --subjects $(SUBJECTS) --startup-models $(STARTUP_MODELS)
 
 down: | $(STAMP) ## stop the stack; no container, network or volume is left
 	$(STACK) down

@@ -62,7 +62,11 @@ class RunProgress:
         self.done += 1
         if self.live:
             self.bars.advance(self.experiment)
-        else:
+        if "not_runnable" in info:
+            console.print(
+                f"[{self.done}/{self.total}] {info['run']}: not runnable on this profile: {info['not_runnable']}"
+            )
+        elif not self.live:
             elapsed = time.monotonic() - self.started
             console.print(f"[{self.done}/{self.total}] {info['run']}: n={info['n']} errors={info['errors']} "
                           f"({info['stop_reason']}), {elapsed:.0f} s elapsed")  # fmt: skip

@@ -205,6 +205,25 @@ SPEED_HEAD = ("network", "when", "tier", "speed configured", "threads", "host p5
               "achieved speed", "p95/p50")  # fmt: skip
 
 
+LOADS_HEAD = ("network", "tier", "variant", "ONNX MiB", "resident MiB", "peak MiB", "load ms", "warm-up ms")
+NOT_RUNNABLE_HEAD = ("network", "variant", "placement", "tier", "why")
+
+
+def _memory_html(bundle: dict[str, Any]) -> str:
+    """What each variant cost to load where it ran (cold start and memory), and what did not fit."""
+    loads = [[e["network"], e["tier"], e["model"], e["file_mib"], e.get("resident_mib"), e.get("peak_mib"),
+              e.get("load_ms"), e.get("warmup_ms")] for e in bundle.get("loads") or []]  # fmt: skip
+    refused = [
+        [e["network"], e["model"], e["placement"], e["tier"], e["reason"]] for e in bundle.get("not_runnable") or []
+    ]
+    parts = []
+    if refused:
+        parts.append(f"<p><b>Not runnable on this profile</b> ({len(refused)}): the tier refused the load.</p>")
+        parts.append(_table(NOT_RUNNABLE_HEAD, refused))
+    parts.append(_table(LOADS_HEAD, loads) if loads else '<p class="note">every variant was loaded at start-up</p>')
+    return "\n".join(parts)
+
+
 def _answer_html(summary: dict[str, Any]) -> str:
     """Per group: the verdicts in one line, then the recommendation under each stated constraint."""
     parts = []
@@ -274,6 +293,7 @@ def build_report(summary: dict[str, Any], records: list[dict[str, Any]], bundle:
         tests=_tests_html(summary),
         links=link_fidelity,
         speeds=speed_fidelity,
+        memory=_memory_html(bundle),
     )
 
 
@@ -298,6 +318,8 @@ section.figure {{ margin-bottom: 2rem; }}
 {speeds}
 <h2>Link fidelity (measured through the request path)</h2>
 {links}
+<h2>Memory and cold starts (each variant loaded where its runs computed)</h2>
+{memory}
 <h2>Every run</h2>
 {strategies}
 </body></html>

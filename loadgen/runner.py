@@ -28,6 +28,7 @@ import uvloop
 import yaml
 
 from loadgen.engine import Issue, RealClock, StopRule, drive
+from loadgen.loads import ModelLoads
 from loadgen.records import RecordWriter, finished_runs, mark_finished, read_records
 from loadgen.spec import SWEEP_PREFIX, ExperimentSpec, ScenarioSpec, StoppingSpec
 from loadgen.target import Answer, Stack
@@ -302,11 +303,11 @@ class Experiment:
             on_sample()
             return ended_ns
 
-        throttling_before = self._throttling()
+        throttling_before, _ = self._readings()
         started, cpu_started = time.monotonic(), time.process_time()
         issued = await drive(plan.scenario, send, stop, clock, seed=self.spec.seed + first_seq)
         duration_s = time.monotonic() - started
-        throttling_after = self._throttling()
+        throttling_after, memory_after = self._readings()
         return {
             "run": plan.key,
             "strategy": plan.strategy,
@@ -331,16 +332,21 @@ class Experiment:
                 for tier, after in throttling_after.items()
                 if tier in throttling_before
             },
+            "memory_mib": memory_after,
         }
 
-    def _throttling(self) -> dict[str, CpuThrottlingSpec]:
-        """Each tier's CFS counters now (tiers without a quota or cgroup have none)."""
-        found: dict[str, CpuThrottlingSpec] = {}
+    def _readings(self) -> tuple[dict[str, CpuThrottlingSpec], dict[str, dict[str, float]]]:
+        """Each tier's CFS counters now (tiers without a quota or cgroup have none), and its resident set
+        now and at its peak since its last model load."""
+        throttling: dict[str, CpuThrottlingSpec] = {}
+        memory: dict[str, dict[str, float]] = {}
         for tier in self.stack.urls:
-            reading = self.stack.status(tier).get("cpu_throttling")
-            if reading is not None:
-                found[tier] = CpuThrottlingSpec.model_validate(reading)
-        return found
+            status = self.stack.status(tier)
+            if status.get("cpu_throttling") is not None:
+                throttling[tier] = CpuThrottlingSpec.model_validate(status["cpu_throttling"])
+            if status.get("memory"):
+                memory[tier] = {k: status["memory"][k] for k in ("rss_mib", "peak_rss_mib", "free_mib")}
+        return throttling, memory
 
     def apply_network(self, network: str, bundle: dict[str, Any], *, measure: bool) -> None:
         if network.startswith(SWEEP_PREFIX):
@@ -434,19 +440,28 @@ async def _execute(experiment: Experiment, plan: Plan, progress: Any) -> None:
     progress.start(len(plan.runs), len(plan.runs) - len(todo))
     writer = RecordWriter(folder)
     current_network: str | None = None
+    loads = ModelLoads(experiment.stack, bundle)
     try:
-        for run in todo:
+        for i, run in enumerate(todo):
             if run.network != current_network:
                 _close_network(experiment, current_network, bundle, bundle_path)
                 experiment.apply_network(run.network, bundle, measure=not run.network.startswith(SWEEP_PREFIX))
                 write_json(bundle_path, bundle)
                 current_network = run.network
-            progress.begin_run(run.key, run.stopping.max_samples, len(partial.get(run.key, [])))
-            info = await experiment.run_one(run, writer, partial.get(run.key, []), progress.sample)
+            why_not = loads.prepare(run.model, run.placement, run.network)
+            if why_not is None:
+                progress.begin_run(run.key, run.stopping.max_samples, len(partial.get(run.key, [])))
+                info = await experiment.run_one(run, writer, partial.get(run.key, []), progress.sample)
+            else:  # not runnable on this profile: said once, recorded, and the experiment goes on
+                info = {"run": run.key, "strategy": run.strategy, "network": run.network, "not_runnable": why_not}
             mark_finished(folder, info)
+            write_json(bundle_path, bundle)
             progress.end_run(info)
+            if i + 1 == len(todo) or todo[i + 1].model != run.model:
+                loads.release(run.model)
         _close_network(experiment, current_network, bundle, bundle_path)
     finally:
+        loads.release()
         writer.close()
         experiment.stack.close()
         own = experiment.stack.state.get("network")

@@ -19,6 +19,7 @@ import numpy as np
 from services.contracts import codec
 from services.contracts import pipeline as p
 from services.contracts.errors import ConfigError, MalformedBody
+from services.contracts.repository import RepositoryModelSpec
 from services.contracts.specs import TIERS, LinkMeasurementSpec, LinkName, LinkSpec, TierName
 from services.contracts.transport import Pool, probe_links
 from services.contracts.transport import json_call as control
@@ -78,6 +79,27 @@ class Stack:
         if code != 200:
             return None
         return str(body["parameters"]["placements"]).split(",")
+
+    def index(self, tier: TierName) -> dict[str, RepositoryModelSpec]:
+        """The tier's model repository: every model it can serve, by name, with its state."""
+        code, body = control(f"{self.urls[tier]}/v2/repository/index", method="POST", body={})
+        if code != 200:
+            raise ConfigError(f"{tier} repository index failed: {code} {body}")
+        return {e["name"]: RepositoryModelSpec.model_validate(e) for e in body}
+
+    def load(self, tier: TierName, model: str) -> RepositoryModelSpec | str:
+        """Load ``model`` on ``tier``: its index entry with the measured costs, or why it cannot be loaded."""
+        code, body = control(
+            f"{self.urls[tier]}/v2/repository/models/{model}/load", method="POST", body={}, timeout_s=600
+        )
+        if code == 200:
+            return RepositoryModelSpec.model_validate(body)
+        return f"{tier} cannot load {model}: {body.get('error', body) if isinstance(body, dict) else body}"
+
+    def unload(self, tier: TierName, model: str) -> None:
+        code, body = control(f"{self.urls[tier]}/v2/repository/models/{model}/unload", method="POST", body={})
+        if code != 200:
+            raise ConfigError(f"{tier} could not unload {model}: {code} {body}")
 
     def shape(self, links: dict[LinkName, LinkSpec]) -> list[dict[str, Any]]:
         """Apply link conditions to every tier (no restart); returns the link states the tiers report."""

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import Field
 
 from services.contracts.manifest import FrozenSpec
-from services.contracts.specs import TIER_LETTERS
+from services.contracts.specs import placement_tiers
 
 MAX_ERROR_RATE = 0.01
 MAX_LAG_MS_P99 = 5.0
@@ -47,8 +47,7 @@ class VerdictSpec(FrozenSpec):
 
 def tiers_used(placement: str) -> list[str]:
     """The tiers a placement's requests touch: the device always (requests enter there), then its stages'."""
-    tiers = ["mobile"] + [TIER_LETTERS[letter] for letter in placement.split("-")]
-    return list(dict.fromkeys(tiers))
+    return list(dict.fromkeys(["mobile", *placement_tiers(placement)]))
 
 
 def ci_half_widths(latency_ms: dict[str, Any]) -> dict[str, float]:

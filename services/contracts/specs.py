@@ -24,6 +24,12 @@ TIERS: tuple[TierName, ...] = get_args(TierName)
 TIER_LETTERS: dict[str, TierName] = {"M": "mobile", "E": "edge", "C": "cloud"}
 LETTER_OF: dict[TierName, str] = {tier: letter for letter, tier in TIER_LETTERS.items()}
 
+
+def placement_tiers(placement: str) -> list[TierName]:
+    """The tiers a placement (``M``, ``E-C``, …) computes on, in order, each once."""
+    return list(dict.fromkeys(TIER_LETTERS[letter] for letter in placement.split("-")))
+
+
 LinkName = Literal["mobile-edge", "edge-cloud", "mobile-cloud"]
 LINKS: tuple[LinkName, ...] = get_args(LinkName)
 

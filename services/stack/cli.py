@@ -27,12 +27,14 @@ from services.contracts.specs import (
 from services.contracts.transport import json_call, probe_links
 from services.stack.compose import (
     DEFAULT_SUBJECTS,
+    PROJECT,
     DockerStack,
     StackSpec,
     available,
     compose_available,
     find_manifests,
     leftovers,
+    oom_killed,
     override_file,
     read_state,
     state_path,
@@ -48,7 +50,14 @@ def network_links(name: str, root: Path) -> dict[LinkName, LinkSpec]:
 
 def _spec(args: argparse.Namespace) -> StackSpec:
     subjects = tuple(s for s in args.subjects.split(",") if s) if args.subjects != "all" else ()
-    return StackSpec(args.profile, args.network, Path(args.models_dir), subjects, with_grafana=not args.no_grafana)
+    return StackSpec(
+        args.profile,
+        args.network,
+        Path(args.models_dir),
+        subjects,
+        with_grafana=not args.no_grafana,
+        startup_models=args.startup_models,
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -81,7 +90,9 @@ def _up_local(root: Path, spec: StackSpec) -> int:
         links=links,
     )
     path = write_deployment(deployment, root / ".local" / "stack" / "deployment-local.yaml")
-    stack = LocalStack(path, detach=True, log_dir=root / ".local" / "logs")
+    stack = LocalStack(
+        path, detach=True, log_dir=root / ".local" / "logs", env={"TIERLAB_STARTUP_MODELS": spec.startup_models}
+    )
     stack.start()
     state = {**stack.state(), "profile": None, "network": spec.network, "subjects": list(spec.subjects),
              "prometheus": None, "grafana": None}  # fmt: skip
@@ -136,7 +147,9 @@ def _print_status(state: dict[str, Any]) -> int:
         code, status = json_call(f"{url}/tierlab/status")
         if code != 200:
             healthy = False
-            print(f"  {tier:<6} {url}  {'DOWN' if code == 0 else f'answered {code}'}")
+            killed = runtime == "docker" and any(name.startswith(f"{PROJECT}_{tier}_") for name in oom_killed())
+            down = "DOWN (OOM-killed: over its memory limit)" if killed else "DOWN"
+            print(f"  {tier:<6} {url}  {down if code == 0 else f'answered {code}'}")
             continue
         limits = status["limits"]
         quota = limits["cpu_quota_cores"]
@@ -293,6 +306,11 @@ def add_commands(commands: Any) -> None:
     up.add_argument("--models-dir", default="models")
     up.add_argument("--subjects", default=",".join(DEFAULT_SUBJECTS), help="comma list, or 'all'")
     up.add_argument("--no-grafana", action="store_true")
+    up.add_argument(
+        "--startup-models",
+        default="none",
+        help="variants each tier loads at start: none (the loadgen loads what each run needs), all, or names",
+    )
     up.add_argument("--timeout-s", type=float, default=300.0)
     up.set_defaults(handler=cmd_up)
 

@@ -51,6 +51,7 @@ class StackSpec:
     models_dir: Path = Path("models")
     subjects: tuple[str, ...] = DEFAULT_SUBJECTS  # () = every manifest under models_dir
     with_grafana: bool = True
+    startup_models: str = "none"  # the tiers' TIERLAB_STARTUP_MODELS: none, all, or names
 
     def compose_files(self, root: Path) -> list[Path]:
         return [
@@ -82,6 +83,15 @@ def stack_deployment(manifests: list[str]) -> DeploymentSpec:
     )
 
 
+def oom_killed() -> list[str]:
+    """The stack's containers the kernel's OOM killer stopped (Docker's ``State.OOMKilled``)."""
+    names = output(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}"]).split()
+    if not names:
+        return []
+    text = output(["docker", "inspect", "--format", "{{.Name}} {{.State.OOMKilled}}", *names])
+    return [line.split()[0].lstrip("/") for line in text.splitlines() if line.endswith(" true")]
+
+
 @dataclass
 class DockerStack:
     spec: StackSpec
@@ -98,6 +108,7 @@ class DockerStack:
             TIERLAB_STACK_DIR=str(self.stack_dir.resolve()),
             TIERLAB_UID=str(os.getuid()),
             TIERLAB_GID=str(os.getgid()),
+            TIERLAB_STARTUP_MODELS=self.spec.startup_models,
         )
         if images is not None:
             env.update(images.environment())
@@ -176,7 +187,15 @@ class DockerStack:
             exited = self.exited_containers()
             if exited or time.monotonic() > deadline:
                 logs = self._compose("logs", "--tail", "30", *sorted(waiting), quiet=True)
-                reason = f"{', '.join(exited)} exited" if exited else f"not ready within {timeout_s:g} s"
+                killed = oom_killed()
+                reason = (
+                    ", ".join(
+                        f"{name} exited" + (" (OOM-killed: over its memory limit)" if name in killed else "")
+                        for name in exited
+                    )
+                    if exited
+                    else f"not ready within {timeout_s:g} s"
+                )
                 raise ConfigError(f"the stack did not come up: {reason}. Last log lines:\n{logs}")
             time.sleep(1.0)
 

@@ -46,7 +46,15 @@ from services.contracts.specs import (
 )
 from services.tier.dataplane import DataPlane, resolve_models
 from services.tier.forwarder import Forwarder
-from services.tier.limits import CgroupLimits, MemoryBudget, host_cpu_count, read_cpu_throttling, read_limits
+from services.tier.limits import (
+    CgroupLimits,
+    MemoryBudget,
+    host_cpu_count,
+    process_peak_rss_bytes,
+    process_rss_bytes,
+    read_cpu_throttling,
+    read_limits,
+)
 from services.tier.links import (
     CommandRunner,
     LinkState,
@@ -94,6 +102,17 @@ class Tier:
             log.info("%s link %s now %s %s", self.settings.tier, state.link, state.backend.value, state.note)
         return self.links
 
+    def memory_now(self) -> dict[str, Any]:
+        """Free memory (against the budget, the cgroup limit or the host), this process's resident set now
+        and its peak since the last model load (a load starts a new peak)."""
+        free_mib, of = self.dataplane.memory.free_mib()
+        return {
+            "free_mib": round(free_mib, 1),
+            "of": of,
+            "rss_mib": round(process_rss_bytes() / MIB, 1),
+            "peak_rss_mib": round(process_peak_rss_bytes() / MIB, 1),
+        }
+
     def status(self) -> dict[str, Any]:
         plane = self.dataplane
         return {
@@ -111,7 +130,7 @@ class Tier:
             "cpu_throttling": throttling.model_dump(mode="json") if (throttling := read_cpu_throttling()) else None,
             "onnxruntime": {"intra_op_threads": self.intra_op_threads, "allow_spinning": self.allow_spinning},
             "links": [state.describe() for state in self.links],
-            "memory": {"free_mib": round(plane.memory.free_mib()[0], 1), "of": plane.memory.free_mib()[1]},
+            "memory": self.memory_now(),
             "models": {
                 entry.name: {**entry.model_dump(mode="json"), "placements": list(plane.models[entry.name].placements)}
                 for entry in plane.index()

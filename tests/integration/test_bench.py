@@ -22,6 +22,7 @@ import yaml
 from loadgen.__main__ import main as loadgen_main
 from loadgen.records import read_records
 from services.contracts.specs import TIERS, network_profile_links
+from services.contracts.transport import json_call
 from services.demo import local_deployment, write_deployment
 from services.local import LocalStack, free_ports
 from tests.conftest import require_tool
@@ -40,7 +41,12 @@ def stack_state(built_models: Path, tmp_path_factory: pytest.TempPathFactory) ->
         ports=ports,
         links=network_profile_links(ROOT / "compose" / "network-lan.yml"),
     )
-    with LocalStack(write_deployment(deployment, folder / "deployment.yaml"), log_dir=folder / "logs") as stack:
+    # the tiers start empty, as `make up` starts them: the loadgen loads what each run group needs
+    with LocalStack(
+        write_deployment(deployment, folder / "deployment.yaml"),
+        log_dir=folder / "logs",
+        env={"TIERLAB_STARTUP_MODELS": "none"},
+    ) as stack:
         state = folder / "stack.json"
         state.write_text(json.dumps({**stack.state(), "network": "lan", "profile": None}))
         yield state
@@ -92,6 +98,19 @@ def test_quick_spec_report_matches_its_records_and_renders(
     assert dom.count('class="main-svg"') >= figures
     assert errors == []
 
+    # each variant was loaded where its runs computed, measured, and unloaded after its last run
+    loads = bundle["loads"]
+    assert {e["model"] for e in loads} == {f"fmnist-resnet.{v}" for v in QUICK_VARIANTS} and bundle[
+        "not_runnable"
+    ] == []
+    assert {e["tier"] for e in loads} == set(TIERS) and all(
+        e["load_ms"] > 0 and e["resident_mib"] is not None for e in loads
+    )
+    urls = json.loads(stack_state.read_text())["urls"]
+    for tier, url in urls.items():
+        assert json_call(f"{url}/v2/repository/index", method="POST", body={"ready": True}) == (200, []), tier
+    assert "Memory and cold starts" in (folder / "report.html").read_text()
+
     for entry in summary["strategies"]:  # every run has a verdict; an INVALID one says why
         assert entry["verdict"]["valid"] == (entry["verdict"]["reasons"] == []), entry["verdict"]
     lan = bundle["networks"]["lan"]
@@ -109,6 +128,36 @@ def test_quick_spec_report_matches_its_records_and_renders(
         assert code == 0 and chosen and meeting[chosen.group(1)], answer
     else:
         assert code == 1 and "would, but its run is INVALID" in answer, answer
+
+
+def test_runs_a_tier_cannot_hold_are_not_runnable_and_the_experiment_goes_on(
+    built_models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    deployment = local_deployment(
+        ["fmnist-resnet/identity/manifest.json", "fmnist-resnet/sptq/manifest.json"],
+        models_dir=str(built_models),
+        ports=dict(zip(TIERS, free_ports(3), strict=True)),
+    )
+    spec = yaml.safe_load((ROOT / "loadgen" / "specs" / "quick.yaml").read_text())
+    spec["selections"][0].update(variants=["identity", "sptq"], placements=["M", "E"])
+    spec["stopping"] = {"min_samples": 20, "max_samples": 20, "max_duration_s": 30, "check_every": 10}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    # a 1 MiB memory budget: no tier can hold any variant
+    env = {"TIERLAB_STARTUP_MODELS": "none", "TIERLAB_MEMORY_BUDGET_MB": "1"}
+    with LocalStack(write_deployment(deployment, tmp_path / "d.yaml"), log_dir=tmp_path / "logs", env=env) as stack:
+        state = tmp_path / "stack.json"
+        state.write_text(json.dumps({**stack.state(), "network": "lan", "profile": None}))
+        code = run_loadgen("run", "--spec", str(tmp_path / "spec.yaml"), "--state", str(state), "--models",
+                           str(built_models), "--results", str(tmp_path / "results"), "--run-id", "small")  # fmt: skip
+    printed = capsys.readouterr()
+    folder = tmp_path / "results" / "small"
+    refused = json.loads((folder / "bundle.json").read_text())["not_runnable"]
+    assert len(refused) == 4 and all("does not fit: needs ~" in e["reason"] for e in refused), refused
+    runs = [json.loads(line) for line in (folder / "runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 4 and all("does not fit" in r["not_runnable"] for r in runs)
+    assert "not runnable on this profile" in printed.err and read_records(folder) == []
+    assert (folder / "report.html").exists() and "Not runnable on this profile" in (folder / "report.html").read_text()
+    assert code == 0, printed.err[-2000:]
 
 
 def render_in_chromium(page: Path, scratch: Path) -> tuple[str, list[str]]:

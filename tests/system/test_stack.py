@@ -17,6 +17,7 @@ import os
 import re
 import statistics
 import time
+import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -144,9 +145,22 @@ def check_stack(state: dict[str, Any], profile: str, network: str, models_dir: P
     x = np.random.default_rng(5).normal(size=(3, 64)).astype(np.float32)
     reference = ort.InferenceSession(str(models_dir / "demo-mlp" / "identity" / "stage0.onnx"))
     want = reference.run(None, {"x": x})[0]
-    answer = infer_over_http(urls["mobile"], "demo-mlp.partition3", x, placement="M-E-C")
+    model = "demo-mlp.partition3"
+    for tier in TIERS:  # the tiers start empty (STARTUP_MODELS=none): load what the request needs
+        index = json_call(f"{urls[tier]}/v2/repository/index", method="POST", body={})[1]
+        assert {e["state"] for e in index} == {"UNAVAILABLE"}, index
+        code, entry = json_call(
+            f"{urls[tier]}/v2/repository/models/{model}/load", method="POST", body={}, timeout_s=120
+        )
+        assert code == 200 and entry["state"] == "READY" and entry["load_ms"] > 0, (tier, code, entry)
+    answer = infer_over_http(urls["mobile"], model, x, placement="M-E-C")
     np.testing.assert_allclose(answer.outputs["logits"], want, rtol=1e-5, atol=1e-5)
     assert answer.parameters["hops"] == 3
+    code, entry = json_call(f"{urls['edge']}/v2/repository/models/{model}/unload", method="POST", body={})
+    assert code == 200 and entry["state"] == "UNAVAILABLE"
+    with pytest.raises(urllib.error.HTTPError) as refused:  # edge's stage is gone: the hop says so
+        infer_over_http(urls["mobile"], model, x, placement="M-E-C")
+    assert refused.value.code == 502 and "not loaded on edge" in refused.value.read().decode()
 
 
 def check_speeds(urls: dict[TierName, str], repeats: int = 3) -> None:
