@@ -8,12 +8,17 @@ import pytest
 
 from services.tier.limits import (
     CgroupLimits,
+    MemoryBudget,
     parse_cfs,
     parse_cpu_list,
     parse_cpu_max,
     parse_memory_limit,
+    parse_memory_stat,
     parse_proc_cgroup,
+    process_peak_rss_bytes,
+    process_rss_bytes,
     read_limits,
+    read_memory_in_use,
 )
 
 
@@ -105,3 +110,31 @@ def test_v1_unlimited_and_no_cgroup_at_all(tmp_path: Path) -> None:
     proc.write_text("")
     assert read_limits(sys_root, proc) == CgroupLimits("v1", None, None, None)
     assert read_limits(tmp_path / "nothing", tmp_path / "none") == CgroupLimits("none", None, None, None)
+
+
+def test_memory_in_use_is_the_working_set_without_inactive_page_cache(tmp_path: Path) -> None:
+    sys_root, proc = tmp_path / "sys", tmp_path / "cgroup"
+    write(
+        sys_root,
+        {
+            "memory/memory.usage_in_bytes": "300000000\n",
+            "memory/memory.stat": "cache 200000000\ntotal_inactive_file 100000000\ntotal_rss 90000000\n",
+        },
+    )
+    proc.write_text("4:memory:/\n")
+    assert read_memory_in_use(sys_root, proc) == 200_000_000
+    v2_root = tmp_path / "v2"
+    write(
+        v2_root, {"cgroup.controllers": "memory\n", "memory.current": "5000\n", "memory.stat": "inactive_file 1000\n"}
+    )
+    proc.write_text("0::/\n")
+    assert read_memory_in_use(v2_root, proc) == 4000
+    assert read_memory_in_use(tmp_path / "nothing", proc) is None
+    assert parse_memory_stat("a 1\nb 2\n", "b") == 2 and parse_memory_stat("a 1\n", "b") == 0
+
+
+def test_a_memory_budget_counts_against_this_process_and_says_of_what() -> None:
+    free_mib, of = MemoryBudget(budget_bytes=1 << 40).free_mib()
+    assert of == "the tier's budget of 1048576 MiB" and 0 < free_mib < 1 << 20
+    assert MemoryBudget().free_mib()[1] == "the host's available memory"
+    assert process_rss_bytes() > 0 and process_peak_rss_bytes() >= process_rss_bytes()
