@@ -42,6 +42,7 @@ class RepositoryModelSpec(FrozenSpec):
     version: str = "1"
     state: ModelState
     reason: str = Field(default="", description="why the model is UNAVAILABLE (refused or failed load)")
+    placements: tuple[str, ...] = Field(default=(), description="the placements the stack serves it under")
     stages_here: tuple[int, ...] = Field(description="the stages this tier runs for some served placement")
     file_mib: float = Field(ge=0, description="the ONNX files of those stages")
     resident_mib: float | None = Field(default=None, description="resident growth of load + warm-up, measured")

@@ -131,10 +131,7 @@ class Tier:
             "onnxruntime": {"intra_op_threads": self.intra_op_threads, "allow_spinning": self.allow_spinning},
             "links": [state.describe() for state in self.links],
             "memory": self.memory_now(),
-            "models": {
-                entry.name: {**entry.model_dump(mode="json"), "placements": list(plane.models[entry.name].placements)}
-                for entry in plane.index()
-            },
+            "models": {entry.name: entry.model_dump(mode="json") for entry in plane.index()},
         }
 
 

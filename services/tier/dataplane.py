@@ -183,6 +183,7 @@ class DataPlane:
             name=model.name,
             state=state,
             reason=reason,
+            placements=tuple(model.placements),
             stages_here=tuple(stages),
             file_mib=round(file_bytes / MIB, 3),
             **(measured or {}),
