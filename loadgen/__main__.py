@@ -148,9 +148,9 @@ def _report(folder: Path, *, print_table: bool) -> int:
     from loadgen.summary import summarise
 
     records = read_records(folder)
-    if not records:
-        raise ConfigError(f"{folder} has no records")
     bundle = json.loads((folder / "bundle.json").read_text()) if (folder / "bundle.json").exists() else {}
+    if not records and not bundle.get("not_runnable"):
+        raise ConfigError(f"{folder} has no records")
     summary = summarise(
         records,
         folder.name,

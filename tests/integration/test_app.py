@@ -18,6 +18,7 @@ import pytest
 from services.contracts import codec
 from services.contracts.codec import InferResponse
 from services.contracts.errors import ConfigError
+from services.contracts.repository import loaded_summary
 from services.demo import local_deployment, write_deployment
 from services.local import free_ports
 from services.tier.app import build_tier
@@ -350,6 +351,8 @@ async def test_the_model_repository_loads_and_unloads_with_measured_costs(
         assert unloaded.status_code == 200 and unloaded.json()["state"] == "UNAVAILABLE"
         reply = await client.post("/v2/models/demo-mlp.partition3/infer", json=v2_json_request(X, placement="E"))
         assert reply.status_code == 400 and "unloaded" in reply.json()["error"]
+        status = (await client.get("/tierlab/status")).json()
+        assert loaded_summary(status).startswith("1 of 3 variants loaded; ")  # identity again; partition3 unloaded
         missing = await client.post("/v2/repository/models/no-such-model/load")
         assert missing.status_code == 404 and "not served here" in missing.json()["error"]
 
