@@ -38,7 +38,7 @@ from services.contracts.calibration import measure_speeds
 from services.contracts.device import CpuThrottlingSpec
 from services.contracts.errors import BadParameter, ConfigError
 from services.contracts.manifest import ManifestSpec, load_manifest
-from services.contracts.samples import SampleSet, load_samples
+from services.contracts.samples import IGNORE_LABEL, UNLABELLED, SampleSet, load_samples
 from services.contracts.specs import LinkName, LinkSpec, network_profile_links
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -151,9 +151,14 @@ def score(answer: Answer, output: str, target: np.ndarray) -> dict[str, Any]:
         return {}
     if target.ndim == 0:
         prediction = int(np.argmax(values.reshape(-1)))
+        if int(target) == UNLABELLED:  # a latency-only sample library
+            return {"prediction": prediction}
         return {"prediction": prediction, "target": int(target), "correct": prediction == int(target)}
-    predicted = np.argmax(values[0], axis=0)
+    scored = target != IGNORE_LABEL
+    predicted, target = np.argmax(values[0], axis=0)[scored], target[scored]
     classes = np.union1d(np.unique(predicted), np.unique(target))
+    if not len(classes):
+        return {}
     ious = [np.sum((predicted == c) & (target == c)) / np.sum((predicted == c) | (target == c)) for c in classes]
     return {"score": round(float(np.mean(ious)), 5)}
 

@@ -3,7 +3,7 @@
 ``build``    build the default subjects × variants into ``models/`` (incremental; ``--tiny`` for a quick try)
 ``list``     subjects, variants, sizes, cut tensor sizes, offline accuracy (``--json`` for a JSON list)
 ``latency``  in-process onnxruntime latency of every variant at one thread (batch 1)
-``byo``      apply the black-box operators to your own ONNX classifier and an image folder
+``byo``      apply the black-box operators to your own ONNX model (with a dataset, or for latency only)
 """
 
 from __future__ import annotations
@@ -196,28 +196,34 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_byo(args: argparse.Namespace) -> int:
-    from operators.byo import byo
+    from operators.byo import ByoError, byo
 
+    size = (args.width, args.height) if args.width or args.height else None
+    if size is not None and None in size:
+        print("tierlab operators byo: give both --width and --height", file=sys.stderr)
+        return 2
+    optional = {k: Path(v) for k in ("images", "texts", "tokenizer", "labels") if (v := getattr(args, k))}
     try:
         built = byo(
             Path(args.onnx),
-            Path(args.images),
             Path(args.out),
             name=args.name,
-            size=(args.width, args.height),
+            size=size,
+            max_tokens=args.max_tokens,
             mean=args.mean,
             std=args.std,
             operators=args.operator or None,
+            say=lambda message: print(message, flush=True),
+            **optional,  # type: ignore[arg-type]
         )
-    except (DatasetMissing, FileNotFoundError, ValueError) as exc:
+    except ByoError as exc:
         print(f"tierlab operators byo: {exc}", file=sys.stderr)
         return 2
     for manifest in built:
         accuracy = manifest.accuracy
-        print(
-            f"{manifest.name:<36} {accuracy.metric if accuracy else '-'} "
-            f"{accuracy.value if accuracy else float('nan'):.4f}"
-        )
+        value = f"{accuracy.metric} {accuracy.value:.4f}" if accuracy else "accuracy unknown (latency only)"
+        print(f"{manifest.name:<36} {len(manifest.stages)} stage(s)  {value}")
+    print(f"sample library: {Path(args.out) / args.name / 'evaluation.npz'}; bench it with a spec naming {args.name}")
     return 0
 
 
@@ -244,13 +250,19 @@ def main(argv: list[str] | None = None) -> int:
     latency.add_argument("--runs", type=int, default=50)
     latency.add_argument("--json", action="store_true")
     latency.set_defaults(handler=run_latency)
-    byo_parser = commands.add_parser("byo", help="black-box operators on your ONNX classifier + image folder")
-    byo_parser.add_argument("--onnx", required=True, help="an ONNX image classifier (NCHW float input, logits out)")
-    byo_parser.add_argument("--images", required=True, help="folder with one sub-folder of images per class")
-    byo_parser.add_argument("--out", default="models", help="where variants go (<out>/<name>/<variant>)")
+    byo_parser = commands.add_parser(
+        "byo", help="black-box operators on your ONNX model (image classifier or segmenter, text classifier)"
+    )
+    byo_parser.add_argument("--onnx", required=True, help="the exported model (fixed or dynamic batch)")
     byo_parser.add_argument("--name", required=True, help="subject name, e.g. resnet50-imagenette")
-    byo_parser.add_argument("--width", type=int, default=224)
-    byo_parser.add_argument("--height", type=int, default=224)
+    byo_parser.add_argument("--images", help="images: <class>/<image> (classifier) or images/ + masks/ (segmenter)")
+    byo_parser.add_argument("--texts", help="texts: <class>/<file>, one text per file (needs --tokenizer)")
+    byo_parser.add_argument("--tokenizer", help="the text model's tokenizer folder (tokenizer.json or vocab.txt)")
+    byo_parser.add_argument("--labels", help="the model's class names in output order, one per line")
+    byo_parser.add_argument("--out", default="models", help="where variants go (<out>/<name>/<variant>)")
+    byo_parser.add_argument("--width", type=int, help="image width when the model's is not fixed (default 224)")
+    byo_parser.add_argument("--height", type=int, help="image height when the model's is not fixed (default 224)")
+    byo_parser.add_argument("--max-tokens", type=int, help="token length when the model's is not fixed (default 128)")
     byo_parser.add_argument("--mean", type=float, nargs=3, default=[0.485, 0.456, 0.406])
     byo_parser.add_argument("--std", type=float, nargs=3, default=[0.229, 0.224, 0.225])
     byo_parser.add_argument("--operator", action="append", help="only these variants (repeatable)")

@@ -44,6 +44,7 @@ from operators.onnxgraph import (
     attach_exit_head,
     balanced_cuts,
     find_cuts,
+    fixed_batch,
     pool_features,
     split_stages,
     with_outputs,
@@ -54,6 +55,7 @@ Scalar = str | int | float | bool
 EXIT_TOLERANCE = 0.01
 HEAD_TRAIN_STEPS = 300
 CALIBRATION_BATCH = 32
+RUN_BATCH = 128
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,11 @@ class Draft:
     outputs: tuple[str, ...]
     parameters: dict[str, Scalar] = field(default_factory=dict)
     cuts: tuple[Cut, ...] = ()  # every valid cut of the whole model, when a partition looked
+    batch: int | None = None  # the batch the model was exported with, if fixed: every stage runs at exactly it
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> Draft:
-        return cls((StageDraft(model),), tuple(o.name for o in model.graph.output))
+        return cls((StageDraft(model),), tuple(o.name for o in model.graph.output), batch=fixed_batch(model))
 
     def with_parameters(self, **values: Scalar) -> Draft:
         return replace(self, parameters={**self.parameters, **values})
@@ -100,8 +103,9 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 
 def run_batched(
-    model: onnx.ModelProto, inputs: dict[str, np.ndarray], outputs: list[str], batch: int = 128
+    model: onnx.ModelProto, inputs: dict[str, np.ndarray], outputs: list[str], batch: int | None = None
 ) -> dict[str, np.ndarray]:
+    batch = batch or RUN_BATCH
     runner = session(model)
     names = [i.name for i in runner.get_inputs()]
     count = len(next(iter(inputs.values())))
@@ -170,7 +174,7 @@ def early_exit(heads: int) -> Operator:
         feature_names = [_feature_tensor(c, model) for c in chosen]
         train = ctx.split.train.head(ctx.head_train_items)
         final = draft.outputs[0]
-        probe = run_batched(with_outputs(model, feature_names), train.inputs, [*feature_names, final])
+        probe = run_batched(with_outputs(model, feature_names), train.inputs, [*feature_names, final], draft.batch)
         classes = probe[final].shape[1]
         stages = split_stages(model, chosen, f"early_exit{heads}")
         headed = []
@@ -209,10 +213,10 @@ def _calibrated_threshold(
 
 
 class _Reader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no types
-    def __init__(self, inputs: dict[str, np.ndarray]) -> None:
+    def __init__(self, inputs: dict[str, np.ndarray], batch: int = CALIBRATION_BATCH) -> None:
         count = len(next(iter(inputs.values())))
         self._batches: Iterator[dict[str, np.ndarray]] = iter(
-            [{k: v[s : s + CALIBRATION_BATCH] for k, v in inputs.items()} for s in range(0, count, CALIBRATION_BATCH)]
+            [{k: v[s : s + batch] for k, v in inputs.items()} for s in range(0, count, batch)]
         )
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -236,7 +240,9 @@ SPTQ_SETTINGS: dict[str, Scalar] = {
 
 
 def _quantize_stages(
-    draft: Draft, quantize: Callable[[Path, Path, dict[str, np.ndarray]], None], calibration: Samples | None
+    draft: Draft,
+    quantize: Callable[[Path, Path, dict[str, np.ndarray], int | None], None],
+    calibration: Samples | None,
 ) -> tuple[StageDraft, ...]:
     """Quantize each stage; stage i sees what the fp32 stages before it give for the calibration inputs."""
     quantized = []
@@ -248,11 +254,11 @@ def _quantize_stages(
             onnx.save_model(stage.model, str(source))
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
             names = [i.name for i in stage.model.graph.input]
-            quantize(prepared, target, {n: feeds[n] for n in names if n in feeds})
+            quantize(prepared, target, {n: feeds[n] for n in names if n in feeds}, draft.batch)
             quantized.append(StageDraft(onnx.load(str(target)), stage.exit))
             if calibration is not None and index + 1 < len(draft.stages):
                 outputs = [o.name for o in stage.model.graph.output]
-                feeds.update(run_batched(stage.model, {n: feeds[n] for n in names}, outputs))
+                feeds.update(run_batched(stage.model, {n: feeds[n] for n in names}, outputs, draft.batch))
     return tuple(quantized)
 
 
@@ -268,14 +274,15 @@ def activation_products(model: onnx.ModelProto) -> list[str]:
 
 
 def sptq(draft: Draft, ctx: BlackBoxContext) -> Draft:
-    def quantize(source: Path, target: Path, inputs: dict[str, np.ndarray]) -> None:
+    def quantize(source: Path, target: Path, inputs: dict[str, np.ndarray], batch: int | None) -> None:
+        model = onnx.load(str(source))
         quantize_static(
             str(source),
             str(target),
-            _Reader(inputs),
+            _Reader(inputs, batch or CALIBRATION_BATCH),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS),
-            nodes_to_exclude=activation_products(onnx.load(str(source))),
+            nodes_to_exclude=activation_products(model),
             per_channel=True,
             reduce_range=True,
             activation_type=QuantType.QUInt8,
@@ -289,7 +296,7 @@ def sptq(draft: Draft, ctx: BlackBoxContext) -> Draft:
 
 
 def dynq(draft: Draft, _: BlackBoxContext) -> Draft:
-    def quantize(source: Path, target: Path, _: dict[str, np.ndarray]) -> None:
+    def quantize(source: Path, target: Path, _: dict[str, np.ndarray], __: int | None) -> None:
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
 
     stages = _quantize_stages(draft, quantize, None)

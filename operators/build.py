@@ -218,9 +218,10 @@ def realise(
     *,
     split: SplitData,
     evaluation_items: int,
-    metric: str,
+    metric: str | None,
 ) -> ManifestSpec:
-    """Write a draft as ``<subject_folder>/<variant>/`` and record its offline accuracy in its manifest."""
+    """Write a draft as ``<subject_folder>/<variant>/`` and record its offline accuracy in its manifest
+    (none when ``metric`` is None: a model built without labels, for latency only)."""
     folder = subject_folder / variant
     manifest = write_variant(
         folder,
@@ -233,6 +234,8 @@ def realise(
     )
     if draft.cuts:
         (subject_folder / "cuts.json").write_text(json.dumps([c.describe() for c in draft.cuts], indent=1))
+    if metric is None:
+        return manifest
     accuracy, curve = evaluate(manifest, folder, split.evaluation.head(evaluation_items), metric)
     manifest = ManifestSpec.model_validate({**manifest.model_dump(), "accuracy": accuracy, "exit_curve": curve})
     write_manifest(manifest, folder)

@@ -202,43 +202,100 @@ def fortunes_split(tokenize: TokenizeFn, seed: int = 0, limit: int | None = None
 # -------------------------------------------------------------------------------------- image folders
 
 
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+
+
+def _read_image(
+    file: Path, size: tuple[int, int], mean: Sequence[float], std: Sequence[float], channels: int
+) -> np.ndarray:
+    """One image file → float32 C×H×W, resized to ``size`` (width, height) and normalised per channel."""
+    try:
+        with Image.open(file) as image:
+            pixels = np.asarray(image.convert("RGB" if channels == 3 else "L").resize(size), dtype=np.float32) / 255.0
+    except (OSError, ValueError) as exc:
+        raise DatasetMissing(f"{file} is not a readable image: {exc}") from None
+    pixels = pixels.reshape(size[1], size[0], channels)
+    normalised = (pixels - np.asarray(mean[:channels], np.float32)) / np.asarray(std[:channels], np.float32)
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+
+
+def class_folders(folder: Path, what: str) -> list[str]:
+    """The sorted names of ``folder``'s sub-folders, one per class."""
+    if not folder.is_dir():
+        raise DatasetMissing(f"{what} folder {folder} does not exist")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetMissing(f"{what} folder {folder} has no class sub-folders (expected {folder}/<class>/<file>)")
+    return classes
+
+
 def load_image_folder(
-    folder: Path, size: tuple[int, int], mean: Sequence[float], std: Sequence[float], channels_first: bool = True
+    folder: Path, size: tuple[int, int], mean: Sequence[float], std: Sequence[float], channels: int = 3
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """A folder with one sub-folder per class → float32 images (N×C×H×W), labels, class names (sorted).
 
-    Images are converted to RGB, resized to ``size`` (width, height) and normalised with ``mean``/``std``.
+    Images are converted to RGB (or grey for ``channels=1``), resized to ``size`` (width, height) and
+    normalised with ``mean``/``std``.
     """
-    if not folder.is_dir():
-        raise DatasetMissing(f"image folder {folder} does not exist")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    if not classes:
-        raise DatasetMissing(f"image folder {folder} has no class sub-folders (expected {folder}/<class>/<image>)")
+    classes = class_folders(folder, "image")
     arrays: list[np.ndarray] = []
     labels: list[int] = []
     for index, name in enumerate(classes):
         for file in sorted((folder / name).iterdir()):
-            if file.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp", ".webp"}:
-                continue
-            with Image.open(file) as image:
-                rgb = np.asarray(image.convert("RGB").resize(size), dtype=np.float32) / 255.0
-            arrays.append((rgb - np.asarray(mean, np.float32)) / np.asarray(std, np.float32))
-            labels.append(index)
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                arrays.append(_read_image(file, size, mean, std, channels))
+                labels.append(index)
     if not arrays:
-        raise DatasetMissing(f"image folder {folder} holds no images")
-    stacked = np.stack(arrays)
-    if channels_first:
-        stacked = stacked.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(stacked), np.asarray(labels, np.int64), classes
+        raise DatasetMissing(f"image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return np.stack(arrays), np.asarray(labels, np.int64), classes
 
 
-def image_folder_split(
-    folder: Path, input_name: str, *, size: tuple[int, int], mean: Sequence[float], std: Sequence[float], seed: int = 0
-) -> SplitData:
-    images, labels, _ = load_image_folder(folder, size, mean, std)
-    return make_split(
-        Samples({input_name: images}, labels), seed=seed, fractions=(0.2, 0.4), name=f"images:{folder.name}"
-    )
+def load_segmentation_folder(
+    folder: Path,
+    size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    channels: int = 3,
+    mask_size: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``folder/images/<stem>.<ext>`` with ``folder/masks/<stem>.png`` → images (N×C×H×W) and masks (N×H'×W').
+
+    A mask's pixel values are class ids (a palette or grey PNG, as VOC and Cityscapes give them), resized
+    with nearest-neighbour to ``mask_size`` (the model's output size; default ``size``).
+    """
+    images_dir, masks_dir = folder / "images", folder / "masks"
+    if not images_dir.is_dir() or not masks_dir.is_dir():
+        raise DatasetMissing(
+            f"a segmentation folder holds images/ and masks/ with matching file names; {folder} does not"
+        )
+    masks = {p.stem: p for p in masks_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    unmatched = [p.name for p in files if p.stem not in masks]
+    if unmatched or not files:
+        raise DatasetMissing(
+            f"{images_dir} holds no images" if not files else f"no mask in {masks_dir} for {', '.join(unmatched[:5])}"
+        )
+    arrays, targets = [], []
+    for file in files:
+        arrays.append(_read_image(file, size, mean, std, channels))
+        with Image.open(masks[file.stem]) as mask:
+            if mask.mode not in ("L", "P", "I", "I;16"):
+                raise DatasetMissing(f"mask {masks[file.stem]} is {mask.mode}: masks hold one class id per pixel")
+            targets.append(np.asarray(mask.resize(mask_size or size, Image.Resampling.NEAREST), dtype=np.int64))
+    return np.stack(arrays), np.stack(targets)
+
+
+def load_text_folder(folder: Path) -> tuple[list[str], np.ndarray, list[str]]:
+    """``folder/<class>/<file>``, one text per file (scikit-learn's ``load_files`` layout, as aclImdb or
+    20 Newsgroups come) → texts, labels, class names (sorted)."""
+    from sklearn.datasets import load_files
+
+    class_folders(folder, "text")
+    bunch = load_files(str(folder), encoding="utf-8", decode_error="replace", shuffle=False)
+    if not len(bunch.data):
+        raise DatasetMissing(f"text folder {folder} holds no files")
+    return [str(t).strip() for t in bunch.data], np.asarray(bunch.target, np.int64), list(bunch.target_names)
 
 
 def fingerprint(split: SplitData, extra: Mapping[str, object] | None = None) -> str:

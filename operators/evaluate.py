@@ -50,8 +50,10 @@ def confusion(predictions: np.ndarray, targets: np.ndarray, classes: int) -> np.
     """Per-item confusion matrices (items × classes × classes), summed over pixels for segmentation."""
     flat_p = predictions.reshape(len(predictions), -1)
     flat_t = targets.reshape(len(targets), -1)
-    index = flat_t * classes + flat_p
-    return np.stack([np.bincount(row, minlength=classes * classes) for row in index]).reshape(-1, classes, classes)
+    # pixels marked IGNORE_LABEL (or any value outside the classes) land in one extra bin, dropped
+    index = np.where(flat_t < classes, flat_t * classes + flat_p, classes * classes)
+    counts = np.stack([np.bincount(row, minlength=classes * classes + 1) for row in index])
+    return counts[:, : classes * classes].reshape(-1, classes, classes)
 
 
 def miou_of(matrix: np.ndarray) -> float:
@@ -77,7 +79,7 @@ def score(logits: np.ndarray, targets: np.ndarray, metric: str) -> AccuracySpec:
     if metric == "miou":
         matrices = confusion(predictions, targets, classes)
         value = miou_of(matrices.sum(axis=0))
-        pixel_accuracy = float(np.mean(predictions == targets))
+        pixel_accuracy = float(np.mean((predictions == targets)[targets < classes]))
         ci = bootstrap_interval(lambda idx: miou_of(matrices[idx].sum(axis=0)), n)
         return AccuracySpec(metric="miou", value=value, ci95=ci, n=n, others={"pixel_accuracy": pixel_accuracy})
     correct = predictions == targets
@@ -129,8 +131,11 @@ def trace(stages: Sequence[StageRun], samples: Samples, final_output: str) -> Ca
     """Run every item through every stage (exit heads included), keeping what each head said."""
     finals: list[np.ndarray] = []
     heads: list[list[np.ndarray]] = [[] for s in stages if s.exit_output]
-    for start in range(0, len(samples), BATCH):
-        tensors = {k: v[start : start + BATCH] for k, v in samples.inputs.items()}
+    # a model exported with a fixed batch (its first input's first dimension) runs in chunks of exactly that size
+    first = stages[0].session.get_inputs()[0].shape[0] if stages else None
+    batch = first if isinstance(first, int) and first > 0 else BATCH
+    for start in range(0, len(samples), batch):
+        tensors = {k: v[start : start + batch] for k, v in samples.inputs.items()}
         head_index = 0
         for stage in stages:
             outputs = stage.session.run(list(stage.outputs), {n: tensors[n] for n in stage.inputs})

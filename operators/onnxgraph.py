@@ -45,6 +45,23 @@ def infer(model: onnx.ModelProto) -> onnx.ModelProto:
     return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
 
 
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The inputs a caller feeds (older exporters also list the initializers as inputs)."""
+    constant = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in constant]
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size an exported model is fixed to (its first input's first dimension), or None if dynamic.
+
+    Exporters fix the batch to the example's (often 1) unless told otherwise, and a fixed batch is often baked
+    into reshapes too, so tierlab runs such a model in chunks of exactly that size rather than rewriting it.
+    """
+    inputs = graph_inputs(model)
+    dims = inputs[0].type.tensor_type.shape.dim if inputs else []
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+
+
 def _types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     graph = model.graph
     return {v.name: v.type for v in [*graph.input, *graph.value_info, *graph.output]}

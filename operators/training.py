@@ -93,11 +93,17 @@ def predict(
     return np.concatenate(outputs)
 
 
-def export_onnx(model: nn.Module, example: dict[str, np.ndarray], path: Path, output: str = "logits") -> Path:
-    """TorchScript ONNX export at opset 17 with a dynamic batch (the dynamo exporter fails on int8 QDQ)."""
+def export_onnx(
+    model: nn.Module, example: dict[str, np.ndarray], path: Path, output: str = "logits", dynamic_batch: bool = True
+) -> Path:
+    """TorchScript ONNX export at opset 17 (the dynamo exporter fails on int8 QDQ).
+
+    With a dynamic batch by default; ``dynamic_batch=False`` exports as the exporter does by default, the
+    batch fixed to the example's first dimension of 1 (what users' own exports often look like).
+    """
     names = list(example)
     args = tuple(torch.from_numpy(example[n][:1]) for n in names)
-    dynamic = {n: {0: "batch"} for n in [*names, output]}
+    dynamic = {n: {0: "batch"} for n in [*names, output]} if dynamic_batch else None
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -3,7 +3,8 @@
 One ``evaluation.npz`` per subject folder (``models/<subject>/evaluation.npz``): each model input as
 ``input:<name>`` (row-aligned), the targets (class ids, or per-pixel labels for segmentation), and the
 split record (seed, sizes, sha256 of the indices) so a run can say exactly which samples it used. Sample
-ids are row numbers within this file.
+ids are row numbers within this file. A library without labels (targets all ``UNLABELLED``) serves latency
+only; segmentation pixels marked ``IGNORE_LABEL`` are not scored.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from services.contracts.errors import ConfigError
 
 SAMPLES_FILENAME = "evaluation.npz"
 _INPUT_PREFIX = "input:"
+# the target of every sample of a library built without labels (``byo`` with no dataset: latency only)
+UNLABELLED = -1
+# a segmentation mask's pixels that are not scored (VOC's "void" border)
+IGNORE_LABEL = 255
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,10 @@ class SampleSet:
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    @property
+    def labelled(self) -> bool:
+        return not (self.targets.ndim == 1 and bool(np.all(self.targets == UNLABELLED)))
 
     def item(self, sample_id: int) -> dict[str, np.ndarray]:
         """One sample as a batch of one, by input name."""

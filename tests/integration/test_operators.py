@@ -227,8 +227,8 @@ def test_bring_your_own_onnx_classifier(tmp_path: Path) -> None:
     )
     built = byo(
         path,
-        images,
         tmp_path / "models",
+        images=images,
         name="colors",
         size=(16, 16),
         mean=(0.5, 0.5, 0.5),
@@ -247,8 +247,8 @@ def test_bring_your_own_onnx_classifier(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="only black-box"):
         byo(
             path,
-            images,
             tmp_path / "models",
+            images=images,
             name="colors",
             size=(16, 16),
             mean=(0.5,) * 3,
