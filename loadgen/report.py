@@ -58,7 +58,7 @@ def _table_order(e: dict[str, Any]) -> tuple[str, str, str, float]:
 
 def _strategy_table(entries: list[dict[str, Any]]) -> str:
     head = ("subject", "strategy", "scenario", "network", "verdict", "n", "p50 ms [95 % CI]", "p95 ms [95 % CI]",
-            "p99 ms", "accuracy [95 % CI]", "exit rate", "errors", "req/s")  # fmt: skip
+            "p99 ms", "accuracy [95 % CI]", "exit rate", "errors", "req/s", "peak RSS MiB")  # fmt: skip
     rows = []
     for e in sorted(entries, key=_table_order):
         lat, acc = e["latency_ms"], e.get("accuracy")
@@ -68,8 +68,15 @@ def _strategy_table(entries: list[dict[str, Any]]) -> str:
             f"{_fmt(lat.get('p50'))} [{_fmt(lat.get('p50_low'))}–{_fmt(lat.get('p50_high'))}]",
             f"{_fmt(lat.get('p95'))} [{_fmt(lat.get('p95_low'))}–{_fmt(lat.get('p95_high'))}]",
             _fmt(lat.get("p99")), accuracy, _fmt(e.get("exit_rate")), e["errors"], _fmt(e.get("throughput_rps"), 1),
+            _peaks(e),
         ])  # fmt: skip
     return _table(head, rows)
+
+
+def _peaks(entry: dict[str, Any]) -> str:
+    """Each tier's peak resident memory during the run, as ``M 212 · E 180 · C 175``."""
+    peaks = ((entry.get("verdict") or {}).get("effective") or {}).get("peak_rss_mib") or {}
+    return " · ".join(f"{t[0].upper()} {v:.0f}" for t, v in peaks.items() if v is not None) or "–"
 
 
 def _table(head: tuple[str, ...], rows: list[list[Any]]) -> str:

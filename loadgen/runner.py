@@ -309,10 +309,15 @@ class Experiment:
             return ended_ns
 
         throttling_before, _ = self._readings()
+        for tier in self.stack.urls:
+            self.stack.reset_peak(tier)
         started, cpu_started = time.monotonic(), time.process_time()
         issued = await drive(plan.scenario, send, stop, clock, seed=self.spec.seed + first_seq)
         duration_s = time.monotonic() - started
         throttling_after, memory_after = self._readings()
+        # a tier that stopped answering: name the OOM kill when the runtime saw one
+        unreachable = [t for t in self.stack.urls if t not in memory_after]
+        oom_killed = self.stack.oom_killed() if errors or unreachable else []
         return {
             "run": plan.key,
             "strategy": plan.strategy,
@@ -338,15 +343,20 @@ class Experiment:
                 if tier in throttling_before
             },
             "memory_mib": memory_after,
+            "unreachable": unreachable,
+            "oom_killed": oom_killed,
         }
 
     def _readings(self) -> tuple[dict[str, CpuThrottlingSpec], dict[str, dict[str, float]]]:
         """Each tier's CFS counters now (tiers without a quota or cgroup have none), and its resident set
-        now and at its peak since its last model load."""
+        now and at its peak since the run started; a tier that does not answer has neither."""
         throttling: dict[str, CpuThrottlingSpec] = {}
         memory: dict[str, dict[str, float]] = {}
         for tier in self.stack.urls:
-            status = self.stack.status(tier)
+            try:
+                status = self.stack.status(tier)
+            except ConfigError:  # down (killed?): the run records it as unreachable
+                continue
             if status.get("cpu_throttling") is not None:
                 throttling[tier] = CpuThrottlingSpec.model_validate(status["cpu_throttling"])
             if status.get("memory"):

@@ -73,6 +73,18 @@ class Stack:
             raise ConfigError(f"{tier} status failed: {code} {body}")
         return dict(body)
 
+    def reset_peak(self, tier: TierName) -> None:
+        """Start a new resident-memory peak on ``tier`` (best effort: a tier that is down has none)."""
+        control(f"{self.urls[tier]}/tierlab/memory/reset-peak", method="POST", body={})
+
+    def oom_killed(self) -> list[TierName]:
+        """The tiers the kernel's OOM killer stopped, where the runtime can tell (Docker's OOMKilled)."""
+        if self.runtime != "docker":
+            return []
+        from services.stack.compose import oom_killed_tiers
+
+        return oom_killed_tiers()
+
     def served_placements(self, model: str) -> list[str] | None:
         """The placements the stack serves ``model`` under; None when it does not serve it."""
         code, body = control(f"{self.urls['mobile']}/v2/models/{model}")

@@ -13,7 +13,10 @@ A run is INVALID when its numbers cannot be trusted as a measurement of the stra
 - a tier it used computed outside its configured speed (speed fidelity before or after);
 - single-stream, a tier it used was CFS-throttled in more than ``MAX_THROTTLED_SHARE`` of the periods
   (throttling under load is the device being busy, and is only noted);
-- the loadgen itself used more than ``MAX_LOADGEN_CPU`` of a core (it may have been the bottleneck).
+- the loadgen itself used more than ``MAX_LOADGEN_CPU`` of a core (it may have been the bottleneck);
+- a tier it used was OOM-killed (Docker's ``OOMKilled``) or stopped answering during the run.
+
+The effective values include each tier's peak resident memory during the run.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def judge(entry: dict[str, Any], info: dict[str, Any] | None, network: dict[str,
         "lag_ms_p99": entry["lag_ms_p99"],
         "loadgen_cpu": info.get("loadgen_cpu"),
         "cpu_throttling": info.get("cpu_throttling") or {},
+        "peak_rss_mib": {t: m.get("peak_rss_mib") for t, m in (info.get("memory_mib") or {}).items()},
     }
     if not info:
         reasons.append("the run did not finish (no line in runs.jsonl)")
@@ -104,6 +108,11 @@ def judge(entry: dict[str, Any], info: dict[str, Any] | None, network: dict[str,
         if wanted and got is not None and got < MIN_RATE_SHARE * wanted:
             reasons.append(f"delivered {got:.1f} req/s of the {wanted:g} requested")
     used = tiers_used(entry["placement"])
+    for tier in info.get("oom_killed") or []:
+        message = f"{tier} was OOM-killed during the run: the strategy does not fit its memory limit on this profile"
+        (reasons if tier in used else notes).append(message)
+    for tier in set(info.get("unreachable") or []) - set(info.get("oom_killed") or []):
+        (reasons if tier in used else notes).append(f"{tier} stopped answering during the run")
     if network is None:
         notes.append("links and device speed not measured for this network (sweep cell)")
     else:

@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from services.contracts.device import CalibrationTimesSpec, SpeedMeasurementSpec, pace
+from services.contracts.device import CalibrationTimesSpec, SpeedMeasurementSpec, pace, work_ns
 from services.contracts.errors import ConfigError
 from services.contracts.specs import TierName
 from services.contracts.transport import json_call
@@ -90,7 +90,7 @@ def time_runs(options: ort.SessionOptions, runs: int, *, speed: float) -> tuple[
         started, cpu_started = time.perf_counter_ns(), time.thread_time_ns()
         session.run(None, feeds)
         ran_ns, cpu_ns = time.perf_counter_ns() - started, time.thread_time_ns() - cpu_started
-        pace(started, cpu_ns, speed)
+        pace(started, work_ns(ran_ns, cpu_ns, options.intra_op_num_threads), speed)
         wall_ms.append(round((time.perf_counter_ns() - started) / 1e6, 4))
         run_ms.append(round(ran_ns / 1e6, 4))
         cpu_ms.append(round(cpu_ns / 1e6, 4))

@@ -5,8 +5,8 @@ runs on (0.5 = a stage takes twice as long as on the host) and the device's ``co
 realise it, because measurement showed neither is enough alone:
 
 - **Pacing in the tier** (``pace``, called by ``services.tier.runtime`` after every stage): a stage run
-  that used ``c`` ns of CPU on its calling thread ends no sooner than ``c / speed`` after it began; the
-  compute slot is held meanwhile.
+  that used ``c`` ns of CPU on its calling thread (of wall time, with more than one onnxruntime thread:
+  ``work_ns``) ends no sooner than ``c / speed`` after it began; the compute slot is held meanwhile.
   This is exact for stages of any length. The kernel alone is not: on a HZ=250 kernel CFS notices an
   exhausted quota only at the next 4 ms tick, so a 0.3 ms stage never throttles and a 3 ms one is slowed
   in 4 ms lumps (measured: period 10 ms / quota 1 ms gave a 3.1 ms job 40 ms, 1.3× the 31 ms asked).
@@ -71,8 +71,18 @@ class DeviceSpec(FrozenSpec):
         return max(1, min(self.cores, math.floor(available_cores)))
 
 
+def work_ns(ran_ns: int, cpu_ns: int, threads: int) -> int:
+    """What a run cost the device, to pace on: for a one-thread run its thread's CPU time (a thread the host
+    preempted did not work meanwhile); for a multi-threaded run its wall time, because the calling thread
+    blocks while onnxruntime's workers finish, and its CPU time then under-counts the run (measured with two
+    threads after a paced idle: 0.98–1.13 ms CPU for a 1.19–1.23 ms run, so a tier paced on it ran 20 %
+    faster than its configured speed)."""
+    return cpu_ns if threads <= 1 else ran_ns
+
+
 def pace(started_ns: int, cpu_ns: int, speed: float) -> None:
-    """Block until ``cpu_ns / speed`` has passed since ``started_ns``: the device's compute time.
+    """Block until ``cpu_ns / speed`` (the run's ``work_ns``) has passed since ``started_ns``: the device's
+    compute time.
 
     Sleeps until ``PACE_SPIN_NS`` before the end, so the wait costs the tier's CPU quota next to nothing,
     then spins the rest: a sleeping thread wakes 70 µs late on average here (3 % of a 2.7 ms stage, always

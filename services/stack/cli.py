@@ -27,14 +27,13 @@ from services.contracts.specs import (
 from services.contracts.transport import json_call, probe_links
 from services.stack.compose import (
     DEFAULT_SUBJECTS,
-    PROJECT,
     DockerStack,
     StackSpec,
     available,
     compose_available,
     find_manifests,
     leftovers,
-    oom_killed,
+    oom_killed_tiers,
     override_file,
     read_state,
     state_path,
@@ -98,7 +97,7 @@ def _up_local(root: Path, spec: StackSpec) -> int:
              "prometheus": None, "grafana": None}  # fmt: skip
     write_state(root, state)
     say("tiers started as local processes (no cgroup limits; links shaped in userspace)")
-    return _print_status(state)
+    return print_status(state)
 
 
 def _down(root: Path, state: dict[str, Any] | None) -> None:
@@ -134,10 +133,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if state is None:
         print("no stack is up (make up)")
         return 1
-    return _print_status(state)
+    return print_status(state)
 
 
-def _print_status(state: dict[str, Any]) -> int:
+def print_status(state: dict[str, Any]) -> int:
     runtime = state.get("runtime")
     where = f"resources '{state.get('profile')}', " if runtime == "docker" else ""
     print(f"tierlab stack: {runtime}, {where}network '{state.get('network')}'")
@@ -147,7 +146,7 @@ def _print_status(state: dict[str, Any]) -> int:
         code, status = json_call(f"{url}/tierlab/status")
         if code != 200:
             healthy = False
-            killed = runtime == "docker" and any(name.startswith(f"{PROJECT}_{tier}_") for name in oom_killed())
+            killed = runtime == "docker" and tier in oom_killed_tiers()
             down = "DOWN (OOM-killed: over its memory limit)" if killed else "DOWN"
             print(f"  {tier:<6} {url}  {down if code == 0 else f'answered {code}'}")
             continue

@@ -92,6 +92,17 @@ def oom_killed() -> list[str]:
     return [line.split()[0].lstrip("/") for line in text.splitlines() if line.endswith(" true")]
 
 
+def oom_killed_tiers() -> list[TierName]:
+    """The tiers whose container the OOM killer stopped; none where Docker cannot be asked (e.g. from
+    the in-stack loadgen, which has no Docker client)."""
+    try:
+        killed = oom_killed()
+    except (OSError, RuntimeError, ConfigError):
+        return []
+    # compose v1 names containers tierlab_mobile_1, v2 tierlab-mobile-1
+    return [t for t in TIERS if any(n.startswith((f"{PROJECT}_{t}_", f"{PROJECT}-{t}-")) for n in killed)]
+
+
 @dataclass
 class DockerStack:
     spec: StackSpec

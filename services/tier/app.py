@@ -54,6 +54,7 @@ from services.tier.limits import (
     process_rss_bytes,
     read_cpu_throttling,
     read_limits,
+    reset_peak_rss,
 )
 from services.tier.links import (
     CommandRunner,
@@ -104,7 +105,7 @@ class Tier:
 
     def memory_now(self) -> dict[str, Any]:
         """Free memory (against the budget, the cgroup limit or the host), this process's resident set now
-        and its peak since the last model load (a load starts a new peak)."""
+        and its peak since the last model load or peak reset (each starts a new peak)."""
         free_mib, of = self.dataplane.memory.free_mib()
         return {
             "free_mib": round(free_mib, 1),
@@ -423,6 +424,11 @@ def _add_control_routes(app: FastAPI, tier: Tier) -> None:
     @app.get("/tierlab/status")
     async def status() -> dict[str, Any]:
         return tier.status()
+
+    @app.post("/tierlab/memory/reset-peak")
+    async def reset_peak() -> dict[str, Any]:
+        """Start a new resident-memory peak here (the loadgen does, before each run: a peak per run)."""
+        return {"reset": reset_peak_rss(), **tier.memory_now()}
 
     @app.put("/tierlab/links")
     async def reshape(specs: dict[LinkName, LinkSpec]) -> dict[str, Any]:

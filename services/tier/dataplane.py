@@ -10,6 +10,7 @@ relays the answer with its own hop record added.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -371,7 +372,8 @@ class DataPlane:
         # a paced run waits out the device's compute time: never on the event loop
         if self._compute_pending == 0 and cost_us <= INLINE_COMPUTE_MAX_US and not self.device.is_paced:
             return run_stages(stages, inputs, exit_threshold, received_ns)
-        return await self._on_compute_slot(run_stages, stages, inputs, exit_threshold, received_ns, self.device.speed)
+        paced = functools.partial(run_stages, speed=self.device.speed, threads=self.threads)
+        return await self._on_compute_slot(paced, stages, inputs, exit_threshold, received_ns)
 
     async def _on_compute_slot(self, work: Callable[..., _T], *args: Any) -> _T:
         """Run ``work`` on a compute slot (a worker thread), or 503 when slots and queue are full."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from services.contracts.device import pace
+from services.contracts.device import pace, work_ns
 from services.contracts.dtypes import NUMPY_DTYPES, ORT_TYPE_NAMES, datatype_of
 from services.contracts.errors import ConfigError, TensorMismatch
 from services.contracts.manifest import ExitSpec, ManifestSpec, StageSpec, TensorSpec, max_softmax
@@ -122,7 +122,9 @@ def run_stages(
     feeds: Mapping[str, np.ndarray],
     exit_threshold: float | None,
     clock_start_ns: int,
+    *,
     speed: float = 1.0,
+    threads: int = 1,
 ) -> StagesResult:
     """Run consecutive stages, feeding each the previous one's outputs; stop at a confident exit head.
 
@@ -139,5 +141,6 @@ def run_stages(
         if head is not None and exit_confident(head, tensors, exit_threshold):
             last, exited = stage.index, True
             break
-    pace(started, time.thread_time_ns() - cpu_started, speed)
+    ran_ns = time.perf_counter_ns() - started
+    pace(started, work_ns(ran_ns, time.thread_time_ns() - cpu_started, threads), speed)
     return StagesResult(tensors, last, exited, started - clock_start_ns, time.perf_counter_ns() - started)

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,6 +55,17 @@ def stack_state(built_models: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 def run_loadgen(*args: str) -> int:
     return loadgen_main(list(args))
+
+
+def check_peak_memory_per_run(folder: Path, summary: dict[str, Any]) -> None:
+    """Every run has each tier's peak resident memory during it, and no tier went down."""
+    for line in (folder / "runs.jsonl").read_text().splitlines():
+        info = json.loads(line)
+        assert info["oom_killed"] == [] and info["unreachable"] == [], info
+        assert {t for t, m in info["memory_mib"].items() if m["peak_rss_mib"] >= m["rss_mib"] > 0} == set(TIERS)
+    for entry in summary["strategies"]:
+        assert set(entry["verdict"]["effective"]["peak_rss_mib"]) == set(TIERS)
+    assert "peak RSS MiB" in (folder / "report.html").read_text()
 
 
 def test_quick_spec_report_matches_its_records_and_renders(
@@ -110,6 +122,7 @@ def test_quick_spec_report_matches_its_records_and_renders(
     for tier, url in urls.items():
         assert json_call(f"{url}/v2/repository/index", method="POST", body={"ready": True}) == (200, []), tier
     assert "Memory and cold starts" in (folder / "report.html").read_text()
+    check_peak_memory_per_run(folder, summary)
 
     for entry in summary["strategies"]:  # every run has a verdict; an INVALID one says why
         assert entry["verdict"]["valid"] == (entry["verdict"]["reasons"] == []), entry["verdict"]

@@ -8,7 +8,8 @@ calibration model at its configured device speed (±10 % of host ÷ speed, p95/p
 the median of three measurements, so one burst of load on the machine does not decide it); while
 Prometheus scrapes and the host makes control calls, no link interface carries a byte (the management
 network does); Prometheus has every target up; a three-tier request answers what the model gives
-in-process; ``down`` leaves nothing.
+in-process; a tier squeezed below what a request needs is OOM-killed and named so by `make status` and
+the loadgen; ``down`` leaves nothing.
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ import onnxruntime as ort
 import pytest
 import yaml
 
+from loadgen.target import Stack
 from services.contracts.calibration import measure_speeds
 from services.contracts.device import MAX_P95_OVER_P50, SPEED_TOLERANCE_PCT
 from services.contracts.errors import ConfigError
+from services.contracts.repository import MIB
 from services.contracts.specs import LINKS, TIERS, TierName
 from services.contracts.transport import json_call, probe_links
 from services.demo import build_demo_mlp
-from services.stack.cli import network_links
-from services.stack.compose import DockerStack, StackSpec, leftovers, override_file, read_state
+from services.stack.cli import network_links, print_status
+from services.stack.compose import DockerStack, StackSpec, leftovers, oom_killed_tiers, override_file, read_state
 from services.stack.docker import output, require_engine
 from tests.conftest import infer_over_http
 
@@ -211,7 +214,29 @@ def check_management_off_the_links(urls: dict[TierName, str], scrape_interval_s:
                 assert grown[network] < STRAY_BYTES, f"{tier}: {network} carried {grown[network]} bytes: {grown}"
 
 
-def test_stack_under_two_profiles_then_down_leaves_nothing(docker: None, models_dir: Path) -> None:
+def check_an_oom_kill_is_named(state: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    """Squeeze mobile's memory limit to just above what it uses, then send it a batch whose tensors alone
+    need more: the kernel OOM-kills the tier, and Docker's OOMKilled reaches `make status` and the loadgen."""
+    name = "tierlab_mobile_1"
+    script = "cat /sys/fs/cgroup/memory.current 2>/dev/null || cat /sys/fs/cgroup/memory/memory.usage_in_bytes"
+    limit = int(output(["docker", "exec", name, "sh", "-c", script])) + 16 * MIB
+    output(["docker", "update", "--memory", str(limit), "--memory-swap", str(limit), name])
+    batch = np.zeros((190_000, 64), np.float32)  # 46 MiB of input, under the tier's 64 MiB body cap
+    with pytest.raises(OSError):  # the connection drops as the tier dies (urllib's errors are OSErrors)
+        infer_over_http(state["urls"]["mobile"], "demo-mlp.identity", batch, placement="M")
+    deadline = time.monotonic() + 30
+    while oom_killed_tiers() != ["mobile"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert oom_killed_tiers() == ["mobile"]
+    assert Stack(state["urls"], state).oom_killed() == ["mobile"]
+    capsys.readouterr()
+    assert print_status(state) != 0
+    assert "mobile" in (printed := capsys.readouterr().out) and "DOWN (OOM-killed" in printed, printed
+
+
+def test_stack_under_two_profiles_then_down_leaves_nothing(
+    docker: None, models_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     stack, state = bring_up(models_dir, "laptop", "lan")
     check_management_off_the_links(state["urls"])
     check_stack(state, "laptop", "lan", models_dir)
@@ -223,6 +248,7 @@ def test_stack_under_two_profiles_then_down_leaves_nothing(docker: None, models_
     assert laptop != rpi4, "switching PROFILE changed nothing"
     rtt = {m.link: m.rtt_ms_p50 for m in probe_links(state["urls"], pings=20)}
     assert rtt["mobile-cloud"] > 50, "the 4g network profile is in force"
+    check_an_oom_kill_is_named(state, capsys)
 
     stack.down()
     assert leftovers() == {"container": [], "network": [], "volume": []}

@@ -108,3 +108,19 @@ def test_a_wide_tail_ci_is_noted_while_a_settled_median_keeps_the_run_valid() ->
     verdict = judge(_entry(latency_ms=wide_tail), _info(stop_reason="max_samples (300)"), CLEAN_NETWORK)
     assert verdict.valid and verdict.effective["ci_rel_half_width"] == {"p50": 0.02, "p95": 0.3}
     assert any("p95 CI ±30%" in n for n in verdict.notes), verdict.notes
+
+
+def test_an_oom_killed_tier_makes_its_runs_invalid_and_is_noted_elsewhere() -> None:
+    memory = {
+        t: {"rss_mib": 150.0, "peak_rss_mib": p, "free_mib": 800.0} for t, p in (("mobile", 212.0), ("edge", 180.5))
+    }
+    killed = _info(oom_killed=["edge"], unreachable=["edge"], memory_mib=memory)
+    verdict = judge(_entry(placement="M-E"), killed, CLEAN_NETWORK)
+    assert not verdict.valid and verdict.reasons == (
+        "edge was OOM-killed during the run: the strategy does not fit its memory limit on this profile",
+    )
+    assert verdict.effective["peak_rss_mib"] == {"mobile": 212.0, "edge": 180.5}
+    elsewhere = judge(_entry(placement="M"), killed, CLEAN_NETWORK)  # edge was not on this run's path
+    assert elsewhere.valid and any("edge was OOM-killed" in n for n in elsewhere.notes)
+    silent = judge(_entry(placement="E"), _info(unreachable=["edge"]), CLEAN_NETWORK)
+    assert silent.reasons == ("edge stopped answering during the run",)
