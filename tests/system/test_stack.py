@@ -5,7 +5,7 @@ every tier healthy; each container's cgroup quota and memory limit read from the
 profile's; each link's RTT and goodput, measured through the path tensors take, match the network
 profile (±10 % or ±1 ms RTT, ±10 % goodput of the TCP payload share of the rate); each tier computes the
 calibration model at its configured device speed (±10 % of host ÷ speed, p95/p50 ≤ 1.5 when slowed;
-the median of three measurements, so one burst of load on the machine does not decide it); while
+the median over the rounds of three measurements, so one burst of load on the machine does not decide it); while
 Prometheus scrapes and the host makes control calls, no link interface carries a byte (the management
 network does); Prometheus has every target up; a three-tier request answers what the model gives
 in-process; a tier squeezed below what a request needs is OOM-killed and named so by `make status` and
@@ -167,11 +167,14 @@ def check_stack(state: dict[str, Any], profile: str, network: str, models_dir: P
 
 
 def check_speeds(urls: dict[TierName, str], repeats: int = 3) -> None:
-    """Speed fidelity, the median of ``repeats`` measurements per tier against the tolerance."""
+    """Speed fidelity, the median over every interleaved round of ``repeats`` measurements per tier, against
+    the tolerance (a two-thread paced tier on this two-core host read 0.17–0.45 round to round for 0.25, in
+    runs whose median over all rounds was 0.25: one measurement's six rounds are too few to decide)."""
     rounds = [measure_speeds(urls, runs=60) for _ in range(repeats)]
     for tier in TIERS:
         mine = [m for measured in rounds for m in measured if m.tier == tier]
-        ratio = statistics.median(m.configured_speed / m.achieved_speed for m in mine)  # compute time ÷ expected
+        # compute time ÷ expected
+        ratio = statistics.median(m.configured_speed / speed for m in mine for speed in m.round_speeds)
         assert abs(ratio - 1) <= SPEED_TOLERANCE_PCT / 100, f"{tier}: {[m.model_dump() for m in mine]}"
         if mine[0].configured_speed < 1:
             jitter = statistics.median(m.p95_over_p50 for m in mine)
