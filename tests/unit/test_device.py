@@ -31,6 +31,9 @@ def test_quota_is_cores_times_speed_with_headroom_never_under_the_kernel_minimum
     assert DeviceSpec(speed=0.25, cores=4, cfs_period_us=10_000).cfs_quota_us() == int(QUOTA_HEADROOM * 10_000)
     assert DeviceSpec(speed=0.05, cores=1, cfs_period_us=1_000).cfs_quota_us() == 1_000  # the kernel's minimum
     assert DeviceSpec(speed=1.0, cores=8).threads(2.0) == 2 and DeviceSpec(speed=0.5, cores=1).threads(2.0) == 1
+    # a paced device: no more threads than whole host cores of its capacity, one host core left to the rest
+    assert DeviceSpec(speed=0.25, cores=4).threads(2.0) == 1 and DeviceSpec(speed=0.5, cores=4).threads(8.0) == 3
+    assert DeviceSpec(speed=0.25, cores=6).threads(2.0) == 1 and DeviceSpec(speed=0.25, cores=6).threads(8.0) == 2
     with pytest.raises(ValidationError):
         DeviceSpec(speed=1.5)
     with pytest.raises(ValidationError):
