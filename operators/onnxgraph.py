@@ -120,6 +120,7 @@ def find_cuts(model: onnx.ModelProto, max_tensors: int = MAX_CUT_TENSORS) -> lis
     total = float(macs[-1]) if len(macs) and macs[-1] > 0 else 1.0
 
     live: dict[str, None] = {i.name: None for i in graph.input if i.name not in constant}
+    input_names = {i.name for i in graph.input}
     cuts: list[Cut] = []
     for index, node in enumerate(nodes[:-1]):
         for name in node.output:
@@ -128,8 +129,7 @@ def find_cuts(model: onnx.ModelProto, max_tensors: int = MAX_CUT_TENSORS) -> lis
         for name in [n for n in live if last_use.get(n, -1) <= index]:
             del live[name]
         crossing = tuple(live)
-        graph_inputs = {i.name for i in graph.input}
-        if not crossing or len(crossing) > max_tensors or set(crossing) & graph_inputs:
+        if not crossing or len(crossing) > max_tensors or set(crossing) & input_names:
             continue
         if any(n not in types for n in crossing):
             continue
@@ -189,9 +189,9 @@ def split_stages(
 ) -> list[onnx.ModelProto]:
     """Cut ``model`` at ``cuts``; pass an ``extractor`` (of the shape-inferred model) to cut it many times."""
     extractor = extractor or Extractor(infer(model))
-    graph_inputs = [i.name for i in model.graph.input]
-    graph_outputs = [o.name for o in model.graph.output]
-    bounds = [tuple(graph_inputs), *(c.tensors for c in cuts), tuple(graph_outputs)]
+    input_names = [i.name for i in model.graph.input]
+    output_names = [o.name for o in model.graph.output]
+    bounds = [tuple(input_names), *(c.tensors for c in cuts), tuple(output_names)]
     stages = [extract(extractor, bounds[i], bounds[i + 1], f"{name}_stage{i}") for i in range(len(bounds) - 1)]
     for index in range(1, len(stages) - 1):
         _route_pass_through(stages[index], stages[index + 1], suffix=f".via{index}")
