@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from loadgen.records import RecordsFull
 from loadgen.spec import SCHEMA_FILE_NAME, SPECS_DIR, SWEEP_PREFIX, json_schema, load_spec
 from services.contracts.errors import ConfigError
 
@@ -129,6 +130,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"interrupted: what was answered is in {folder}/records.csv; "
                       f"continue with: python -m loadgen run --resume {folder}")  # fmt: skip
         return 130
+    except RecordsFull as exc:  # disk full: stop measuring, keep what was written
+        progress.stop()
+        console.print(f"tierlab loadgen: {exc.strerror}")
+        return 1
     finally:
         progress.stop()
         telemetry.close()

@@ -29,7 +29,7 @@ import yaml
 
 from loadgen.engine import Issue, RealClock, StopRule, drive
 from loadgen.loads import ModelLoads
-from loadgen.records import RecordWriter, finished_runs, mark_finished, read_records
+from loadgen.records import LOST_ERROR, RecordWriter, Resumed, mark_finished, resume_state
 from loadgen.spec import SWEEP_PREFIX, ExperimentSpec, ScenarioSpec, StoppingSpec
 from loadgen.target import Answer, Stack
 from loadgen.telemetry import LoadgenTelemetry
@@ -241,9 +241,12 @@ class Experiment:
         return self.outputs[plan.model]
 
     async def run_one(
-        self, plan: RunPlan, writer: RecordWriter, done_before: list[dict[str, Any]], on_sample: Callable[[], None]
+        self, plan: RunPlan, writer: RecordWriter, resumed: Resumed, on_sample: Callable[[], None]
     ) -> dict[str, Any]:
+        """Drive one run; a resumed run continues its seqs, its clock and its error count, and first records
+        the requests its last session sent but never saw answered."""
         samples, order, output = self._samples(plan.subject), self.orders[plan.subject], self._output(plan)
+        done_before = resumed.records + [self._lost(plan, writer, seq) for seq in resumed.lost_seqs]
         for k in range(plan.warmup if not done_before else 0):
             sample_id = int(order[k % len(order)])
             await self.stack.infer(
@@ -254,17 +257,19 @@ class Experiment:
                 timeout_s=self.spec.request_timeout_s,
             )
         clock = RealClock()
-        stop = StopRule(plan.stopping, clock.now_ns())
+        stop = StopRule(plan.stopping, clock.now_ns() - round(resumed.elapsed_ms * 1e6))
         for record in done_before:
-            stop.add(float(record["latency_ms"]))
-        first_seq = len(done_before)
+            if record["latency_ms"] is not None:
+                stop.add(float(record["latency_ms"]))
+        first_seq = resumed.next_seq
         labels = (plan.strategy, plan.scenario.name, plan.network)
-        errors = 0
+        errors = sum(1 for record in done_before if record["status"] != 200)
 
         async def send(issue: Issue, started_ns: int) -> int:
             nonlocal errors
             seq = first_seq + issue.seq
             sample_id = int(order[seq % len(order)])
+            writer.issued(plan.key, seq)
             answer = await self.stack.infer(
                 plan.model,
                 samples.item(sample_id),
@@ -313,7 +318,8 @@ class Experiment:
             self.stack.reset_peak(tier)
         started, cpu_started = time.monotonic(), time.process_time()
         issued = await drive(plan.scenario, send, stop, clock, seed=self.spec.seed + first_seq)
-        duration_s = time.monotonic() - started
+        session_s = time.monotonic() - started
+        duration_s = session_s + resumed.elapsed_ms / 1e3
         throttling_after, memory_after = self._readings()
         # a tier that stopped answering: name the OOM kill when the runtime saw one
         unreachable = [t for t in self.stack.urls if t not in memory_after]
@@ -324,7 +330,8 @@ class Experiment:
             "scenario": plan.scenario.name,
             "network": plan.network,
             "n": len(stop.latencies_ms),
-            "issued": issued,
+            "issued": len(done_before) + issued,
+            "sessions": 1 + bool(done_before),
             "errors": errors,
             "stop_reason": stop.reason,
             "duration_s": round(duration_s, 3),
@@ -336,7 +343,7 @@ class Experiment:
                 "max_duration_s": plan.stopping.max_duration_s,
                 "ci_rel_width": plan.stopping.ci_rel_width,
             },
-            "loadgen_cpu": round((time.process_time() - cpu_started) / duration_s, 4) if duration_s > 0 else None,
+            "loadgen_cpu": round((time.process_time() - cpu_started) / session_s, 4) if session_s > 0 else None,
             "cpu_throttling": {
                 tier: after.since(throttling_before[tier]).model_dump(mode="json")
                 for tier, after in throttling_after.items()
@@ -346,6 +353,16 @@ class Experiment:
             "unreachable": unreachable,
             "oom_killed": oom_killed,
         }
+
+    @staticmethod
+    def _lost(plan: RunPlan, writer: RecordWriter, seq: int) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "run": plan.key, "subject": plan.subject, "strategy": plan.strategy, "variant": plan.variant,
+            "placement": plan.placement, "scenario": plan.scenario.name, "network": plan.network, "seq": seq,
+            "status": 0, "error": LOST_ERROR, "latency_ms": None, "end_ms": None,
+        }  # fmt: skip
+        writer.write(record)
+        return record
 
     def _readings(self) -> tuple[dict[str, CpuThrottlingSpec], dict[str, dict[str, float]]]:
         """Each tier's CFS counters now (tiers without a quota or cgroup have none), and its resident set
@@ -424,15 +441,6 @@ def start_folder(results: Path, spec: ExperimentSpec, run_id: str | None) -> Pat
     return folder
 
 
-def resume_state(folder: Path) -> tuple[set[str], dict[str, list[dict[str, Any]]]]:
-    finished = set(finished_runs(folder))
-    partial: dict[str, list[dict[str, Any]]] = {}
-    for record in read_records(folder):
-        if record["run"] not in finished:
-            partial.setdefault(record["run"], []).append(record)
-    return finished, partial
-
-
 def execute(experiment: Experiment, plan: Plan, progress: Any) -> None:
     """Run every planned run not finished yet, network by network (re-shaping between them), on one
     uvloop event loop (the connection pool to the stack lives as long as the experiment)."""
@@ -465,8 +473,9 @@ async def _execute(experiment: Experiment, plan: Plan, progress: Any) -> None:
                 current_network = run.network
             why_not = loads.prepare(run.model, run.placement, run.network)
             if why_not is None:
-                progress.begin_run(run.key, run.stopping.max_samples, len(partial.get(run.key, [])))
-                info = await experiment.run_one(run, writer, partial.get(run.key, []), progress.sample)
+                resumed = partial.get(run.key, Resumed())
+                progress.begin_run(run.key, run.stopping.max_samples, len(resumed.records))
+                info = await experiment.run_one(run, writer, resumed, progress.sample)
             else:  # not runnable on this profile: said once, recorded, and the experiment goes on
                 info = {"run": run.key, "strategy": run.strategy, "network": run.network, "not_runnable": why_not}
             mark_finished(folder, info)

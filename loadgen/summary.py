@@ -44,7 +44,9 @@ def summarise_run(records: list[dict[str, Any]]) -> dict[str, Any]:
     first = records[0]
     ok = [r for r in records if r["status"] == 200]
     latencies = [r["latency_ms"] for r in ok]
-    span_s = (max(r["end_ms"] for r in records) - min(r["intended_ms"] for r in records)) / 1e3
+    # a request lost in flight when the loadgen was killed has a row but no times
+    timed = [r for r in records if r["end_ms"] is not None] or [{"end_ms": 0.0, "intended_ms": 0.0, "lag_ms": 0.0}]
+    span_s = (max(r["end_ms"] for r in timed) - min(r["intended_ms"] for r in timed)) / 1e3
     entry: dict[str, Any] = {
         key: first[key] for key in ("run", "subject", "strategy", "variant", "placement", "scenario", "network")
     }
@@ -53,10 +55,10 @@ def summarise_run(records: list[dict[str, Any]]) -> dict[str, Any]:
         errors=len(records) - len(ok),
         error_rate=round((len(records) - len(ok)) / len(records), 4),
         latency_ms=stats.latency_summary(latencies),
-        lag_ms_p99=round(float(np.percentile([r["lag_ms"] for r in records], 99)), 4),
+        lag_ms_p99=round(float(np.percentile([r["lag_ms"] for r in timed], 99)), 4),
         throughput_rps=round(len(ok) / span_s, 3) if span_s > 0 else None,
         exit_rate=round(sum(1 for r in ok if r.get("exited_early")) / len(ok), 4) if ok else None,
-        bytes_out_mean=round(float(np.mean([r["bytes_out"] for r in records])), 1),
+        bytes_out_mean=round(float(np.mean([r["bytes_out"] or 0 for r in records])), 1),
         breakdown_ms=_hop_breakdown(ok),
     )
     judged = [r for r in ok if r.get("correct") is not None]

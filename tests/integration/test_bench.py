@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from loadgen.__main__ import main as loadgen_main
-from loadgen.records import read_records
+from loadgen.records import FIELDS, read_records
 from services.contracts.specs import TIERS, network_profile_links
 from services.contracts.transport import json_call
 from services.demo import local_deployment, write_deployment
@@ -225,8 +225,12 @@ def test_a_killed_experiment_resumes_without_losing_records(
     assert after[: len(before)] == before, "every record written before the kill is still there"
     keys = [(r[0], r[7]) for r in after]  # (run, seq)
     assert len(keys) == len(set(keys)), "no request recorded twice"
-    runs = [json.loads(line)["run"] for line in (results / "killed" / "runs.jsonl").read_text().splitlines()]
-    assert len(runs) == len(set(runs)) == 4
-    per_run = {run: sum(1 for r in after if r[0] == run) for run in runs}
-    assert all(n == 40 for n in per_run.values()), per_run
+    infos = [json.loads(line) for line in (results / "killed" / "runs.jsonl").read_text().splitlines()]
+    assert len({info["run"] for info in infos}) == len(infos) == 4
+    assert any(info["sessions"] == 2 for info in infos), "one run was cut by the kill and continued"
+    latency = FIELDS.index("latency_ms")
+    for info in infos:  # issued = recorded: a request in flight at the kill is a failed row, not a gap
+        rows = [r for r in after if r[0] == info["run"]]
+        assert info["issued"] == len(rows) and sorted(int(r[7]) for r in rows) == list(range(len(rows)))
+        assert sum(1 for r in rows if r[latency]) == 40, info
     assert (results / "killed" / "report.html").exists()

@@ -18,8 +18,7 @@ from scipy import stats as scipy_stats
 from loadgen import stats
 from loadgen.engine import Issue, StopRule, drive, open_loop_offsets_ns
 from loadgen.recommend import explain, recommend
-from loadgen.records import RecordWriter, finished_runs, mark_finished, read_records
-from loadgen.runner import resume_state
+from loadgen.records import RecordWriter, finished_runs, mark_finished, read_records, resume_state
 from loadgen.spec import SCHEMA_FILE_NAME, SPECS_DIR, ScenarioSpec, StoppingSpec, json_schema, load_spec
 from services.contracts.errors import ConfigError
 
@@ -212,7 +211,7 @@ def test_records_survive_a_crash_mid_line_and_resume_continues(tmp_path: Path) -
     ]
     assert set(finished_runs(tmp_path)) == {"a|x|lan"}
     finished, partial = resume_state(tmp_path)
-    assert finished == {"a|x|lan"} and [r["seq"] for r in partial["b|x|lan"]] == [0, 1, 2]
+    assert finished == {"a|x|lan"} and [r["seq"] for r in partial["b|x|lan"].records] == [0, 1, 2]
 
 
 def test_built_in_specs_load_and_the_schema_file_is_current() -> None:
