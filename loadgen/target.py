@@ -114,13 +114,19 @@ class Stack:
             raise ConfigError(f"{tier} could not unload {model}: {code} {body}")
 
     def shape(self, links: dict[LinkName, LinkSpec]) -> list[dict[str, Any]]:
-        """Apply link conditions to every tier (no restart); returns the link states the tiers report."""
+        """Apply link conditions to every tier (no restart); returns the link states the tiers report.
+        All tiers or none: a tier that refuses puts the tiers already re-shaped back as they were."""
         body = {name: spec.model_dump(mode="json") for name, spec in links.items()}
-        states = []
+        states: list[dict[str, Any]] = []
+        done: dict[TierName, dict[str, Any]] = {}
         for tier in TIERS:
+            before = {s["link"]: {k: s[k] for k in LinkSpec.model_fields} for s in self.status(tier)["links"]}
             code, reply = control(f"{self.urls[tier]}/tierlab/links", method="PUT", body=body)
             if code != 200:
-                raise ConfigError(f"{tier} refused the link conditions: {code} {reply}")
+                for shaped, old in done.items():
+                    control(f"{self.urls[shaped]}/tierlab/links", method="PUT", body=old)
+                raise ConfigError(f"{tier} refused the link conditions: {code} {reply.get('error', reply)}")
+            done[tier] = before
             states += reply["links"]
         return states
 

@@ -46,6 +46,8 @@ _JSON_ELEMENT_TYPES: dict[str, tuple[type, ...]] = {
     "O": (str, bytes),
 }
 _JSON_ELEMENT_WORDS = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers", "O": "strings"}
+# JSON has no NaN or infinity: floats that are not finite travel as these strings (protobuf's JSON mapping)
+_NON_FINITE = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
 
 
 class _Strict(BaseModel):
@@ -170,10 +172,16 @@ def _serialize_bytes(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
+def _non_finite_word(value: float) -> str:
+    return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+
+
 def _json_data(array: np.ndarray) -> list[Any]:
     if array.dtype.kind in "OSU":
         return [e.decode() if isinstance(e, bytes) else str(e) for e in array.reshape(-1).tolist()]
     flat: list[Any] = array.reshape(-1).tolist()
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        return [v if math.isfinite(v) else _non_finite_word(v) for v in flat]
     return flat
 
 
@@ -337,6 +345,8 @@ def _from_json(entry: TensorEntry) -> np.ndarray:
     try:
         # via Python objects: exact for 64-bit integers, and each element's JSON type can be checked
         flat = np.array(entry.data, dtype=np.object_).reshape(-1)
+        if dtype.kind == "f":
+            flat = np.array([_NON_FINITE.get(v, v) if isinstance(v, str) else v for v in flat.tolist()], dtype=object)
         allowed = _JSON_ELEMENT_TYPES[dtype.kind]
         wrong = {type(v).__name__ for v in flat.tolist()} - {t.__name__ for t in allowed}
         if wrong:

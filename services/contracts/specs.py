@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.contracts.errors import ConfigError
 from services.contracts.manifest import FrozenSpec, load_yaml_spec
@@ -102,14 +102,17 @@ MAX_PINGS = 400
 
 
 class LinkSpec(FrozenSpec):
-    """One link's conditions, applied on the sending side of each end (so RTT = 2 × delay_ms)."""
+    """One link's conditions, applied on the sending side of each end (so RTT = 2 × delay_ms). Values are
+    finite and bounded (a minute of delay, 100 Gbit/s) so a typo is refused before any link is touched."""
 
-    delay_ms: float = Field(default=0.0, ge=0.0, description="one-way delay")
-    jitter_ms: float = Field(default=0.0, ge=0.0, description="standard deviation of the one-way delay")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    delay_ms: float = Field(default=0.0, ge=0.0, le=60_000.0, description="one-way delay")
+    jitter_ms: float = Field(default=0.0, ge=0.0, le=60_000.0, description="standard deviation of the one-way delay")
     loss_pct: float = Field(default=0.0, ge=0.0, le=100.0, description="packet loss, percent")
-    rate_mbit: float | None = Field(default=None, gt=0.0, description="bandwidth cap; None = unlimited")
+    rate_mbit: float | None = Field(default=None, gt=0.0, le=100_000.0, description="bandwidth cap; None = unlimited")
     queue_limit_packets: int | None = Field(
-        default=None, gt=0, description="netem queue; None = sized to the bandwidth-delay product"
+        default=None, gt=0, le=1_000_000, description="netem queue; None = sized to the bandwidth-delay product"
     )
 
     @property

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from urllib.parse import urlsplit
 
 import orjson
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
@@ -77,6 +79,9 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ("binary_tensor_data", "parameters", "model_repository", "tierlab_pipeline")
 
 
+RESHAPING = threading.Lock()  # one tier per process: its link reshapes, one at a time
+
+
 @dataclass
 class Tier:
     """A tier realised from its settings: what it serves, under which limits, over which links."""
@@ -92,11 +97,18 @@ class Tier:
     run: CommandRunner
 
     def reshape(self, specs: Mapping[LinkName, LinkSpec]) -> list[LinkState]:
-        """Apply new conditions to this tier's links (links not named keep theirs); no restart needed."""
-        old = {s.link: s.spec for s in self.links}
-        targets = link_targets(self.settings.tier, self.deployment, {**old, **specs})
-        clear_links(self.links, self.run)
-        self.links = plan_links(targets, self.run)
+        """Apply new conditions to this tier's links (links not named keep theirs); no restart needed.
+        One reshape at a time; the specs arrive validated (finite, bounded), and a backend that fails to
+        apply them leaves the old conditions back in place."""
+        with RESHAPING:
+            old = {s.link: s.spec for s in self.links}
+            targets = link_targets(self.settings.tier, self.deployment, {**old, **specs})
+            clear_links(self.links, self.run)
+            try:
+                self.links = plan_links(targets, self.run)
+            except Exception:
+                self.links = plan_links(link_targets(self.settings.tier, self.deployment, old), self.run)
+                raise
         self.dataplane.forwarder.set_links({s.peer: UserspaceLink.for_state(s) for s in self.links})
         self.dataplane.telemetry.record_links(self.links)
         for state in self.links:
@@ -323,6 +335,12 @@ def create_app(tier: Tier) -> TierApp:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # the reasons without the values: an inf or NaN that was refused cannot be echoed as JSON
+        reasons = [f"{'.'.join(str(part) for part in e['loc'] if part != 'body')}: {e['msg']}" for e in exc.errors()]
+        return JSONResponse({"error": "; ".join(reasons)}, status_code=422)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from services.contracts.device import pace, work_ns
 from services.contracts.dtypes import NUMPY_DTYPES, ORT_TYPE_NAMES, datatype_of
@@ -64,7 +65,12 @@ class StageSession:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.spec.outputs]
-        return dict(zip(names, self.session.run(names, dict(feeds)), strict=True))
+        try:
+            outputs = self.session.run(names, dict(feeds))
+        except InvalidArgument as exc:  # the values themselves (e.g. a token id past the vocabulary): the client's
+            message = str(exc).split("Status Message:")[-1].strip()
+            raise TensorMismatch(f"{self.model} stage {self.index} cannot compute on this input: {message}") from None
+        return dict(zip(names, outputs, strict=True))
 
     def warm(self, runs: int) -> float:
         """Run on zeros ``runs`` times; returns the median time of a run in microseconds (inf if none)."""
@@ -96,6 +102,8 @@ def check_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]) 
         raise TensorMismatch(f"unexpected input(s) {unexpected}; the model takes {sorted(wanted)}")
     for spec in specs:
         array = inputs[spec.name]
+        if array.size == 0:
+            raise TensorMismatch(f"input '{spec.name}' has shape {list(array.shape)}: no items to compute on")
         problem = spec.accepts(datatype_of(array), array.shape)
         if problem:
             raise TensorMismatch(problem)

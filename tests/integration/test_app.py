@@ -111,6 +111,7 @@ def _bad(body: bytes, headers: dict[str, str] | None = None) -> tuple[bytes, dic
 
 X = np.zeros((1, 64), np.float32)
 GOOD = json.dumps(v2_json_request(X, placement="E")).encode()
+_EMPTY = codec.encode_request({"x": np.zeros((0, 64), np.float32)}, parameters={"placement": "E"})
 
 
 @pytest.mark.parametrize(
@@ -196,6 +197,7 @@ GOOD = json.dumps(v2_json_request(X, placement="E")).encode()
             400,
             "does not exist",
         ),
+        ("/v2/models/demo-mlp.identity/infer", (_EMPTY.body(), _EMPTY.http_headers()), 400, "no items"),
         ("/v2/models/nope", _bad(b""), 404, "not served"),
         ("/v2/nowhere", _bad(b""), 404, "Not Found"),
     ],
@@ -376,3 +378,33 @@ async def test_a_load_beyond_the_memory_budget_is_refused_with_the_numbers(tier_
 async def test_a_startup_model_not_in_the_deployment_is_a_config_error(tier_settings: SettingsFactory) -> None:
     with pytest.raises(ConfigError, match=r"startup model\(s\) \['nope'\] are not in the deployment"):
         build_tier(tier_settings("edge", startup_models="nope"))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"mobile-edge": {"delay_ms": 1e999}}',  # JSON's overflow: inf
+        b'{"mobile-edge": {"delay_ms": NaN}}',
+        b'{"mobile-edge": {"rate_mbit": 1e12}}',
+        b'{"mobile-edge": {"delay_ms": 5}, "edge-cloud": {"jitter_ms": -1}}',  # one bad link: none applied
+    ],
+)
+async def test_link_values_out_of_bounds_are_refused_before_any_link_changes(
+    tier_settings: SettingsFactory, body: bytes
+) -> None:
+    async with serve_in_process(tier_settings("edge")) as (_, client):
+        before = (await client.get("/tierlab/status")).json()["links"]
+        reply = await client.put("/tierlab/links", content=body, headers={"content-type": "application/json"})
+        assert reply.status_code == 422, reply.text
+        assert (await client.get("/tierlab/status")).json()["links"] == before
+
+
+async def test_concurrent_reshapes_are_serialised(tier_settings: SettingsFactory) -> None:
+    async with serve_in_process(tier_settings("edge")) as (_, client):
+        delays = [float(d) for d in range(1, 9)]
+        replies = await asyncio.gather(
+            *(client.put("/tierlab/links", json={"mobile-edge": {"delay_ms": d}}) for d in delays)
+        )
+        assert all(r.status_code == 200 for r in replies)
+        final = [link for link in (await client.get("/tierlab/status")).json()["links"] if link["link"] == "mobile-edge"]
+        assert len(final) == 1 and final[0]["delay_ms"] in delays  # one whole reshape won, none interleaved

@@ -282,3 +282,27 @@ async def test_a_tier_serves_a_built_variant_as_evaluated(models: Path, tier_set
             answer = codec.decode_response(reply.content, int(reply.headers[codec.HEADER_LENGTH_HTTP_HEADER]))
             assert answer.parameters["exit_stage"] == answered_by[i]
             np.testing.assert_allclose(answer.outputs["logits"][0], expected[i], atol=1e-4)
+
+
+@pytest.mark.anyio
+async def test_token_ids_past_the_vocabulary_are_the_clients_error(
+    models: Path, tier_settings: Any, tmp_path: Path
+) -> None:
+    deployment = write_deployment(
+        local_deployment(
+            ["fortunes-minilm/identity/manifest.json"],
+            models_dir=str(models),
+            ports=dict(zip(TIERS, free_ports(3), strict=True)),
+        ),
+        tmp_path / "deployment.yaml",
+    )
+    samples = evaluation_samples("fortunes-minilm", 1)
+    inputs = {k: v.copy() for k, v in samples.inputs.items()}
+    inputs["input_ids"][0, 1] = 10_000_000  # no such token
+    encoded = codec.encode_request(inputs, parameters={"placement": "E"})
+    async with serve_in_process(tier_settings("edge", deployment)) as (_, client):
+        reply = await client.post(
+            "/v2/models/fortunes-minilm.identity/infer", content=encoded.body(), headers=encoded.http_headers()
+        )
+        assert reply.status_code == 400 and "cannot compute on this input" in reply.json()["error"], reply.text
+        assert (await client.get("/v2/health/ready")).status_code == 200
