@@ -6,8 +6,9 @@ than aiohttp or httpx: ``benchmarks/forwarding.py`` measures it against both, an
 the hop tax every partitioned request pays. The body's chunks (JSON header, then array views) are
 written with ``writelines``: no join, no copy of the tensors.
 
-Any failure becomes a :class:`~services.contracts.errors.NextTierError` (502) or
-:class:`~services.contracts.errors.NextTierTimeout` (504) whose message names the hop
+Any failure becomes a :class:`~services.contracts.errors.NextTierError` (502),
+:class:`~services.contracts.errors.NextTierTimeout` (504) or, when the next tier is busy or not ready,
+:class:`~services.contracts.errors.Unavailable` (503 with its Retry-After), whose message names the hop
 (``edge -> cloud``), so a client several hops upstream still learns where the pipeline broke. Where a
 link is emulated in userspace, the forwarder holds the request and the response as the link would.
 """
@@ -25,7 +26,7 @@ import orjson
 
 from services.contracts import codec
 from services.contracts.codec import Buffer, InferResponse, Parameters
-from services.contracts.errors import MalformedBody, NextTierError, NextTierTimeout
+from services.contracts.errors import BadRequest, NextTierError, NextTierTimeout, Unavailable
 from services.contracts.specs import TierName
 from services.contracts.transport import Pool, Reply
 from services.tier.links import UserspaceLink
@@ -47,6 +48,11 @@ def _error_message(body: bytes) -> str:
     if isinstance(document, dict) and isinstance(document.get("error"), str):
         return str(document["error"])
     return body[:200].decode(errors="replace")
+
+
+def _retry_after_s(value: str | None) -> int:
+    """Retry-After in seconds (delta form); 1 when absent or an HTTP date."""
+    return int(value) if value is not None and value.strip().isdigit() else 1
 
 
 class Forwarder:
@@ -116,10 +122,12 @@ class Forwarder:
         reply, _ = await self.exchange(next_tier, path, encoded.http_headers(), encoded.chunks, encoded.size_bytes)
         if reply.status != 200:
             message = f"{hop} answered {reply.status}: {_error_message(reply.body)}"
+            if reply.status == Unavailable.status_code:  # busy or not ready: the caller may retry, and when
+                raise Unavailable(message, retry_after_s=_retry_after_s(reply.headers.get("retry-after")))
             raise (NextTierTimeout(message) if reply.status == NextTierTimeout.status_code else NextTierError(message))
         try:
             header_length = codec.parse_header_length(reply.headers.get(codec.HEADER_LENGTH_HTTP_HEADER.lower()))
             response = codec.decode_response(reply.body, header_length)
-        except MalformedBody as exc:
+        except BadRequest as exc:  # the next tier's fault, never the client's
             raise NextTierError(f"{hop} answered a malformed body: {exc.message}") from None
         return Forwarded(response, encoded.size_bytes, len(reply.body), time.perf_counter_ns() - started)

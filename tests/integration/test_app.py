@@ -280,6 +280,67 @@ async def test_next_tier_slow_is_504_naming_the_hop(
             assert reply.json()["error"] == "mobile -> edge: no answer within 0.3 s"
 
 
+@contextlib.asynccontextmanager
+async def canned_server(reply: bytes) -> AsyncIterator[int]:
+    """A next tier that reads a request and answers ``reply`` (raw HTTP), whatever was asked."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        await reader.readexactly(length)
+        writer.write(reply)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def _http(status: str, body: bytes, *headers: str) -> bytes:
+    lines = [f"HTTP/1.1 {status}", f"content-length: {len(body)}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+_SHORT_HEADER = (
+    b'{"model_name":"m","outputs":[{"name":"y","datatype":"FP32","shape":[2],"parameters":{"binary_data_size":4}}]}'
+)
+_SHORT_TENSOR = _http("200 OK", _SHORT_HEADER + bytes(4), f"Inference-Header-Content-Length: {len(_SHORT_HEADER)}")
+
+
+@pytest.mark.parametrize(
+    ("reply", "status", "words", "retry_after"),
+    [
+        (_http("503 Service Unavailable", b'{"error": "busy"}', "Retry-After: 7"), 503, "answered 503: busy", "7"),
+        (_http("200 OK", b'{"model_name": "m", "outputs": [{"name": "logits"}]}'), 502, "malformed body", None),
+        (_http("200 OK", b"not json"), 502, "malformed body", None),
+        (_SHORT_TENSOR, 502, "needs 8", None),  # a TensorMismatch decoding the reply: still the hop's fault
+    ],
+)
+async def test_what_the_next_tier_answers_is_blamed_on_it(
+    *,
+    tier_settings: SettingsFactory,
+    make_deployment: DeploymentFactory,
+    reply: bytes,
+    status: int,
+    words: str,
+    retry_after: str | None,
+) -> None:
+    async with canned_server(reply) as port:
+        mobile, cloud = free_ports(2)
+        deployment = make_deployment({"mobile": mobile, "edge": port, "cloud": cloud})
+        async with serve_in_process(tier_settings("mobile", deployment)) as (_, client):
+            answer = await client.post(
+                "/v2/models/demo-mlp.partition3/infer", json=v2_json_request(X, placement="M-E-C")
+            )
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"].startswith("mobile -> edge") and words in answer.json()["error"]
+    assert answer.headers.get("retry-after") == retry_after
+
+
 async def test_more_work_than_admitted_is_503_with_retry_after(tier_settings: SettingsFactory) -> None:
     batch = np.random.default_rng(0).normal(size=(2048, 64)).astype(np.float32)
     async with serve_in_process(tier_settings("edge", compute_slots=1, max_queue=1)) as (_, client):
@@ -406,5 +467,7 @@ async def test_concurrent_reshapes_are_serialised(tier_settings: SettingsFactory
             *(client.put("/tierlab/links", json={"mobile-edge": {"delay_ms": d}}) for d in delays)
         )
         assert all(r.status_code == 200 for r in replies)
-        final = [link for link in (await client.get("/tierlab/status")).json()["links"] if link["link"] == "mobile-edge"]
+        final = [
+            link for link in (await client.get("/tierlab/status")).json()["links"] if link["link"] == "mobile-edge"
+        ]
         assert len(final) == 1 and final[0]["delay_ms"] in delays  # one whole reshape won, none interleaved
