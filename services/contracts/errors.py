@@ -14,6 +14,7 @@ client always gets a message that names the problem::
     │   └── ModelNotLoaded (400)       the repository has the model, this tier has not loaded it
     ├── NotFound (404)
     │   └── ModelNotFound (404)
+    ├── RequestTimeout (408)           the request body did not arrive within the tier's body deadline
     ├── PayloadTooLarge (413)
     ├── DoesNotFit (507)               loading the model would not fit the tier's memory
     ├── Unavailable (503)              not ready yet, or more work than the tier admits (Retry-After)
@@ -76,6 +77,12 @@ class NotFound(TierlabError):
 
 class ModelNotFound(NotFound):
     """The tier serves no model by that name."""
+
+
+class RequestTimeout(TierlabError):
+    """The client sent headers but not its whole body in time (a slow or stalled sender)."""
+
+    status_code = 408
 
 
 class PayloadTooLarge(TierlabError):

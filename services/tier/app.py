@@ -34,7 +34,14 @@ from starlette.types import Receive, Scope, Send
 from services.contracts import codec
 from services.contracts.calibration import session_options
 from services.contracts.device import CalibrationRequestSpec, DeviceSpec
-from services.contracts.errors import ConfigError, MalformedBody, PayloadTooLarge, TierlabError
+from services.contracts.errors import (
+    ConfigError,
+    MalformedBody,
+    PayloadTooLarge,
+    RequestTimeout,
+    TierlabError,
+    Unavailable,
+)
 from services.contracts.repository import MIB, RepositoryIndexRequestSpec
 from services.contracts.specs import (
     TIERS,
@@ -229,6 +236,7 @@ def unexpected_error(exc: Exception, model: str | None, plane: DataPlane) -> tup
     return error_reply(wrapped, model, plane)
 
 
+OFF_LOOP_DECODE_BYTES = 256 * 1024  # JSON beyond this is decoded on a worker thread
 _INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/[^/]+)?/infer$")
 
 
@@ -245,6 +253,9 @@ class TierApp:
         self.fastapi = fastapi
         self.plane = tier.dataplane
         self.cap_bytes = tier.settings.max_body_bytes
+        self.body_deadline_s = tier.settings.body_deadline_s
+        self.max_bodies = tier.settings.max_bodies
+        self.bodies_now = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -257,10 +268,15 @@ class TierApp:
     async def _infer(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            body = await self._read_body(headers.get("content-length"), receive)
+            self.plane.admit(name)  # not ready, no such model, no room: said before a byte of the body is read
+            body = await self._read_body_in_time(headers.get("content-length"), receive)
             received_ns = time.perf_counter_ns()
             header_length = codec.parse_header_length(headers.get(_HEADER_LENGTH_KEY))
-            decoded = codec.decode_request(body, header_length)
+            json_bytes = len(body) if header_length is None else header_length
+            if json_bytes > OFF_LOOP_DECODE_BYTES:  # parsing a big JSON document would freeze every other request
+                decoded = await asyncio.to_thread(codec.decode_request, body, header_length)
+            else:
+                decoded = codec.decode_request(body, header_length)
             answer = await self.plane.infer(name, decoded, received_ns=received_ns, bytes_in=len(body))
             encoded = codec.encode_response(
                 answer.model_name,
@@ -281,6 +297,20 @@ class TierApp:
         raw_headers.append((b"content-length", str(len(reply)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": reply})
+
+    async def _read_body_in_time(self, declared: str | None, receive: Receive) -> bytes:
+        """The body, within the body deadline, with at most ``max_bodies`` being read at once."""
+        if self.bodies_now >= self.max_bodies:
+            raise Unavailable(f"{self.tier.settings.tier} is receiving {self.bodies_now} request bodies "
+                              f"(limit {self.max_bodies}); retry later")  # fmt: skip
+        self.bodies_now += 1
+        try:
+            async with asyncio.timeout(self.body_deadline_s):
+                return await self._read_body(declared, receive)
+        except TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {self.body_deadline_s:g} s") from None
+        finally:
+            self.bodies_now -= 1
 
     async def _read_body(self, declared: str | None, receive: Receive) -> bytes:
         if declared is not None:

@@ -260,6 +260,19 @@ class DataPlane:
     def strategies(self) -> set[str]:
         return {m.strategy(pl) for m in self.models.values() for pl in m.placements}
 
+    def admit(self, model_name: str) -> None:
+        """What can be told before a request's body is read: ready, the model served, room for the work."""
+        self._check_ready()
+        self.model(model_name)
+        limit = self.compute_slots + self.max_queue
+        if self._compute_pending >= limit:
+            raise Unavailable(self._busy(limit))
+
+    def _busy(self, limit: int) -> str:
+        return (
+            f"{self.tier} has {self._compute_pending} requests in or waiting for compute (limit {limit}); retry later"
+        )
+
     def _check_ready(self) -> None:
         if not self.ready:
             reason = self.load_error or "sessions are still loading"
@@ -379,10 +392,7 @@ class DataPlane:
         """Run ``work`` on a compute slot (a worker thread), or 503 when slots and queue are full."""
         limit = self.compute_slots + self.max_queue
         if self._compute_pending >= limit:
-            raise Unavailable(
-                f"{self.tier} has {self._compute_pending} requests in or waiting for compute "
-                f"(limit {limit}); retry later"
-            )
+            raise Unavailable(self._busy(limit))
         self._compute_pending += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)

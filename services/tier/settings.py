@@ -27,6 +27,10 @@ class TierSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     max_body_mb: float = Field(default=64.0, gt=0, description="larger request bodies get 413")
+    body_deadline_s: float = Field(default=10.0, gt=0, description="a request body must arrive within this or 408")
+    max_bodies: int = Field(
+        default=32, ge=1, description="request bodies read at once; beyond, 503 before a byte is read"
+    )
     compute_slots: int = Field(default=1, ge=1, description="stage runs at once (each uses all ORT threads)")
     max_queue: int = Field(default=64, ge=0, description="requests waiting for a compute slot before 503")
     forward_timeout_s: float = Field(default=30.0, gt=0, description="next tier answers within this or 504")

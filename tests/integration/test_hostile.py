@@ -1,0 +1,98 @@
+"""A tier that no request can stall: what can be refused is refused before the body is read, a body that
+trickles in is cut off at the body deadline (408), and the number of bodies read at once is bounded (503)
+— while health and other requests keep being answered. Real tier processes on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.demo import local_deployment, write_deployment
+from services.local import LocalStack, free_ports
+from services.tier.app import create_app
+from tests.conftest import serve_in_process
+
+BODY_DEADLINE_S = 1.0
+MAX_BODIES = 3
+
+
+@pytest.fixture(scope="module")
+def edge(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    folder = tmp_path_factory.mktemp("hostile")
+    ports = dict(zip(("mobile", "edge", "cloud"), free_ports(3), strict=True))
+    deployment = local_deployment(["demo-mlp/identity/manifest.json"], models_dir=str(demo_root), ports=ports)
+    env = {"TIERLAB_BODY_DEADLINE_S": str(BODY_DEADLINE_S), "TIERLAB_MAX_BODIES": str(MAX_BODIES)}
+    with LocalStack(write_deployment(deployment, folder / "d.yaml"), tiers=["edge"], env=env, log_dir=folder):
+        yield "127.0.0.1", ports["edge"]
+
+
+def _open_body(address: tuple[str, int], declared: int, sent: bytes) -> socket.socket:
+    """Headers that promise ``declared`` bytes of body, then only ``sent`` of them."""
+    sock = socket.create_connection(address, timeout=30)
+    head = (f"POST /v2/models/demo-mlp.identity/infer HTTP/1.1\r\nhost: edge\r\ncontent-type: application/json\r\n"
+            f"content-length: {declared}\r\n\r\n")  # fmt: skip
+    sock.sendall(head.encode() + sent)
+    return sock
+
+
+def _status(sock: socket.socket) -> int:
+    reply = b""
+    while b"\r\n" not in reply:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        reply += chunk
+    return int(reply.split(b" ", 2)[1])
+
+
+def _get(address: tuple[str, int], path: str) -> int:
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nhost: edge\r\nconnection: close\r\n\r\n".encode())
+        return _status(sock)
+
+
+def test_a_trickling_body_gets_408_at_the_deadline_and_the_tier_keeps_serving(edge: tuple[str, int]) -> None:
+    with contextlib.closing(_open_body(edge, 10_000, b'{"inputs": [')) as slow:
+        assert _get(edge, "/v2/health/live") == 200  # answered while the body hangs
+        assert _status(slow) == 408  # cut off at the deadline, not held for ever (the socket waits 30 s at most)
+    assert _get(edge, "/v2/health/ready") == 200
+
+
+def test_bodies_beyond_the_bound_are_refused_before_they_are_read(edge: tuple[str, int]) -> None:
+    held = [_open_body(edge, 10_000, b"{") for _ in range(MAX_BODIES)]
+    try:
+        time.sleep(0.3)  # the tier has started reading all of them
+        with contextlib.closing(_open_body(edge, 10_000, b"{")) as one_more:
+            assert _status(one_more) == 503
+        assert _get(edge, "/v2/health/live") == 200
+    finally:
+        for sock in held:
+            sock.close()
+
+
+@pytest.mark.anyio
+async def test_an_unknown_model_is_refused_before_its_body_is_read(tier_settings: Any) -> None:
+    """The body never arrives: an answer can only come from checks made before reading it."""
+    async with serve_in_process(tier_settings("edge")) as (tier, _):
+        app = create_app(tier)
+        sent: list[dict[str, Any]] = []
+
+        async def never(*_: Any) -> dict[str, Any]:
+            await asyncio.sleep(3600)
+            raise AssertionError
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v2/models/nope/infer",
+                 "headers": [(b"content-length", b"15000000")]}  # fmt: skip
+        async with asyncio.timeout(5):
+            await app(scope, never, send)
+        assert sent[0]["status"] == 404
