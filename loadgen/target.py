@@ -137,7 +137,14 @@ class Stack:
         self, model: str, inputs: dict[str, np.ndarray], *, placement: str, request_id: str, timeout_s: float
     ) -> Answer:
         """One request; a failure of any kind is an answer with a status and an error, never an exception."""
-        encoded = codec.encode_request(inputs, parameters={p.PLACEMENT: placement, p.REQUEST_ID: request_id})
+        # the tiers get the budget less a margin: a slow hop times out in a tier, which names it, before here
+        budget_ms = p.forward_budget_s(timeout_s * 1e3, 0, 0, timeout_s) * 1e3
+        parameters: codec.Parameters = {
+            p.PLACEMENT: placement,
+            p.REQUEST_ID: request_id,
+            p.TIMEOUT_MS: round(budget_ms, 3),
+        }
+        encoded = codec.encode_request(inputs, parameters=parameters)
         try:
             async with asyncio.timeout(timeout_s):
                 path = f"/v2/models/{model}/infer"

@@ -24,6 +24,7 @@ from services.contracts.errors import BadParameter
 PLACEMENT = "placement"
 REQUEST_ID = "request_id"
 EXIT_THRESHOLD = "exit_threshold"
+TIMEOUT_MS = "timeout_ms"  # the caller's budget: each hop forwards what is left, less its margin
 # request parameters only tiers set when they forward
 STAGE = "tierlab_stage"
 HOP = "tierlab_hop"
@@ -43,10 +44,14 @@ def _number(params: Parameters, key: str) -> float | None:
     return float(value)
 
 
+MAX_INDEX = 64  # stages and hops: far beyond any pipeline, small enough for every label and key built from it
+MAX_TIMEOUT_MS = 3_600_000.0
+
+
 def _index(params: Parameters, key: str) -> int:
     value = params.get(key, 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadParameter(f"parameter '{key}' must be a non-negative integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INDEX:
+        raise BadParameter(f"parameter '{key}' must be an integer within [0, {MAX_INDEX}], got {value!r}")
     return value
 
 
@@ -68,27 +73,46 @@ class PipelineRequest:
     exit_threshold: float | None = None
     stage: int = 0
     hop: int = 0
+    timeout_ms: float | None = None
 
     @classmethod
     def from_parameters(cls, params: Parameters) -> PipelineRequest:
         threshold = _number(params, EXIT_THRESHOLD)
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise BadParameter(f"parameter '{EXIT_THRESHOLD}' must be within [0, 1], got {threshold}")
+        timeout_ms = _number(params, TIMEOUT_MS)
+        if timeout_ms is not None and not 0.0 < timeout_ms <= MAX_TIMEOUT_MS:
+            raise BadParameter(f"parameter '{TIMEOUT_MS}' must be within (0, {MAX_TIMEOUT_MS:g}], got {timeout_ms}")
         return cls(
             placement=_string(params, PLACEMENT),
             request_id=_string(params, REQUEST_ID),
             exit_threshold=threshold,
             stage=_index(params, STAGE),
             hop=_index(params, HOP),
+            timeout_ms=timeout_ms,
         )
 
-    def forward_parameters(self, *, placement: str, stage: int, hop: int) -> Parameters:
+    def forward_parameters(
+        self, *, placement: str, stage: int, hop: int, timeout_ms: float | None = None
+    ) -> Parameters:
         params: Parameters = {PLACEMENT: placement, STAGE: stage, HOP: hop}
+        if timeout_ms is not None:
+            params[TIMEOUT_MS] = round(timeout_ms, 3)
         if self.request_id is not None:
             params[REQUEST_ID] = self.request_id
         if self.exit_threshold is not None:
             params[EXIT_THRESHOLD] = self.exit_threshold
         return params
+
+
+def forward_budget_s(timeout_ms: float | None, received_ns: int, now_ns: int, ceiling_s: float) -> float:
+    """How long a hop may wait for the next tier: the caller's budget left, less a margin (5 %, at least
+    5 ms) so that the hop which is really slow times out first and is the one named; never above the
+    tier's own forward timeout."""
+    if timeout_ms is None:
+        return ceiling_s
+    left_s = timeout_ms / 1e3 - (now_ns - received_ns) / 1e9
+    return min(ceiling_s, left_s - max(0.005, 0.05 * left_s))
 
 
 @dataclass(frozen=True, slots=True)

@@ -336,11 +336,20 @@ class DataPlane:
             else:
                 next_stage = result.last_stage + 1
                 feeds = {s.name: result.tensors[s.name] for s in model.manifest.stages[next_stage].inputs}
+                budget_s = p.forward_budget_s(
+                    control.timeout_ms, received_ns, time.perf_counter_ns(), self.forwarder.timeout_s
+                )
                 forwarded = await self.forwarder.forward(
                     stage_tiers[next_stage],
                     model.name,
                     feeds,
-                    control.forward_parameters(placement=placement, stage=next_stage, hop=control.hop + 1),
+                    control.forward_parameters(
+                        placement=placement,
+                        stage=next_stage,
+                        hop=control.hop + 1,
+                        timeout_ms=budget_s * 1e3 if control.timeout_ms is not None else None,
+                    ),
+                    timeout_s=budget_s,
                 )
                 outputs, parameters = forwarded.response.outputs, dict(forwarded.response.parameters)
                 send_ns, bytes_out = forwarded.send_ns, forwarded.bytes_out

@@ -90,36 +90,58 @@ class Forwarder:
         """Emulate new link conditions from the next request on (requests in flight keep the old ones)."""
         self._links = dict(links)
 
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout_s
+
     async def exchange(
-        self, peer: TierName, path: str, headers: Mapping[str, str], chunks: Sequence[Buffer], size_bytes: int
+        self,
+        peer: TierName,
+        path: str,
+        headers: Mapping[str, str],
+        chunks: Sequence[Buffer],
+        size_bytes: int,
+        *,
+        timeout_s: float | None = None,
     ) -> tuple[Reply, int]:
         """One POST to ``peer`` through the emulated link: (reply, elapsed ns). Raises the hop's 502/504."""
         hop = f"{self._tier} -> {peer}"
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
+        if timeout_s <= 0:
+            raise NextTierTimeout(f"{hop}: the caller's time budget ran out before forwarding")
         pool = self._pools[peer]
         head = pool.post_head(path, headers, size_bytes)
         link = self._links.get(peer)
         started = time.perf_counter_ns()
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(timeout_s):
                 if link is not None:
                     await link.send(size_bytes)
                 reply = await pool.request(head, chunks)
                 if link is not None:
                     await link.receive(len(reply.body))
         except TimeoutError:
-            raise NextTierTimeout(f"{hop}: no answer within {self._timeout_s:g} s") from None
+            raise NextTierTimeout(f"{hop}: no answer within {timeout_s:.3g} s") from None
         except OSError as exc:
             raise NextTierError(f"{hop}: cannot reach {self._endpoints[peer]}: {exc}") from None
         return reply, time.perf_counter_ns() - started
 
     async def forward(
-        self, next_tier: TierName, model: str, inputs: Mapping[str, np.ndarray], parameters: Parameters
+        self,
+        next_tier: TierName,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        parameters: Parameters,
+        *,
+        timeout_s: float | None = None,
     ) -> Forwarded:
         hop = f"{self._tier} -> {next_tier}"
         started = time.perf_counter_ns()
         encoded = codec.encode_request(inputs, parameters=parameters)
         path = f"/v2/models/{model}/infer"
-        reply, _ = await self.exchange(next_tier, path, encoded.http_headers(), encoded.chunks, encoded.size_bytes)
+        reply, _ = await self.exchange(
+            next_tier, path, encoded.http_headers(), encoded.chunks, encoded.size_bytes, timeout_s=timeout_s
+        )
         if reply.status != 200:
             message = f"{hop} answered {reply.status}: {_error_message(reply.body)}"
             if reply.status == Unavailable.status_code:  # busy or not ready: the caller may retry, and when

@@ -6,18 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from services.demo import local_deployment, write_deployment
 from services.local import LocalStack, free_ports
 from services.tier.app import create_app
-from tests.conftest import serve_in_process
+from tests.conftest import serve_in_process, v2_json_request
 
 BODY_DEADLINE_S = 1.0
 MAX_BODIES = 3
@@ -96,3 +101,46 @@ async def test_an_unknown_model_is_refused_before_its_body_is_read(tier_settings
         async with asyncio.timeout(5):
             await app(scope, never, send)
         assert sent[0]["status"] == 404
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A next tier that accepts connections and never answers."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                held.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        for sock in held:
+            sock.close()
+        server.close()
+
+
+def test_the_callers_budget_propagates_so_the_slow_hop_is_named(
+    demo_root: Path, tmp_path: Path, silent_port: int
+) -> None:
+    mobile, edge = free_ports(2)
+    ports = {"mobile": mobile, "edge": edge, "cloud": silent_port}
+    deployment = local_deployment(["demo-mlp/partition3/manifest.json"], models_dir=str(demo_root), ports=ports)
+    with LocalStack(write_deployment(deployment, tmp_path / "d.yaml"), tiers=["mobile", "edge"], log_dir=tmp_path):
+        body = json.dumps(v2_json_request(np.zeros((1, 64), np.float32), placement="M-E-C", timeout_ms=1500))
+        request = urllib.request.Request(f"http://127.0.0.1:{mobile}/v2/models/demo-mlp.partition3/infer",
+                                         data=body.encode(), headers={"content-type": "application/json"})  # fmt: skip
+        with pytest.raises(urllib.error.HTTPError) as raised:
+            urllib.request.urlopen(request, timeout=60)
+    error = json.loads(raised.value.read())["error"]
+    assert raised.value.code == 504
+    # mobile passes on edge's 504: the hop that did not answer is edge -> cloud, not mobile -> edge
+    assert error.startswith("mobile -> edge answered 504: edge -> cloud: no answer within"), error
