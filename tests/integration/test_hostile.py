@@ -12,13 +12,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from services.contracts.specs import TIERS, TierName
 from services.demo import local_deployment, write_deployment
 from services.local import LocalStack, free_ports
 from services.tier.app import create_app
@@ -31,7 +32,7 @@ MAX_BODIES = 3
 @pytest.fixture(scope="module")
 def edge(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
     folder = tmp_path_factory.mktemp("hostile")
-    ports = dict(zip(("mobile", "edge", "cloud"), free_ports(3), strict=True))
+    ports: dict[TierName, int] = dict(zip(TIERS, free_ports(3), strict=True))
     deployment = local_deployment(["demo-mlp/identity/manifest.json"], models_dir=str(demo_root), ports=ports)
     env = {"TIERLAB_BODY_DEADLINE_S": str(BODY_DEADLINE_S), "TIERLAB_MAX_BODIES": str(MAX_BODIES)}
     with LocalStack(write_deployment(deployment, folder / "d.yaml"), tiers=["edge"], env=env, log_dir=folder):
@@ -87,13 +88,13 @@ async def test_an_unknown_model_is_refused_before_its_body_is_read(tier_settings
     """The body never arrives: an answer can only come from checks made before reading it."""
     async with serve_in_process(tier_settings("edge")) as (tier, _):
         app = create_app(tier)
-        sent: list[dict[str, Any]] = []
+        sent: list[MutableMapping[str, Any]] = []
 
         async def never(*_: Any) -> dict[str, Any]:
             await asyncio.sleep(3600)
             raise AssertionError
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             sent.append(message)
 
         scope = {"type": "http", "method": "POST", "path": "/v2/models/nope/infer",
@@ -132,7 +133,7 @@ def test_the_callers_budget_propagates_so_the_slow_hop_is_named(
     demo_root: Path, tmp_path: Path, silent_port: int
 ) -> None:
     mobile, edge = free_ports(2)
-    ports = {"mobile": mobile, "edge": edge, "cloud": silent_port}
+    ports: dict[TierName, int] = {"mobile": mobile, "edge": edge, "cloud": silent_port}
     deployment = local_deployment(["demo-mlp/partition3/manifest.json"], models_dir=str(demo_root), ports=ports)
     with LocalStack(write_deployment(deployment, tmp_path / "d.yaml"), tiers=["mobile", "edge"], log_dir=tmp_path):
         body = json.dumps(v2_json_request(np.zeros((1, 64), np.float32), placement="M-E-C", timeout_ms=1500))
