@@ -164,6 +164,10 @@ class DataPlane:
             self.load_error = exc.message
             log.critical("%s cannot serve: %s", self.tier, exc.message)
             return
+        except Exception as exc:  # never "still loading" for ever: the reason goes to health and the log
+            self.load_error = f"loading failed: {type(exc).__name__}: {exc}"
+            log.critical("%s cannot serve: %s", self.tier, self.load_error, exc_info=exc)
+            return
         self.ready = True
         self.telemetry.ready.labels(self.tier).set(1)
         loaded = sum(entry.ready for entry in self.repository.values())

@@ -78,7 +78,10 @@ class StageSession:
         times_us = []
         for _ in range(runs):
             started = time.perf_counter_ns()
-            self.run(feeds)
+            try:
+                self.run(feeds)
+            except Exception as exc:  # onnxruntime's own types, or a TensorMismatch from run
+                raise ConfigError(f"{self.model} stage {self.index}: warm-up on zeros failed: {exc}") from None
             times_us.append((time.perf_counter_ns() - started) / 1000)
         return statistics.median(times_us) if times_us else math.inf
 

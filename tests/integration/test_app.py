@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import re
 import shutil
@@ -12,13 +13,16 @@ from typing import Any
 
 import httpx
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from services.contracts import codec
 from services.contracts.codec import InferResponse
 from services.contracts.errors import ConfigError
 from services.contracts.repository import loaded_summary
+from services.contracts.specs import TIERS
 from services.demo import local_deployment, write_deployment
 from services.local import free_ports
 from services.tier.app import build_tier
@@ -471,3 +475,43 @@ async def test_concurrent_reshapes_are_serialised(tier_settings: SettingsFactory
             link for link in (await client.get("/tierlab/status")).json()["links"] if link["link"] == "mobile-edge"
         ]
         assert len(final) == 1 and final[0]["delay_ms"] in delays  # one whole reshape won, none interleaved
+
+
+async def test_a_warm_up_failure_is_reported_in_health_not_left_loading(
+    tier_settings: SettingsFactory, demo_root: Any, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model that loads but cannot run (a Reshape that 64 values do not fit): the tier says why."""
+    models = tmp_path / "models"
+    shutil.copytree(demo_root / "demo-mlp" / "identity", models / "identity")
+    manifest = json.loads((models / "identity" / "manifest.json").read_text())
+    stage = manifest["stages"][0]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "odd"], ["r"]),
+            helper.make_node("Reshape", ["r", "back"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+        ],
+        "broken",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [
+            numpy_helper.from_array(np.array([3, -1], np.int64), "odd"),
+            numpy_helper.from_array(np.array([-1, 64], np.int64), "back"),
+            numpy_helper.from_array(np.zeros((64, 10), np.float32), "w"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = models / "identity" / stage["file"]
+    onnx.save(model, path)
+    stage["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    stage["size_bytes"] = path.stat().st_size
+    (models / "identity" / "manifest.json").write_text(json.dumps(manifest))
+    deployment = write_deployment(
+        local_deployment(["identity"], models_dir=str(models), ports=dict(zip(TIERS, free_ports(3), strict=True))),
+        tmp_path / "d.yaml",
+    )
+    async with serve_in_process(tier_settings("edge", deployment)) as (_, client):
+        ready = await client.get("/v2/health/ready")
+        assert ready.status_code == 503 and "warm-up on zeros failed" in ready.json()["error"], ready.text
+    assert any("warm-up on zeros failed" in r.getMessage() for r in caplog.records)
