@@ -29,7 +29,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from services.contracts import codec
 from services.contracts.calibration import session_options
@@ -236,6 +236,7 @@ def unexpected_error(exc: Exception, model: str | None, plane: DataPlane) -> tup
     return error_reply(wrapped, model, plane)
 
 
+CONTROL_BODY_CAP_BYTES = 64 * 1024  # link specs, probe and load requests are a few hundred bytes
 OFF_LOOP_DECODE_BYTES = 256 * 1024  # JSON beyond this is decoded on a worker thread
 _INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/[^/]+)?/infer$")
 
@@ -263,13 +264,31 @@ class TierApp:
             if match is not None:
                 await self._infer(match["name"], scope, receive, send)
                 return
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT") and scope["path"] != SINK_PATH:
+            # control routes take small JSON bodies: read here, capped and in time, then handed to FastAPI
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            try:
+                body = await self._read_body_in_time(headers.get("content-length"), receive, CONTROL_BODY_CAP_BYTES)
+            except _Disconnected:
+                return
+            except TierlabError as exc:
+                await self._reply(send, *error_reply(exc, None, self.plane))
+                return
+            receive = _replay(body, receive)
         await self.fastapi(scope, receive, send)
+
+    @staticmethod
+    async def _reply(send: Send, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        raw_headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": body})
 
     async def _infer(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             self.plane.admit(name)  # not ready, no such model, no room: said before a byte of the body is read
-            body = await self._read_body_in_time(headers.get("content-length"), receive)
+            body = await self._read_body_in_time(headers.get("content-length"), receive, self.cap_bytes)
             received_ns = time.perf_counter_ns()
             header_length = codec.parse_header_length(headers.get(_HEADER_LENGTH_KEY))
             json_bytes = len(body) if header_length is None else header_length
@@ -293,12 +312,9 @@ class TierApp:
             status, reply_headers, reply = error_reply(exc, name, self.plane)
         except Exception as exc:
             status, reply_headers, reply = unexpected_error(exc, name, self.plane)
-        raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply_headers.items()]
-        raw_headers.append((b"content-length", str(len(reply)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": reply})
+        await self._reply(send, status, reply_headers, reply)
 
-    async def _read_body_in_time(self, declared: str | None, receive: Receive) -> bytes:
+    async def _read_body_in_time(self, declared: str | None, receive: Receive, cap_bytes: int) -> bytes:
         """The body, within the body deadline, with at most ``max_bodies`` being read at once."""
         if self.bodies_now >= self.max_bodies:
             raise Unavailable(f"{self.tier.settings.tier} is receiving {self.bodies_now} request bodies "
@@ -306,21 +322,22 @@ class TierApp:
         self.bodies_now += 1
         try:
             async with asyncio.timeout(self.body_deadline_s):
-                return await self._read_body(declared, receive)
+                return await self._read_body(declared, receive, cap_bytes)
         except TimeoutError:
             raise RequestTimeout(f"the request body did not arrive within {self.body_deadline_s:g} s") from None
         finally:
             self.bodies_now -= 1
 
-    async def _read_body(self, declared: str | None, receive: Receive) -> bytes:
+    @staticmethod
+    async def _read_body(declared: str | None, receive: Receive, cap_bytes: int) -> bytes:
         if declared is not None:
             try:
                 declared_bytes = int(declared)
             except ValueError:
                 raise MalformedBody(f"Content-Length must be an integer, got {declared!r}") from None
-            if declared_bytes > self.cap_bytes:
+            if declared_bytes > cap_bytes:
                 raise PayloadTooLarge(
-                    f"request body of {declared_bytes} bytes exceeds this tier's cap of {self.cap_bytes} bytes"
+                    f"request body of {declared_bytes} bytes exceeds this route's cap of {cap_bytes} bytes"
                 )
         chunks: list[bytes] = []
         size, more = 0, True
@@ -330,11 +347,21 @@ class TierApp:
                 raise _Disconnected
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.cap_bytes:
-                raise PayloadTooLarge(f"request body exceeds this tier's cap of {self.cap_bytes} bytes")
+            if size > cap_bytes:
+                raise PayloadTooLarge(f"request body exceeds this route's cap of {cap_bytes} bytes")
             chunks.append(chunk)
             more = message.get("more_body", False)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``body`` (already read) once, then waits on the real one (for a disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 def create_app(tier: Tier) -> TierApp:

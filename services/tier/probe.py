@@ -25,6 +25,7 @@ _NS_PER_MS = 1e6
 # sizes for an unlimited link: large enough to be bandwidth-bound on a veth, small enough to be quick
 _UNLIMITED_BULK_BYTES = 32 << 20
 _MIN_BULK_BYTES = 128 << 10  # a quarter of it still exceeds tbf's burst at 1 Mbit/s
+_MAX_BULK_BYTES = 64 << 20  # one probe call moves at most bulk_repeats × 1.25 × this
 _CHUNK_BYTES = 1 << 20
 _ROUND_GAP_S = 0.05  # longer than a scheduler time slice: rounds see independent noise
 _MIN_PINGS_PER_ROUND = 4
@@ -34,7 +35,7 @@ def bulk_size_bytes(state: LinkState, bulk_s: float) -> int:
     """What the configured rate moves in ``bulk_s`` seconds (unlimited links get a fixed large body)."""
     if state.spec.rate_mbit is None:
         return _UNLIMITED_BULK_BYTES
-    return max(_MIN_BULK_BYTES, int(state.spec.rate_mbit * 1e6 / 8 * bulk_s))
+    return min(_MAX_BULK_BYTES, max(_MIN_BULK_BYTES, int(state.spec.rate_mbit * 1e6 / 8 * bulk_s)))
 
 
 async def _send(forwarder: Forwarder, peer: TierName, size_bytes: int) -> float:

@@ -515,3 +515,12 @@ async def test_a_warm_up_failure_is_reported_in_health_not_left_loading(
         ready = await client.get("/v2/health/ready")
         assert ready.status_code == 503 and "warm-up on zeros failed" in ready.json()["error"], ready.text
     assert any("warm-up on zeros failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_control_routes_cap_their_bodies(tier_settings: SettingsFactory) -> None:
+    huge = b'{"mobile-edge": {"delay_ms": 1' + b"0" * (1 << 20) + b"}}"
+    async with serve_in_process(tier_settings("edge")) as (_, client):
+        for method, path in (("PUT", "/tierlab/links"), ("POST", "/tierlab/probe"), ("POST", "/tierlab/calibrate")):
+            reply = await client.request(method, path, content=huge, headers={"content-type": "application/json"})
+            assert reply.status_code == 413 and "cap of 65536 bytes" in reply.json()["error"], (path, reply.text)
+        assert (await client.get("/v2/health/live")).status_code == 200
