@@ -21,7 +21,7 @@ from services.contracts import pipeline as p
 from services.contracts.errors import ConfigError, MalformedBody
 from services.contracts.repository import RepositoryModelSpec
 from services.contracts.specs import TIERS, LinkMeasurementSpec, LinkName, LinkSpec, TierName
-from services.contracts.transport import Pool, probe_links
+from services.contracts.transport import Pool, probe_links, use_stack_token
 from services.contracts.transport import json_call as control
 
 STATE_FILE = Path(".local/stack.json")
@@ -53,6 +53,7 @@ class Stack:
         except OSError:
             raise ConfigError(f"no stack is up ({path} is missing): run `make up` first") from None
         urls = {t: state["urls"][t] for t in TIERS}
+        use_stack_token(state)  # control calls (links, loads, probes) carry the stack's token
         stack = cls(urls, state)
         stack.check_ready()
         return stack

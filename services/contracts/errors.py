@@ -12,6 +12,7 @@ client always gets a message that names the problem::
     │   ├── TensorMismatch (400)       wrong tensor name, datatype or shape for the model
     │   ├── BadParameter (400)         a pipeline parameter is missing, of the wrong type or out of range
     │   └── ModelNotLoaded (400)       the repository has the model, this tier has not loaded it
+    ├── Unauthorized (401)             a control route without the stack's control token
     ├── NotFound (404)
     │   └── ModelNotFound (404)
     ├── RequestTimeout (408)           the request body did not arrive within the tier's body deadline
@@ -69,6 +70,13 @@ class BadParameter(BadRequest):
 
 class ModelNotLoaded(BadRequest):
     """The model is in the tier's repository but not loaded (``POST /v2/repository/models/{name}/load``)."""
+
+
+class Unauthorized(TierlabError):
+    status_code = 401
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="tierlab"'}
 
 
 class NotFound(TierlabError):

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import secrets
 import urllib.error
 import urllib.request
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import httptools
@@ -25,6 +28,44 @@ from services.contracts.errors import ConfigError
 from services.contracts.specs import LINK_SENDERS, LinkMeasurementSpec, TierName
 
 _MAX_IDLE_CONNECTIONS = 32
+CONTROL_TOKEN_FILE = "control-token"  # written by `make up` into the stack's folder, mounted into the tiers
+_control_token: list[str] = []  # this process's token for control calls (none: the tiers are open)
+
+
+def new_control_token(folder: Path) -> Path:
+    """A fresh random token for a stack's control routes, in ``folder`` (never in an image)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CONTROL_TOKEN_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(secrets.token_hex(32))
+    os.chmod(tmp, 0o644)  # the tiers run as their own user and read it through a read-only mount
+    tmp.replace(path)
+    return path
+
+
+def read_control_token(path: Path | str) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the control token {path}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError(f"the control token file {path} is empty")
+    return token
+
+
+def use_control_token(token: str | None) -> None:
+    """Send ``token`` with this process's control calls from now on (None: send none)."""
+    _control_token[:] = [token] if token else []
+
+
+def use_stack_token(state: Mapping[str, Any]) -> None:
+    """Control calls to a stack carry the token its state file names (a stack without one is open)."""
+    path = state.get("control_token_file")
+    use_control_token(read_control_token(path) if path else None)
+
+
+def control_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {_control_token[0]}"} if _control_token else {}
 
 
 class PeerClosed(ConnectionError):
@@ -160,7 +201,8 @@ def json_call(url: str, *, method: str = "GET", body: Any = None, timeout_s: flo
     """A JSON control call (blocking, stdlib): (status, parsed body); (0, reason) when nothing answers.
     An error status keeps its body (parsed, or the raw text) so callers can show what the peer said."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **control_headers()}
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as reply:
             return reply.status, json.loads(reply.read() or b"null")

@@ -24,7 +24,7 @@ from services.contracts.specs import (
     TierName,
     network_profile_links,
 )
-from services.contracts.transport import json_call, probe_links
+from services.contracts.transport import json_call, new_control_token, probe_links, use_stack_token
 from services.stack.compose import (
     DEFAULT_SUBJECTS,
     DockerStack,
@@ -89,13 +89,14 @@ def _up_local(root: Path, spec: StackSpec) -> int:
         links=links,
     )
     path = write_deployment(deployment, root / ".local" / "stack" / "deployment-local.yaml")
-    stack = LocalStack(
-        path, detach=True, log_dir=root / ".local" / "logs", env={"TIERLAB_STARTUP_MODELS": spec.startup_models}
-    )
+    token_file = new_control_token(root / ".local" / "stack")
+    env = {"TIERLAB_STARTUP_MODELS": spec.startup_models, "TIERLAB_CONTROL_TOKEN_FILE": str(token_file)}
+    stack = LocalStack(path, detach=True, log_dir=root / ".local" / "logs", env=env)
     stack.start()
     state = {**stack.state(), "profile": None, "network": spec.network, "subjects": list(spec.subjects),
-             "prometheus": None, "grafana": None}  # fmt: skip
+             "prometheus": None, "grafana": None, "control_token_file": str(token_file)}  # fmt: skip
     write_state(root, state)
+    use_stack_token(state)
     say("tiers started as local processes (no cgroup limits; links shaped in userspace)")
     return print_status(state)
 

@@ -19,7 +19,7 @@ import yaml
 
 from services.contracts.errors import ConfigError
 from services.contracts.specs import TIERS, DeploymentSpec, ModelEntrySpec, TierEndpointSpec, TierName
-from services.contracts.transport import json_call
+from services.contracts.transport import CONTROL_TOKEN_FILE, json_call, new_control_token, use_stack_token
 from services.demo import DEFAULT_PORTS
 from services.stack.docker import compose_command, output, project_root, require_engine, run, say
 from services.stack.images import ImageSet, ensure_images
@@ -147,6 +147,7 @@ class DockerStack:
         manifests = find_manifests(models_dir, self.spec.subjects)
         images = ensure_images(with_grafana=self.spec.with_grafana)
         (self.stack_dir / "targets").mkdir(parents=True, exist_ok=True)
+        token_file = new_control_token(self.stack_dir)  # a fresh one per `make up`, mounted, never in an image
         deployment = stack_deployment(manifests)
         (self.stack_dir / "deployment.yaml").write_text(
             yaml.safe_dump(deployment.model_dump(mode="json", exclude_none=True), sort_keys=False)
@@ -175,12 +176,14 @@ class DockerStack:
                 "base": images.base,
             },
             "up_s": round(time.monotonic() - started, 1),
+            "control_token_file": str(token_file),
         }
         write_state(self.root, state)
+        use_stack_token(state)
         # the same, as a loadgen container inside the stack sees the tiers
         urls: dict[str, str] = {t: f"http://{t}:{CONTAINER_PORT}" for t in TIERS}
         urls["mobile"] = f"http://mobile-device:{CONTAINER_PORT}"
-        inside = {**state, "urls": urls}
+        inside = {**state, "urls": urls, "control_token_file": f"{STACK_MOUNT}/{CONTROL_TOKEN_FILE}"}
         (self.stack_dir / "stack-internal.json").write_text(json.dumps(inside, indent=2))
         return state
 
@@ -282,6 +285,9 @@ def leftovers() -> dict[str, list[str]]:
     }
 
 
+STACK_MOUNT = "/etc/tierlab"  # where the tiers and the in-stack loadgen see the stack folder (docker-compose.yml)
+
+
 def state_path(root: Path) -> Path:
     return root / ".local" / "stack.json"
 
@@ -293,7 +299,10 @@ def write_state(root: Path, state: dict[str, Any]) -> None:
 
 
 def read_state(root: Path) -> dict[str, Any] | None:
+    """The running stack's state (None when none is up); this process's control calls carry its token."""
     try:
-        return dict(json.loads(state_path(root).read_text()))
+        state = dict(json.loads(state_path(root).read_text()))
     except (OSError, ValueError):
         return None
+    use_stack_token(state)
+    return state

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import re
 import threading
@@ -40,6 +41,7 @@ from services.contracts.errors import (
     PayloadTooLarge,
     RequestTimeout,
     TierlabError,
+    Unauthorized,
     Unavailable,
 )
 from services.contracts.repository import MIB, RepositoryIndexRequestSpec
@@ -53,6 +55,7 @@ from services.contracts.specs import (
     link_between,
     load_deployment,
 )
+from services.contracts.transport import read_control_token, use_control_token
 from services.tier.dataplane import DataPlane, resolve_models
 from services.tier.forwarder import Forwarder
 from services.tier.limits import (
@@ -102,6 +105,7 @@ class Tier:
     intra_op_threads: int
     allow_spinning: bool
     run: CommandRunner
+    control_token: str | None = None
 
     def reshape(self, specs: Mapping[LinkName, LinkSpec]) -> list[LinkState]:
         """Apply new conditions to this tier's links (links not named keep theirs); no restart needed.
@@ -215,7 +219,9 @@ def build_tier(settings: TierSettings, *, run: CommandRunner = run_command) -> T
     unknown = [n for n in settings.startup if n not in models] if isinstance(settings.startup, tuple) else []
     if unknown:
         raise ConfigError(f"startup model(s) {unknown} are not in the deployment; it has {sorted(models)}")
-    return Tier(settings, deployment, plane, states, limits, cores, threads, spinning, run)
+    token = read_control_token(settings.control_token_file) if settings.control_token_file else None
+    use_control_token(token)  # this tier's own control calls (probes into a peer's sink) carry it
+    return Tier(settings, deployment, plane, states, limits, cores, threads, spinning, run, token)
 
 
 def error_reply(exc: TierlabError, model: str | None, plane: DataPlane) -> tuple[int, dict[str, str], bytes]:
@@ -257,8 +263,13 @@ class TierApp:
         self.body_deadline_s = tier.settings.body_deadline_s
         self.max_bodies = tier.settings.max_bodies
         self.bodies_now = 0
+        self.control_token = tier.control_token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT") and not self._authorized(scope):
+            refused = Unauthorized("this route needs the stack's control token (Authorization: Bearer …)")
+            await self._reply(send, *error_reply(refused, None, self.plane))
+            return
         if scope["type"] == "http" and scope["method"] == "POST":
             match = _INFER_PATH.match(scope["path"])
             if match is not None:
@@ -276,6 +287,13 @@ class TierApp:
                 return
             receive = _replay(body, receive)
         await self.fastapi(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        """Inference is open; every other POST/PUT (links, probes, loads, calibration) needs the token."""
+        if self.control_token is None or _INFER_PATH.match(scope["path"]):
+            return True
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
+        return hmac.compare_digest(given.encode(), f"Bearer {self.control_token}".encode())
 
     @staticmethod
     async def _reply(send: Send, status: int, headers: Mapping[str, str], body: bytes) -> None:

@@ -17,6 +17,7 @@ import statistics
 
 from services.contracts.errors import BadParameter, NextTierError
 from services.contracts.specs import LinkMeasurementSpec, LinkProbeSpec, TierName
+from services.contracts.transport import control_headers
 from services.tier.forwarder import Forwarder
 from services.tier.links import LinkState
 
@@ -43,7 +44,7 @@ async def _send(forwarder: Forwarder, peer: TierName, size_bytes: int) -> float:
     full, rest = divmod(size_bytes, _CHUNK_BYTES)
     block = bytes(_CHUNK_BYTES) if full else b""
     chunks = [memoryview(block)] * full + ([memoryview(bytes(rest))] if rest else [])
-    headers = {"Content-Type": "application/octet-stream"}
+    headers = {"Content-Type": "application/octet-stream", **control_headers()}
     reply, elapsed_ns = await forwarder.exchange(peer, SINK_PATH, headers, chunks, size_bytes)
     if reply.status != 200:
         raise NextTierError(f"probe to {peer}'s sink answered {reply.status}")

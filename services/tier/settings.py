@@ -47,6 +47,9 @@ class TierSettings(BaseSettings):
     memory_budget_mb: float | None = Field(
         default=None, gt=0, description="refuse loads beyond this (default: the cgroup memory limit)"
     )
+    control_token_file: Path | None = Field(
+        default=None, description="control routes (POST/PUT but infer) need this token as 'Authorization: Bearer'"
+    )
     shape_links: bool = Field(default=True, description="apply the deployment's link specs")
     links: dict[LinkName, LinkSpec] | None = Field(
         default=None, description="link conditions replacing the deployment's (JSON in TIERLAB_LINKS)"

@@ -23,6 +23,7 @@ from services.contracts.codec import InferResponse
 from services.contracts.errors import ConfigError
 from services.contracts.repository import loaded_summary
 from services.contracts.specs import TIERS
+from services.contracts.transport import new_control_token, use_control_token
 from services.demo import local_deployment, write_deployment
 from services.local import free_ports
 from services.tier.app import build_tier
@@ -524,3 +525,27 @@ async def test_control_routes_cap_their_bodies(tier_settings: SettingsFactory) -
             reply = await client.request(method, path, content=huge, headers={"content-type": "application/json"})
             assert reply.status_code == 413 and "cap of 65536 bytes" in reply.json()["error"], (path, reply.text)
         assert (await client.get("/v2/health/live")).status_code == 200
+
+
+async def test_control_routes_need_the_stack_token_and_inference_does_not(
+    tier_settings: SettingsFactory, tmp_path: Any
+) -> None:
+    token_file = new_control_token(tmp_path)
+    try:
+        async with serve_in_process(tier_settings("edge", control_token_file=token_file)) as (_, client):
+            bearer = {"Authorization": f"Bearer {token_file.read_text()}"}
+            wrong = {"Authorization": "Bearer not-the-token"}
+            links = {"mobile-edge": {"delay_ms": 2}}
+            for headers in ({}, wrong):
+                refused = await client.put("/tierlab/links", json=links, headers=headers)
+                assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Bearer")
+                assert (
+                    await client.post("/v2/repository/models/demo-mlp.identity/unload", headers=headers)
+                ).status_code == 401
+            assert (await client.put("/tierlab/links", json=links, headers=bearer)).status_code == 200
+            assert (
+                await client.post("/v2/models/demo-mlp.identity/infer", json=v2_json_request(X, placement="E"))
+            ).status_code == 200
+            assert (await client.get("/tierlab/status")).status_code == 200  # reading is open
+    finally:
+        use_control_token(None)

@@ -19,6 +19,7 @@ import re
 import statistics
 import time
 import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,11 @@ def check_stack(state: dict[str, Any], profile: str, network: str, models_dir: P
     for tier in TIERS:
         code, status = json_call(f"{urls[tier]}/tierlab/status")
         assert code == 200 and status["ready"], f"{tier}: {code} {status}"
+        # control routes need the token `make up` wrote into the stack folder (mounted, not in the image)
+        anonymous = urllib.request.Request(f"{urls[tier]}/tierlab/links", data=b"{}", method="PUT")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(anonymous, timeout=10)
+        assert refused.value.code == 401
 
     expected = profile_limits(profile)
     for tier in TIERS:
