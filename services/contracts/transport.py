@@ -32,10 +32,10 @@ CONTROL_TOKEN_FILE = "control-token"  # written by `make up` into the stack's fo
 _control_token: list[str] = []  # this process's token for control calls (none: the tiers are open)
 
 
-def new_control_token(folder: Path) -> Path:
-    """A fresh random token for a stack's control routes, in ``folder`` (never in an image)."""
+def new_control_token(folder: Path, name: str = CONTROL_TOKEN_FILE) -> Path:
+    """A fresh random secret (the stack's control token, by default) in ``folder``, never in an image."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / CONTROL_TOKEN_FILE
+    path = folder / name
     tmp = path.with_suffix(".tmp")
     tmp.write_text(secrets.token_hex(32))
     os.chmod(tmp, 0o644)  # the tiers run as their own user and read it through a read-only mount

@@ -187,10 +187,11 @@ def print_status(state: dict[str, Any]) -> int:
         else:
             print(f"  prometheus {prometheus}  not answering")
     if runtime == "docker":
-        grafana = state.get("grafana")
-        print(
-            f"  grafana    {grafana}" if grafana else "  grafana    not running (no image here; see make up's output)"
-        )
+        grafana, password = state.get("grafana"), state.get("grafana_admin_password_file")
+        if grafana:
+            print(f"  grafana    {grafana}  (dashboards open to view; admin's password in {password})")
+        else:
+            print("  grafana    not running (no image here; see make up's output)")
     return 0 if healthy else 1
 
 

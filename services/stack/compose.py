@@ -148,6 +148,7 @@ class DockerStack:
         images = ensure_images(with_grafana=self.spec.with_grafana)
         (self.stack_dir / "targets").mkdir(parents=True, exist_ok=True)
         token_file = new_control_token(self.stack_dir)  # a fresh one per `make up`, mounted, never in an image
+        grafana_password = new_control_token(self.stack_dir, GRAFANA_PASSWORD_FILE)
         deployment = stack_deployment(manifests)
         (self.stack_dir / "deployment.yaml").write_text(
             yaml.safe_dump(deployment.model_dump(mode="json", exclude_none=True), sort_keys=False)
@@ -169,6 +170,7 @@ class DockerStack:
             "urls": {t: f"http://127.0.0.1:{HOST_PORTS[t]}" for t in TIERS},
             "prometheus": f"http://127.0.0.1:{PROMETHEUS_PORT}",
             "grafana": f"http://127.0.0.1:{GRAFANA_PORT}" if grafana else None,
+            "grafana_admin_password_file": str(grafana_password) if grafana else None,
             "images": {
                 "tier": images.tier,
                 "prometheus": images.prometheus,
@@ -285,6 +287,7 @@ def leftovers() -> dict[str, list[str]]:
     }
 
 
+GRAFANA_PASSWORD_FILE = "grafana-admin-password"  # Grafana's admin password, random per `make up`
 STACK_MOUNT = "/etc/tierlab"  # where the tiers and the in-stack loadgen see the stack folder (docker-compose.yml)
 
 

@@ -47,6 +47,18 @@ def test_compose_file_has_the_stack_and_one_network_per_link() -> None:
         assert not set(services[other]["networks"]) & set(LINKS), other
 
 
+def test_every_container_is_locked_down() -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for name, service in services.items():
+        assert service.get("read_only") is True and service.get("cap_drop") == ["ALL"], name
+        assert 0 < service.get("pids_limit", 0) <= 512, name
+    assert not any("lifecycle" in flag for flag in services["prometheus"]["command"])
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD__FILE"].startswith("/etc/tierlab/")  # random per make up
+    for tier in TIERS:
+        assert services[tier]["environment"]["TIERLAB_CONTROL_TOKEN_FILE"] == "/etc/tierlab/control-token"
+
+
 @pytest.mark.parametrize("name", available("resources", ROOT))
 def test_resource_profiles_limit_every_tier_and_say_what_they_stand_for(name: str) -> None:
     path = override_file("resources", name, ROOT)
