@@ -20,9 +20,9 @@ import logging
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
@@ -82,6 +82,7 @@ from services.tier.settings import TierSettings
 from services.tier.telemetry import TierTelemetry, label_for
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _HEADER_LENGTH_KEY = codec.HEADER_LENGTH_HTTP_HEADER.lower()
 SERVER_NAME = "tierlab"
@@ -314,7 +315,9 @@ class TierApp:
                 decoded = await asyncio.to_thread(codec.decode_request, body, header_length)
             else:
                 decoded = codec.decode_request(body, header_length)
-            answer = await self.plane.infer(name, decoded, received_ns=received_ns, bytes_in=len(body))
+            answer = await self._unless_gone(
+                self.plane.infer(name, decoded, received_ns=received_ns, bytes_in=len(body)), receive
+            )
             encoded = codec.encode_response(
                 answer.model_name,
                 answer.outputs,
@@ -331,6 +334,24 @@ class TierApp:
         except Exception as exc:
             status, reply_headers, reply = unexpected_error(exc, name, self.plane)
         await self._reply(send, status, reply_headers, reply)
+
+    @staticmethod
+    async def _unless_gone(work: Coroutine[Any, Any, _T], receive: Receive) -> _T:
+        """``work``'s result, unless the caller disconnects first: then the work is cancelled (a forward in
+        flight closes its connection, so the next tier cancels too) and _Disconnected is raised."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(receive())  # after the body, the only message left is http.disconnect
+        try:
+            await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            gone.cancel()
+        if task.cancelled():
+            raise _Disconnected
+        return task.result()
 
     async def _read_body_in_time(self, declared: str | None, receive: Receive, cap_bytes: int) -> bytes:
         """The body, within the body deadline, with at most ``max_bodies`` being read at once."""

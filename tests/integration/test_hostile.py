@@ -104,36 +104,54 @@ async def test_an_unknown_model_is_refused_before_its_body_is_read(tier_settings
         assert sent[0]["status"] == 404
 
 
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A next tier that accepts connections and never answers."""
-    server = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-    stop = threading.Event()
+class SilentPeer:
+    """A next tier that accepts connections and never answers; it notes when a connection is closed on it."""
 
-    def accept() -> None:
-        server.settimeout(0.1)
-        while not stop.is_set():
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.accepted = threading.Event()
+        self.closed_by_peer = threading.Event()
+        self._stop = threading.Event()
+        self._held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.server.settimeout(0.05)
+        while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
-                held.append(server.accept()[0])
+                conn, _ = self.server.accept()
+                conn.settimeout(0.05)
+                self._held.append(conn)
+                self.accepted.set()
+            for conn in self._held:
+                with contextlib.suppress(TimeoutError, OSError):
+                    if conn.recv(1 << 16) == b"":
+                        self.closed_by_peer.set()
 
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for conn in self._held:
+            conn.close()
+        self.server.close()
+
+
+@pytest.fixture
+def silent_peer() -> Iterator[SilentPeer]:
+    peer = SilentPeer()
     try:
-        yield server.getsockname()[1]
+        yield peer
     finally:
-        stop.set()
-        thread.join()
-        for sock in held:
-            sock.close()
-        server.close()
+        peer.close()
 
 
 def test_the_callers_budget_propagates_so_the_slow_hop_is_named(
-    demo_root: Path, tmp_path: Path, silent_port: int
+    demo_root: Path, tmp_path: Path, silent_peer: SilentPeer
 ) -> None:
     mobile, edge = free_ports(2)
-    ports: dict[TierName, int] = {"mobile": mobile, "edge": edge, "cloud": silent_port}
+    ports: dict[TierName, int] = {"mobile": mobile, "edge": edge, "cloud": silent_peer.port}
     deployment = local_deployment(["demo-mlp/partition3/manifest.json"], models_dir=str(demo_root), ports=ports)
     with LocalStack(write_deployment(deployment, tmp_path / "d.yaml"), tiers=["mobile", "edge"], log_dir=tmp_path):
         body = json.dumps(v2_json_request(np.zeros((1, 64), np.float32), placement="M-E-C", timeout_ms=1500))
@@ -145,3 +163,17 @@ def test_the_callers_budget_propagates_so_the_slow_hop_is_named(
     assert raised.value.code == 504
     # mobile passes on edge's 504: the hop that did not answer is edge -> cloud, not mobile -> edge
     assert error.startswith("mobile -> edge answered 504: edge -> cloud: no answer within"), error
+
+
+def test_a_caller_that_goes_away_cancels_the_forward(demo_root: Path, tmp_path: Path, silent_peer: SilentPeer) -> None:
+    mobile, cloud = free_ports(2)
+    ports: dict[TierName, int] = {"mobile": mobile, "edge": silent_peer.port, "cloud": cloud}
+    deployment = local_deployment(["demo-mlp/partition3/manifest.json"], models_dir=str(demo_root), ports=ports)
+    with LocalStack(write_deployment(deployment, tmp_path / "d.yaml"), tiers=["mobile"], log_dir=tmp_path):
+        body = json.dumps(v2_json_request(np.zeros((1, 64), np.float32), placement="M-E-C")).encode()
+        with socket.create_connection(("127.0.0.1", mobile), timeout=30) as client:
+            head = b"POST /v2/models/demo-mlp.partition3/infer HTTP/1.1\r\nhost: mobile\r\n"
+            client.sendall(head + b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+            assert silent_peer.accepted.wait(30), "mobile forwarded to edge"
+        # the client is gone: mobile stops waiting on edge (its forward timeout is 30 s) and closes that call
+        assert silent_peer.closed_by_peer.wait(10), "mobile kept the forward open after its caller left"
