@@ -244,7 +244,7 @@ def unexpected_error(exc: Exception, model: str | None, plane: DataPlane) -> tup
 
 
 CONTROL_BODY_CAP_BYTES = 64 * 1024  # link specs, probe and load requests are a few hundred bytes
-OFF_LOOP_DECODE_BYTES = 256 * 1024  # JSON beyond this is decoded on a worker thread
+OFF_LOOP_DECODE_BYTES = 256 * 1024  # JSON, or BYTES elements, beyond this are decoded on a worker thread
 _INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/[^/]+)?/infer$")
 
 
@@ -311,7 +311,9 @@ class TierApp:
             received_ns = time.perf_counter_ns()
             header_length = codec.parse_header_length(headers.get(_HEADER_LENGTH_KEY))
             json_bytes = len(body) if header_length is None else header_length
-            if json_bytes > OFF_LOOP_DECODE_BYTES:  # parsing a big JSON document would freeze every other request
+            # parsing a big JSON document, or splitting many BYTES elements, would freeze every other request
+            many_elements = len(body) > OFF_LOOP_DECODE_BYTES and b'"BYTES"' in body[: header_length or 0]
+            if json_bytes > OFF_LOOP_DECODE_BYTES or many_elements:
                 decoded = await asyncio.to_thread(codec.decode_request, body, header_length)
             else:
                 decoded = codec.decode_request(body, header_length)
