@@ -40,7 +40,7 @@ def load_yaml_spec(path: Path, spec_type: type[SpecT], what: str) -> SpecT:
         document = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
     try:
         return spec_type.model_validate(document)
@@ -204,11 +204,11 @@ def load_manifest(path: Path) -> ManifestSpec:
     """Read and validate a manifest file; ``path`` may be the file or its folder."""
     file = path / MANIFEST_FILENAME if path.is_dir() else path
     try:
-        text = file.read_text()
+        raw = file.read_bytes()  # bytes: a file that is not UTF-8 is invalid JSON, not a crash
     except OSError as exc:
         raise ConfigError(f"cannot read manifest {file}: {exc.strerror}") from None
     try:
-        return ManifestSpec.model_validate_json(text)
+        return ManifestSpec.model_validate_json(raw)
     except ValidationError as exc:
         raise ConfigError(f"manifest {file} is invalid:\n{exc}") from None
 

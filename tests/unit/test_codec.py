@@ -69,12 +69,12 @@ def test_response_round_trip_mixed_binary_and_json(datatype: str) -> None:
 
 @pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
 def test_non_finite_floats_round_trip_through_json(datatype: str) -> None:
-    logits = np.array([np.nan, np.inf, -np.inf, 1.5], dtype=codec.NUMPY_DTYPES[datatype])
+    logits = np.array([np.nan, np.inf, -np.inf, 1.5], dtype=NUMPY_DTYPES[datatype])
     encoded = codec.encode_response("m", {"y": logits}, binary=[False])
     assert json.loads(encoded.body())["outputs"][0]["data"] == ["NaN", "Infinity", "-Infinity", 1.5]
     decoded = codec.decode_response(encoded.body(), encoded.header_length).outputs["y"]
     np.testing.assert_array_equal(decoded, logits)  # NaN equals NaN here
-    with pytest.raises(codec.TensorMismatch, match="numbers"):
+    with pytest.raises(TensorMismatch, match="numbers"):
         codec.decode_request(json.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": [1],
                                                      "data": ["nan-ish"]}]}).encode(), None)  # fmt: skip
 
