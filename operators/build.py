@@ -33,7 +33,7 @@ from operators.data import SplitData
 from operators.evaluate import evaluate
 from operators.nets import ConvNet
 from operators.subjects import SUBJECTS, BuildSettings, Subject
-from operators.training import FitSettings, Progress, export_onnx
+from operators.training import FitSettings, Progress, export_onnx, predict
 from operators.variants import VARIANTS, WHITE_BOX
 from services.contracts.errors import ConfigError
 from services.contracts.manifest import (
@@ -132,12 +132,16 @@ class SubjectBuild:
         if kind == "prune-structured":
             if not isinstance(teacher, ConvNet):
                 raise ValueError(f"structured pruning needs a ConvNet; {subject.name} is {type(teacher).__name__}")
+            recovery = replace(
+                finetune, items=round(tune_items * subject.structured_recovery), lr=subject.lr / 3, alpha=0.5
+            )
+            logits = predict(teacher, split.train)
             return whitebox.prune_structured(
-                teacher, split.train, finetune, self._progress("structured pruning", tune_items)
+                teacher, split.train, recovery, logits, self._progress("structured pruning", recovery.items)
             )
         if kind == "distill":
             return subject.train_student(
-                teacher, split, s, self._progress("distilling a student", subject.items(s.distill_items))
+                teacher, split, s, self._progress("distilling a student", subject.student_items(s))
             )
         raise ValueError(f"unknown white-box step {kind}")
 

