@@ -19,13 +19,14 @@ from torch import nn
 
 from operators.data import (
     FORTUNE_CATEGORIES,
+    Samples,
     SplitData,
     fashion_mnist_split,
     fashion_seg_split,
     fortunes_split,
 )
 from operators.nets import ConvNet, ConvNetSpec, SegNet, SegNetSpec, TextClassifier
-from operators.training import FitSettings, Progress, fit, predict
+from operators.training import FitSettings, Progress, fit
 from operators.variants import EXIT_VARIANTS, all_but
 
 TEXT_MAX_TOKENS = 64
@@ -119,16 +120,14 @@ class Subject(ABC):
         return self.items(settings.distill_items)
 
     def train_student(
-        self, teacher: nn.Module, split: SplitData, settings: BuildSettings, progress: Progress | None = None
+        self, train: Samples, teacher_logits: np.ndarray, settings: BuildSettings, progress: Progress | None = None
     ) -> nn.Module:
-        items = self.student_items(settings)
-        train = split.train.head(items)
-        logits = predict(teacher, train)
+        """The student trained on ``student_items`` items drawn from ``train``, against the teacher's logits."""
         return fit(
             self.student_net(),
             train,
-            self.fit_settings(items, settings),
-            teacher_logits=logits,
+            self.fit_settings(self.student_items(settings), settings),
+            teacher_logits=teacher_logits,
             progress=progress,
         )
 
