@@ -355,8 +355,9 @@ def _from_json(entry: TensorEntry) -> np.ndarray:
             raise TensorMismatch(
                 f"tensor '{entry.name}': shape {entry.shape} needs {count} elements, data has {flat.size}"
             )
-        return flat.astype(dtype).reshape(entry.shape)
-    except (TypeError, ValueError, OverflowError) as exc:
+        with np.errstate(over="raise", invalid="raise"):  # 65520 as FP16: out of range, not a silent inf
+            return flat.astype(dtype).reshape(entry.shape)
+    except (TypeError, ValueError, OverflowError, FloatingPointError) as exc:
         raise TensorMismatch(f"tensor '{entry.name}': data cannot be read as {entry.datatype}: {exc}") from None
 
 

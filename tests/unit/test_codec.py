@@ -79,6 +79,13 @@ def test_non_finite_floats_round_trip_through_json(datatype: str) -> None:
                                                      "data": ["nan-ish"]}]}).encode(), None)  # fmt: skip
 
 
+@pytest.mark.parametrize(("datatype", "value"), [("FP16", 65520), ("FP32", 1e300), ("INT8", 300), ("UINT8", -1)])
+def test_json_values_out_of_a_datatypes_range_are_the_clients_error(datatype: str, value: float) -> None:
+    body = json.dumps({"inputs": [{"name": "x", "datatype": datatype, "shape": [1], "data": [value]}]}).encode()
+    with pytest.raises(TensorMismatch, match="cannot be read as"):
+        codec.decode_request(body, None)
+
+
 def test_all_json_response_has_no_header_length() -> None:
     encoded = codec.encode_response("m", {"y": np.ones(2, np.float32)}, binary=[False])
     assert encoded.header_length is None
