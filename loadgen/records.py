@@ -176,13 +176,18 @@ class RecordWriter:
         fresh = not self.path.exists() or self.path.stat().st_size == 0
         self._file = self.path.open("a", newline="")
         self._writer = csv.DictWriter(self._file, fieldnames=FIELDS, extrasaction="ignore")
+        self.rows = 0
+        if fresh:  # at once: a reader never finds the file without its header for longer than one write
+            try:
+                self._file.write(",".join(FIELDS) + "\r\n")
+                self._file.flush()
+            except OSError as exc:
+                self._file.close()
+                raise _full(self.path, exc, 0) from exc
         self._issued = os.open(folder / ISSUED_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._sync_interval_s = sync_interval_s
         self._next_sync = time.monotonic() + sync_interval_s
         self._syncer = _Syncer(self._file.fileno(), self._issued)
-        self.rows = 0
-        if fresh:
-            self._guarded(self._writer.writeheader)
 
     def _guarded(self, action: Callable[[], object]) -> None:
         try:
