@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -70,19 +72,13 @@ def test_any_v2_shaped_document_is_a_request_or_a_client_error(
         PipelineRequest.from_parameters(request.parameters)
 
 
+@pytest.mark.parametrize("load", [load_manifest, load_deployment], ids=["manifest", "deployment"])
 @_fuzz(FUZZ_MANIFESTS)
 @given(content=st.binary(max_size=256) | _json.map(lambda d: json.dumps(d).encode()))
-def test_any_manifest_file_is_a_manifest_or_a_config_error(content: bytes, tmp_path_factory: Any) -> None:
-    path = Path(tmp_path_factory.mktemp("m")) / "manifest.json"
+def test_any_file_is_a_manifest_or_deployment_or_a_config_error(
+    load: Callable[[Path], object], content: bytes, tmp_path_factory: Any
+) -> None:
+    path = Path(tmp_path_factory.mktemp("f")) / "file.json"
     path.write_bytes(content)
     with contextlib.suppress(ConfigError):
-        load_manifest(path)
-
-
-@_fuzz(FUZZ_MANIFESTS)
-@given(content=st.binary(max_size=256) | _json.map(lambda d: json.dumps(d).encode()))
-def test_any_deployment_file_is_a_deployment_or_a_config_error(content: bytes, tmp_path_factory: Any) -> None:
-    path = Path(tmp_path_factory.mktemp("d")) / "deployment.yaml"
-    path.write_bytes(content)
-    with contextlib.suppress(ConfigError):
-        load_deployment(path)
+        load(path)
