@@ -21,7 +21,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -90,9 +90,6 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ("binary_tensor_data", "parameters", "model_repository", "tierlab_pipeline")
 
 
-RESHAPING = threading.Lock()  # one tier per process: its link reshapes, one at a time
-
-
 @dataclass
 class Tier:
     """A tier realised from its settings: what it serves, under which limits, over which links."""
@@ -107,12 +104,13 @@ class Tier:
     allow_spinning: bool
     run: CommandRunner
     control_token: str | None = None
+    _reshaping: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def reshape(self, specs: Mapping[LinkName, LinkSpec]) -> list[LinkState]:
         """Apply new conditions to this tier's links (links not named keep theirs); no restart needed.
         One reshape at a time; the specs arrive validated (finite, bounded), and a backend that fails to
         apply them leaves the old conditions back in place."""
-        with RESHAPING:
+        with self._reshaping:
             old = {s.link: s.spec for s in self.links}
             targets = link_targets(self.settings.tier, self.deployment, {**old, **specs})
             clear_links(self.links, self.run)
@@ -267,31 +265,32 @@ class TierApp:
         self.control_token = tier.control_token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT") and not self._authorized(scope):
-            refused = Unauthorized("this route needs the stack's control token (Authorization: Bearer …)")
-            await self._reply(send, *error_reply(refused, None, self.plane))
-            return
-        if scope["type"] == "http" and scope["method"] == "POST":
-            match = _INFER_PATH.match(scope["path"])
-            if match is not None:
-                await self._infer(match["name"], scope, receive, send)
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT"):
+            infer = _INFER_PATH.match(scope["path"])
+            if infer is not None and scope["method"] == "POST":
+                await self._infer(infer["name"], scope, receive, send)
                 return
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT") and scope["path"] != SINK_PATH:
-            # control routes take small JSON bodies: read here, capped and in time, then handed to FastAPI
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            try:
-                body = await self._read_body_in_time(headers.get("content-length"), receive, CONTROL_BODY_CAP_BYTES)
-            except _Disconnected:
+            if infer is None and not self._authorized(scope):
+                refused = Unauthorized("this route needs the stack's control token (Authorization: Bearer …)")
+                await self._reply(send, *error_reply(refused, None, self.plane))
                 return
-            except TierlabError as exc:
-                await self._reply(send, *error_reply(exc, None, self.plane))
-                return
-            receive = _replay(body, receive)
+            if scope["path"] != SINK_PATH:
+                # control routes take small JSON bodies: read here, capped and in time, then handed to FastAPI
+                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+                try:
+                    cap = CONTROL_BODY_CAP_BYTES
+                    body = await self._read_body_in_time(headers.get("content-length"), receive, cap)
+                except _Disconnected:
+                    return
+                except TierlabError as exc:
+                    await self._reply(send, *error_reply(exc, None, self.plane))
+                    return
+                receive = _replay(body, receive)
         await self.fastapi(scope, receive, send)
 
     def _authorized(self, scope: Scope) -> bool:
-        """Inference is open; every other POST/PUT (links, probes, loads, calibration) needs the token."""
-        if self.control_token is None or _INFER_PATH.match(scope["path"]):
+        """Every POST/PUT but inference (links, probes, loads, calibration) needs the token, when there is one."""
+        if self.control_token is None:
             return True
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")
         return hmac.compare_digest(given.encode(), f"Bearer {self.control_token}".encode())

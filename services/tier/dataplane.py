@@ -268,14 +268,16 @@ class DataPlane:
         """What can be told before a request's body is read: ready, the model served, room for the work."""
         self._check_ready()
         self.model(model_name)
+        self._check_room()
+
+    def _check_room(self) -> None:
+        """503 when every compute slot is busy and the queue behind them is full."""
         limit = self.compute_slots + self.max_queue
         if self._compute_pending >= limit:
-            raise Unavailable(self._busy(limit))
-
-    def _busy(self, limit: int) -> str:
-        return (
-            f"{self.tier} has {self._compute_pending} requests in or waiting for compute (limit {limit}); retry later"
-        )
+            raise Unavailable(
+                f"{self.tier} has {self._compute_pending} requests in or waiting for compute "
+                f"(limit {limit}); retry later"
+            )
 
     def _check_ready(self) -> None:
         if not self.ready:
@@ -403,9 +405,7 @@ class DataPlane:
 
     async def _on_compute_slot(self, work: Callable[..., _T], *args: Any) -> _T:
         """Run ``work`` on a compute slot (a worker thread), or 503 when slots and queue are full."""
-        limit = self.compute_slots + self.max_queue
-        if self._compute_pending >= limit:
-            raise Unavailable(self._busy(limit))
+        self._check_room()
         self._compute_pending += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
