@@ -83,7 +83,7 @@ class SubjectBuild:
     split: SplitData
     code: str
     _nets: dict[str, nn.Module] = field(default_factory=dict)
-    _teacher_logits: np.ndarray | None = None
+    _teacher_logits: tuple[Samples, np.ndarray] | None = None
 
     @property
     def work(self) -> Path:
@@ -110,15 +110,14 @@ class SubjectBuild:
             self._nets["teacher"] = model.eval()
         return self._nets["teacher"]
 
-    def teacher_logits(self, items: int) -> tuple[Samples, np.ndarray]:
-        """The first ``items`` training items and the teacher's logits on them, computed once per build for
-        the most any step asks (structured pruning's recovery and distillation share one pass: a pass over
-        40,000 items cost ResNeXt about a minute on 2 cores, twice before)."""
-        wanted = min(items, len(self.split.train))
-        if self._teacher_logits is None or len(self._teacher_logits) < wanted:
-            most = min(len(self.split.train), max(wanted, self.subject.student_items(self.settings)))
-            self._teacher_logits = predict(self.teacher(), self.split.train.head(most))
-        return self.split.train.head(wanted), self._teacher_logits[:wanted]
+    def teacher_logits(self) -> tuple[Samples, np.ndarray]:
+        """The training items distillation draws from (the first ``student_items``) and the teacher's logits on
+        them, computed once per build: structured pruning's recovery draws from the same (one pass over 40,000
+        items cost ResNeXt about a minute on 2 cores; each step made its own before)."""
+        if self._teacher_logits is None:
+            train = self.split.train.head(self.subject.student_items(self.settings))
+            self._teacher_logits = (train, predict(self.teacher(), train))
+        return self._teacher_logits
 
     def _progress(self, label: str, items: int) -> Progress:
         return self.reporter.training(f"{self.subject.name}: {label}", items)
@@ -146,13 +145,13 @@ class SubjectBuild:
             recovery = replace(
                 finetune, items=round(tune_items * subject.structured_recovery), lr=subject.lr / 3, alpha=0.5
             )
-            train, logits = self.teacher_logits(recovery.items)
+            train, logits = self.teacher_logits()
             return whitebox.prune_structured(
                 teacher, train, recovery, logits, self._progress("structured pruning", recovery.items)
             )
         if kind == "distill":
+            train, logits = self.teacher_logits()
             items = subject.student_items(s)
-            train, logits = self.teacher_logits(items)
             return subject.train_student(train, logits, s, self._progress("distilling a student", items))
         raise ValueError(f"unknown white-box step {kind}")
 
