@@ -257,18 +257,18 @@ def test_bring_your_own_onnx_classifier(tmp_path: Path) -> None:
         )
 
 
+def one_variant_deployment(models: Path, variant: str, folder: Path) -> Path:
+    """A deployment file serving only ``variant`` (``subject/variant``) on free ports."""
+    ports = dict(zip(TIERS, free_ports(3), strict=True))
+    spec = local_deployment([f"{variant}/manifest.json"], models_dir=str(models), ports=ports)
+    return write_deployment(spec, folder / "deployment.yaml")
+
+
 @pytest.mark.anyio
 async def test_a_tier_serves_a_built_variant_as_evaluated(models: Path, tier_settings: Any, tmp_path: Path) -> None:
     """The tier's early exit and the offline cascade agree item by item: the recorded accuracy is what serves."""
     folder, manifest = manifests(models)["fmnist-resnet.early-exit"]
-    deployment = write_deployment(
-        local_deployment(
-            ["fmnist-resnet/early-exit/manifest.json"],
-            models_dir=str(models),
-            ports=dict(zip(TIERS, free_ports(3), strict=True)),
-        ),
-        tmp_path / "deployment.yaml",
-    )
+    deployment = one_variant_deployment(models, "fmnist-resnet/early-exit", tmp_path)
     samples = evaluation_samples("fmnist-resnet", 24)
     head = manifest.stages[0].exit
     assert head is not None
@@ -288,14 +288,7 @@ async def test_a_tier_serves_a_built_variant_as_evaluated(models: Path, tier_set
 async def test_token_ids_past_the_vocabulary_are_the_clients_error(
     models: Path, tier_settings: Any, tmp_path: Path
 ) -> None:
-    deployment = write_deployment(
-        local_deployment(
-            ["fortunes-minilm/identity/manifest.json"],
-            models_dir=str(models),
-            ports=dict(zip(TIERS, free_ports(3), strict=True)),
-        ),
-        tmp_path / "deployment.yaml",
-    )
+    deployment = one_variant_deployment(models, "fortunes-minilm/identity", tmp_path)
     samples = evaluation_samples("fortunes-minilm", 1)
     inputs = {k: v.copy() for k, v in samples.inputs.items()}
     inputs["input_ids"][0, 1] = 10_000_000  # no such token
