@@ -120,6 +120,11 @@ class LinkSpec(FrozenSpec):
         return bool(self.delay_ms or self.jitter_ms or self.loss_pct or self.rate_mbit)
 
     @property
+    def is_cut(self) -> bool:
+        """100 % loss: nothing gets through (a chaos scenario's link cut)."""
+        return self.loss_pct >= 100.0
+
+    @property
     def rtt_ms(self) -> float:
         return 2.0 * self.delay_ms
 

@@ -11,7 +11,12 @@ Backends, best first (the one in force is reported in health, metrics and the ru
 ``userspace``      no usable ``tc`` (no CAP_NET_ADMIN, no route, or the peer is on loopback as with local
                    tier processes): delay, jitter and rate (as serialisation delay through a FIFO
                    bottleneck) are all added in userspace by the requesting tier. Loss is not emulated.
+``blackhole``      the link is cut (``loss_pct: 100``) and the kernel has no ``sch_netem``: ``tc blackhole``
+                   drops every packet the tier sends on it (a chaos scenario's link cut).
 ``none``           the link is unshaped.
+
+A cut link on the ``userspace`` backend holds every new request until its deadline, as a blackholed link
+would (requests already in flight complete).
 
 Command builders are pure functions returning argv lists (tested without root); ``plan_links`` runs them
 through an injectable runner and falls back on the errors it recognises, never crashing a tier.
@@ -19,6 +24,7 @@ through an injectable runner and falls back on the errors it recognises, never c
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import math
 import random
@@ -44,6 +50,7 @@ class LinkBackend(StrEnum):
     NETEM = "netem"
     TBF_USERSPACE = "tbf+userspace"
     USERSPACE = "userspace"
+    BLACKHOLE = "blackhole"
     NONE = "none"
 
 
@@ -119,6 +126,11 @@ def tbf_argv(device: str, rate_mbit: float) -> list[str]:
     ]
 
 
+def blackhole_argv(device: str) -> list[str]:
+    """Drop everything sent on ``device``: ``sch_blackhole`` is built into every kernel with tc, netem or not."""
+    return ["tc", "qdisc", "replace", "dev", device, "root", "blackhole"]
+
+
 def clear_argv(device: str) -> list[str]:
     return ["tc", "qdisc", "del", "dev", device, "root"]
 
@@ -160,7 +172,9 @@ class LinkState:
 
     @property
     def loss_emulated(self) -> bool:
-        return self.backend is LinkBackend.NETEM
+        return self.backend in (LinkBackend.NETEM, LinkBackend.BLACKHOLE) or (
+            self.backend is LinkBackend.USERSPACE and self.spec.is_cut
+        )
 
     def describe(self) -> dict[str, object]:
         return {
@@ -189,6 +203,8 @@ def _resolve(host: str) -> str | None:
 
 
 def _userspace(target: LinkTarget, note: str) -> LinkState:
+    if target.spec.is_cut:
+        note = f"{note}; cut: new requests held until their deadline"
     return LinkState(
         target.link,
         target.peer,
@@ -227,6 +243,12 @@ def plan_link(target: LinkTarget, run: CommandRunner, devices_in_use: dict[str, 
         return _userspace(target, "no CAP_NET_ADMIN for tc; shaping in userspace")
     if kind != "no-qdisc":
         return _userspace(target, f"tc netem failed ({netem.stderr.strip()}); shaping in userspace")
+    if spec.is_cut:
+        blackhole = run(blackhole_argv(device))
+        if blackhole.returncode == 0:
+            devices_in_use[device] = target.link
+            return LinkState(target.link, target.peer, spec, LinkBackend.BLACKHOLE, device, "cut: tc blackhole")
+        return _userspace(target, f"kernel has no sch_netem and tc blackhole failed ({blackhole.stderr.strip()})")
     lost = "; loss not emulated" if spec.loss_pct else ""
     if spec.rate_mbit is None:
         return _userspace(target, f"kernel has no sch_netem; delay in userspace{lost}")
@@ -285,6 +307,10 @@ class UserspaceLink:
             return None
         return cls(state.spec, state.userspace_delay, state.userspace_rate, random.Random(seed))
 
+    @property
+    def cut(self) -> bool:
+        return self.spec.is_cut
+
     def one_way_delay_s(self) -> float:
         if not self.emulate_delay:
             return 0.0
@@ -302,7 +328,10 @@ class UserspaceLink:
         return arrival + self.one_way_delay_s()
 
     async def send(self, size_bytes: int) -> None:
-        """Hold a request of ``size_bytes`` as long as the link would before it reaches the peer."""
+        """Hold a request of ``size_bytes`` as long as the link would before it reaches the peer; on a cut
+        link, until the caller's deadline cancels it."""
+        if self.cut:
+            await asyncio.Event().wait()
         await sleep_until(self._deadline(self._up, size_bytes, time.perf_counter()))
 
     async def receive(self, size_bytes: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Sequence
 
@@ -187,3 +188,36 @@ def test_userspace_jitter_is_seeded_and_never_negative() -> None:
     delays = [a.one_way_delay_s() for _ in range(200)]
     assert delays == [b.one_way_delay_s() for _ in range(200)]
     assert min(delays) == 0.0 < max(delays)
+
+
+CUT = LinkSpec(delay_ms=10, rate_mbit=20, loss_pct=100)
+
+
+def test_a_cut_link_without_netem_is_a_kernel_blackhole() -> None:
+    shell = FakeShell({"netem": NO_NETEM, "blackhole": OK})
+    (state,) = plan_links([target(spec=CUT)], shell)
+    assert state.backend is LinkBackend.BLACKHOLE and state.device == "eth-2" and state.loss_emulated
+    assert shell.calls[-1] == ["tc", "qdisc", "replace", "dev", "eth-2", "root", "blackhole"]
+    assert UserspaceLink.for_state(state) is None  # the kernel drops it all: nothing to hold in userspace
+
+
+def test_a_cut_link_with_netem_is_netem_at_100_percent_loss() -> None:
+    shell = FakeShell({"netem": OK})
+    (state,) = plan_links([target(spec=CUT)], shell)
+    assert state.backend is LinkBackend.NETEM and "100%" in shell.calls[-1]
+
+
+def test_a_cut_link_in_userspace_holds_requests_until_their_deadline() -> None:
+    (state,) = plan_links([target("127.0.0.1", spec=CUT)], FakeShell({}))
+    assert state.backend is LinkBackend.USERSPACE and state.loss_emulated and "cut" in state.note
+    link = UserspaceLink.for_state(state)
+    assert link is not None and link.cut
+
+    async def send() -> None:
+        await asyncio.wait_for(link.send(100), timeout=0.2)
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(send())
+    # restored (any loss below 100 %): the same request goes through after its delay
+    uncut = UserspaceLink(LinkSpec(delay_ms=1), emulate_delay=True, emulate_rate=False)
+    asyncio.run(asyncio.wait_for(uncut.send(100), timeout=1.0))
