@@ -128,13 +128,13 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def run_down(args: argparse.Namespace) -> int:
-    from services.local import stop_detached
+    from services.stack.runtime import LocalRuntime
 
     state_file = Path(args.state)
     if not state_file.exists():
         print("no local tiers running (nothing to stop)")
         return 0
-    stopped = stop_detached(json.loads(state_file.read_text()))
+    stopped = LocalRuntime(json.loads(state_file.read_text())).down()
     state_file.unlink()
     print(f"stopped: {', '.join(stopped) or 'none were still running'}")
     return 0

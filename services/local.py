@@ -8,7 +8,6 @@ the deployment file says. ``LocalStack`` starts them, waits until every tier is 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -61,10 +60,12 @@ class LocalStack:
         self.spec = load_deployment(deployment)
         self.tiers = tuple(tiers)
         self.tier_args = tuple(tier_args)
-        self.env = {**os.environ, **(env or {})}
+        self.env_overrides = dict(env or {})
+        self.env = {**os.environ, **self.env_overrides}
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="tierlab-local-"))
         self.detach = detach  # tiers outlive this process (own session), stopped later by their pids
         self.processes: dict[TierName, subprocess.Popen[bytes]] = {}
+        self.argvs: dict[TierName, list[str]] = {}
 
     def url(self, tier: TierName) -> str:
         return self.spec.tiers[tier].base_url
@@ -89,6 +90,7 @@ class LocalStack:
                 port,
                 *self.tier_args,
             ]
+            self.argvs[tier] = argv
             with self.log_path(tier).open("wb") as log:
                 self.processes[tier] = subprocess.Popen(
                     argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=self.detach
@@ -132,13 +134,15 @@ class LocalStack:
         self.processes.clear()
 
     def state(self) -> dict[str, object]:
-        """What ``stop_detached`` needs to find the tiers again from another process."""
+        """What another process needs to find, stop and start the tiers again (``services.stack.runtime``)."""
         return {
             "runtime": "local",
             "deployment": str(self.deployment),
             "urls": {t: self.url(t) for t in self.processes},
+            "env": self.env_overrides,
             "tiers": {
-                t: {"pid": p.pid, "url": self.url(t), "log": str(self.log_path(t))} for t, p in self.processes.items()
+                t: {"pid": p.pid, "url": self.url(t), "log": str(self.log_path(t)), "argv": self.argvs[t]}
+                for t, p in self.processes.items()
             },
         }
 
@@ -148,35 +152,3 @@ class LocalStack:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
-
-
-def stop_detached(state: Mapping[str, object], timeout_s: float = 10.0) -> list[str]:
-    """Stop tiers started with ``detach=True`` from the state they left; returns the tiers stopped."""
-    tiers = state.get("tiers", {})
-    assert isinstance(tiers, dict)
-    stopped = []
-    for tier, info in tiers.items():
-        pid = int(info["pid"])
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(_POLL_INTERVAL_S)
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
-        stopped.append(tier)
-    return stopped
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie (exited, parent gone or not yet reaped) still answers kill 0: read its state
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True

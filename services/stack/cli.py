@@ -24,22 +24,20 @@ from services.contracts.specs import (
     TierName,
     network_profile_links,
 )
-from services.contracts.transport import json_call, new_control_token, probe_links, use_stack_token
+from services.contracts.transport import json_call, probe_links
 from services.stack.compose import (
     DEFAULT_SUBJECTS,
     DockerStack,
     StackSpec,
     available,
     compose_available,
-    find_manifests,
     leftovers,
-    oom_killed_tiers,
     override_file,
     read_state,
     state_path,
-    write_state,
 )
 from services.stack.docker import output, project_root, run, say
+from services.stack.runtime import RUNTIMES, runtime_for
 
 
 def network_links(name: str, root: Path) -> dict[LinkName, LinkSpec]:
@@ -65,59 +63,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     if existing is not None:
         say(f"a {existing.get('runtime')} stack is recorded in {state_path(root)}: taking it down first")
         _down(root, existing)
-    spec = _spec(args)
-    if args.runtime == "local":
-        return _up_local(root, spec)
-    state = DockerStack(spec, root).up(timeout_s=args.timeout_s)
-    say(f"stack up in {state['up_s']:.0f} s")
+    runtime = RUNTIMES[args.runtime].up(_spec(args), root, args.timeout_s)
+    if runtime.name == "local":
+        say("tiers started as local processes (no cgroup limits; links shaped in userspace)")
+        return print_status(runtime.state)
+    say(f"stack up in {runtime.state['up_s']:.0f} s")
     code = cmd_status(args)
     print("device speed (the calibration model on each tier vs this host; `make fidelity` adds the links):")
-    for problem in print_speed_fidelity(state["urls"], runs=30):
+    for problem in print_speed_fidelity(runtime.state["urls"], runs=30):
         print(f"  outside tolerance: {problem}")
     return code
 
 
-def _up_local(root: Path, spec: StackSpec) -> int:
-    from services.demo import local_deployment, write_deployment
-    from services.local import LocalStack
-
-    models_dir = (root / spec.models_dir).resolve()
-    links = network_links(spec.network, root)
-    deployment = local_deployment(
-        find_manifests(models_dir, spec.subjects),
-        models_dir=str(models_dir),
-        links=links,
-    )
-    path = write_deployment(deployment, root / ".local" / "stack" / "deployment-local.yaml")
-    token_file = new_control_token(root / ".local" / "stack")
-    env = {"TIERLAB_STARTUP_MODELS": spec.startup_models, "TIERLAB_CONTROL_TOKEN_FILE": str(token_file)}
-    stack = LocalStack(path, detach=True, log_dir=root / ".local" / "logs", env=env)
-    stack.start()
-    state = {**stack.state(), "profile": None, "network": spec.network, "subjects": list(spec.subjects),
-             "prometheus": None, "grafana": None, "control_token_file": str(token_file)}  # fmt: skip
-    write_state(root, state)
-    use_stack_token(state)
-    say("tiers started as local processes (no cgroup limits; links shaped in userspace)")
-    return print_status(state)
-
-
 def _down(root: Path, state: dict[str, Any] | None) -> None:
-    if state is not None and state.get("runtime") == "local":
-        from services.local import stop_detached
-
-        stopped = stop_detached(state)
+    """Stop what ``state`` records; with no state, whatever the Docker project still has."""
+    runtime = runtime_for(state or {"runtime": "docker"}, state_path(root))
+    stopped = runtime.down()
+    if runtime.name == "local":
         say(f"stopped local tiers: {', '.join(stopped) or 'none running'}")
-        state_path(root).unlink(missing_ok=True)
-        return
-    if compose_available():
-        # the containers are found by project and service name: a profile file deleted since up is not needed
-        profile = (state or {}).get("profile") or "laptop"
-        network = (state or {}).get("network") or "lan"
-        if profile not in available("resources", root):
-            profile = StackSpec.profile
-        if network not in available("network", root):
-            network = StackSpec.network
-        DockerStack(StackSpec(profile, network), root).down()
+    elif compose_available():
         left = leftovers()
         say("stack down" + ("" if not any(left.values()) else f"; still there: {left}"))
     state_path(root).unlink(missing_ok=True)
@@ -147,8 +111,10 @@ def print_status(state: dict[str, Any]) -> int:
         code, status = json_call(f"{url}/tierlab/status")
         if code != 200:
             healthy = False
-            killed = runtime == "docker" and tier in oom_killed_tiers()
-            down = "DOWN (OOM-killed: over its memory limit)" if killed else "DOWN"
+            process = runtime_for(state).processes()[tier] if code == 0 else None
+            down = "DOWN" + (f" ({process.run})" if process else "")
+            if process is not None and process.oom_killed:
+                down = "DOWN (OOM-killed: over its memory limit)"
             print(f"  {tier:<6} {url}  {down if code == 0 else f'answered {code}'}")
             continue
         limits = status["limits"]
@@ -301,7 +267,7 @@ def add_commands(commands: Any) -> None:
     verbs = stack.add_subparsers(dest="verb", required=True)
 
     up = verbs.add_parser("up", help="bring the stack up (builds images on first use)")
-    up.add_argument("--runtime", choices=("docker", "local"), default="docker")
+    up.add_argument("--runtime", choices=tuple(RUNTIMES), default="docker")
     up.add_argument("--profile", default="laptop", help="resource profile: compose/resources-<name>.yml")
     up.add_argument("--network", default="lan", help="network profile: compose/network-<name>.yml")
     up.add_argument("--models-dir", default="models")

@@ -21,10 +21,10 @@ from services.contracts.errors import ConfigError
 from services.contracts.specs import TIERS, DeploymentSpec, ModelEntrySpec, TierEndpointSpec, TierName
 from services.contracts.transport import CONTROL_TOKEN_FILE, json_call, new_control_token, use_stack_token
 from services.demo import DEFAULT_PORTS
+from services.stack.containers import PROJECT, exited
 from services.stack.docker import compose_command, output, project_root, require_engine, run, say
 from services.stack.images import ImageSet, ensure_images
 
-PROJECT = "tierlab"
 CONTAINER_MODELS_DIR = "/models"
 CONTAINER_PORT = 8000
 HOST_PORTS: dict[TierName, int] = DEFAULT_PORTS  # docker-compose.yml publishes the tiers where local ones listen
@@ -52,6 +52,17 @@ class StackSpec:
     subjects: tuple[str, ...] = DEFAULT_SUBJECTS  # () = every manifest under models_dir
     with_grafana: bool = True
     startup_models: str = "none"  # the tiers' TIERLAB_STARTUP_MODELS: none, all, or names
+
+    @classmethod
+    def recorded(cls, state: dict[str, Any], root: Path) -> StackSpec:
+        """The spec a recorded stack was brought up with (the defaults where a profile file is gone since:
+        the containers are found by project and service name, not by the files)."""
+        profile, network = state.get("profile") or cls.profile, state.get("network") or cls.network
+        return cls(
+            profile if profile in available("resources", root) else cls.profile,
+            network if network in available("network", root) else cls.network,
+            Path(state.get("models_dir") or cls.models_dir),
+        )
 
     def compose_files(self, root: Path) -> list[Path]:
         return [
@@ -81,26 +92,6 @@ def stack_deployment(manifests: list[str]) -> DeploymentSpec:
         # `<tier>-link` resolves only on the link network two tiers share (docker-compose.yml)
         tiers={t: TierEndpointSpec(url=f"http://{t}-link:{CONTAINER_PORT}") for t in TIERS},
     )
-
-
-def oom_killed() -> list[str]:
-    """The stack's containers the kernel's OOM killer stopped (Docker's ``State.OOMKilled``)."""
-    names = output(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}"]).split()
-    if not names:
-        return []
-    text = output(["docker", "inspect", "--format", "{{.Name}} {{.State.OOMKilled}}", *names])
-    return [line.split()[0].lstrip("/") for line in text.splitlines() if line.endswith(" true")]
-
-
-def oom_killed_tiers() -> list[TierName]:
-    """The tiers whose container the OOM killer stopped; none where Docker cannot be asked (e.g. from
-    the in-stack loadgen, which has no Docker client)."""
-    try:
-        killed = oom_killed()
-    except (OSError, RuntimeError, ConfigError):
-        return []
-    # compose v1 names containers tierlab_mobile_1, v2 tierlab-mobile-1
-    return [t for t in TIERS if any(n.startswith((f"{PROJECT}_{t}_", f"{PROJECT}-{t}-")) for n in killed)]
 
 
 @dataclass
@@ -200,16 +191,15 @@ class DockerStack:
                     say(f"{tier} ready")
             if not waiting:
                 return
-            exited = self.exited_containers()
-            if exited or time.monotonic() > deadline:
+            gone = exited()
+            if gone or time.monotonic() > deadline:
                 logs = self._compose("logs", "--tail", "30", *sorted(waiting), quiet=True)
-                killed = oom_killed()
                 reason = (
                     ", ".join(
-                        f"{name} exited" + (" (OOM-killed: over its memory limit)" if name in killed else "")
-                        for name in exited
+                        f"{name} exited" + (" (OOM-killed: over its memory limit)" if oom else "")
+                        for name, oom in sorted(gone.items())
                     )
-                    if exited
+                    if gone
                     else f"not ready within {timeout_s:g} s"
                 )
                 raise ConfigError(f"the stack did not come up: {reason}. Last log lines:\n{logs}")
@@ -227,22 +217,6 @@ class DockerStack:
                     return
             time.sleep(1.0)
         say(f"prometheus has not scraped every tier within {timeout_s:g} s (see make status)")
-
-    def exited_containers(self) -> list[str]:
-        text = output(
-            [
-                "docker",
-                "ps",
-                "-a",
-                "--filter",
-                f"label=com.docker.compose.project={PROJECT}",
-                "--filter",
-                "status=exited",
-                "--format",
-                "{{.Names}}",
-            ]
-        )
-        return [line for line in text.splitlines() if line]
 
     def down(self) -> None:
         if not compose_available():

@@ -1,0 +1,382 @@
+"""The stack's runtime: one interface over where the tiers run — Docker containers or local processes.
+
+``make up/down/status`` and the loadgen's fault scenarios go through it, never around it::
+
+    runtime = runtime_for(state, state_file)       # what `make up` recorded in .local/stack.json
+    runtime.kill("edge"); runtime.start("edge")    # SIGKILL, then start it again as an orchestrator would
+    runtime.pause("edge"); runtime.resume("edge")  # freeze (cgroup freezer / SIGSTOP) and thaw
+    runtime.set_limits("edge", cpu_cores=0.2)      # squeeze its CPU (a CFS quota) or memory limit
+    runtime.limits("edge")                         # read back what the runtime applied
+
+``DockerRuntime`` talks to the engine through the Docker SDK (containers found by their compose project and
+service labels); ``LocalRuntime`` signals the tier processes by the pids in the state file and starts a
+killed tier again with the argv it was started with. Local tiers have no cgroup: their limits read back as
+none, and setting one is refused with a message that says to use the Docker runtime. A swarm runtime is
+meant to be a third implementation of the same class.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from services.contracts.errors import ConfigError
+from services.contracts.specs import TIERS, TierName, network_profile_links
+from services.contracts.transport import json_call, new_control_token, use_stack_token
+from services.demo import local_deployment, write_deployment
+from services.local import LocalStack
+from services.stack.compose import (
+    DockerStack,
+    StackSpec,
+    compose_available,
+    find_manifests,
+    override_file,
+    state_path,
+    write_state,
+)
+from services.stack.containers import PROJECT, NoDockerAccess, project_containers, update
+from services.stack.docker import project_root
+
+TierRun = Literal["running", "paused", "exited", "missing"]
+_POLL_INTERVAL_S = 0.1
+
+
+class Unsupported(ConfigError):
+    """The runtime cannot do this (e.g. a CPU limit on a local process); the message says what can."""
+
+
+@dataclass(frozen=True, slots=True)
+class TierProcess:
+    """One tier as its runtime sees it (not as it answers: that is its ``/tierlab/status``)."""
+
+    tier: TierName
+    run: TierRun
+    oom_killed: bool = False
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TierLimits:
+    """The CPU and memory limits the runtime applies to a tier; None = unlimited."""
+
+    cpu_cores: float | None
+    memory_bytes: int | None
+    memory_swap_bytes: int | None = None  # memory + swap, where the runtime sets it apart (Docker)
+
+
+class Runtime(ABC):
+    """Up, down, status and the faults a chaos scenario injects, for one way of running the tiers."""
+
+    name: str
+
+    def __init__(self, state: dict[str, Any], state_file: Path | None = None) -> None:
+        self.state, self.state_file = state, state_file
+
+    @classmethod
+    @abstractmethod
+    def up(cls, spec: StackSpec, root: Path, timeout_s: float) -> Runtime:
+        """Bring the tiers up as ``spec`` says, record the state in ``.local/stack.json``, wait until ready."""
+
+    @abstractmethod
+    def down(self) -> list[str]:
+        """Stop every tier and whatever else the runtime started; returns what was stopped."""
+
+    @abstractmethod
+    def processes(self) -> dict[TierName, TierProcess]: ...
+
+    @abstractmethod
+    def kill(self, tier: TierName) -> None:
+        """Kill the tier at once (SIGKILL): no drain, no goodbye, as a crash or a pulled plug."""
+
+    @abstractmethod
+    def start(self, tier: TierName) -> None:
+        """Start a killed or exited tier again, with the configuration it was brought up with."""
+
+    def restart(self, tier: TierName) -> None:
+        """Stop the tier gracefully (SIGTERM) and start it again."""
+        self.stop(tier)
+        self.start(tier)
+
+    @abstractmethod
+    def stop(self, tier: TierName) -> None: ...
+
+    @abstractmethod
+    def pause(self, tier: TierName) -> None:
+        """Freeze every process of the tier (it holds its connections and answers nothing)."""
+
+    @abstractmethod
+    def resume(self, tier: TierName) -> None: ...
+
+    @abstractmethod
+    def limits(self, tier: TierName) -> TierLimits: ...
+
+    @abstractmethod
+    def set_limits(self, tier: TierName, limits: TierLimits) -> None:
+        """Give a running tier exactly these limits (None = unlimited): a squeeze, and putting it back."""
+
+    def oom_killed(self) -> list[TierName]:
+        """The tiers the kernel's OOM killer stopped; none where this process cannot ask (the in-stack
+        loadgen has no Docker access)."""
+        try:
+            return [t for t, p in self.processes().items() if p.oom_killed]
+        except Unsupported:
+            return []
+
+    def wait_ready(self, tier: TierName, timeout_s: float) -> float:
+        """Seconds until ``tier`` answers ready (raises ``ConfigError`` after ``timeout_s``)."""
+        started = time.monotonic()
+        url = f"{self.state['urls'][tier]}/v2/health/ready"
+        while time.monotonic() - started < timeout_s:
+            if json_call(url, timeout_s=1.0)[0] == 200:
+                return time.monotonic() - started
+            time.sleep(_POLL_INTERVAL_S)
+        raise ConfigError(f"{tier} not ready within {timeout_s:g} s after it was started again")
+
+
+# ------------------------------------------------------------------------------------------- local
+
+
+class LocalRuntime(Runtime):
+    """Tier processes on this host (``make up RUNTIME=local``, and the integration test ring)."""
+
+    name = "local"
+
+    @classmethod
+    def up(cls, spec: StackSpec, root: Path, timeout_s: float) -> Runtime:
+        models_dir = (root / spec.models_dir).resolve()
+        deployment = local_deployment(
+            find_manifests(models_dir, spec.subjects),
+            models_dir=str(models_dir),
+            links=network_profile_links(override_file("network", spec.network, root)),
+        )
+        path = write_deployment(deployment, root / ".local" / "stack" / "deployment-local.yaml")
+        token_file = new_control_token(root / ".local" / "stack")
+        env = {"TIERLAB_STARTUP_MODELS": spec.startup_models, "TIERLAB_CONTROL_TOKEN_FILE": str(token_file)}
+        stack = LocalStack(path, detach=True, log_dir=root / ".local" / "logs", env=env)
+        stack.start(timeout_s)
+        state = {**stack.state(), "profile": None, "network": spec.network, "subjects": list(spec.subjects),
+                 "prometheus": None, "grafana": None, "control_token_file": str(token_file)}  # fmt: skip
+        write_state(root, state)
+        use_stack_token(state)
+        return cls(state, state_path(root))
+
+    def _info(self, tier: TierName) -> dict[str, Any]:
+        info = self.state.get("tiers", {}).get(tier)
+        if info is None:
+            raise ConfigError(f"the local stack has no {tier} tier")
+        return dict(info)
+
+    def _signal(self, tier: TierName, signum: int) -> None:
+        try:
+            os.kill(int(self._info(tier)["pid"]), signum)
+        except ProcessLookupError:
+            raise ConfigError(f"{tier} (pid {self._info(tier)['pid']}) is not running") from None
+
+    def processes(self) -> dict[TierName, TierProcess]:
+        found: dict[TierName, TierProcess] = {}
+        for tier in TIERS:
+            if tier not in self.state.get("tiers", {}):
+                found[tier] = TierProcess(tier, "missing")
+                continue
+            found[tier] = TierProcess(tier, process_run(int(self._info(tier)["pid"])))
+        return found
+
+    def kill(self, tier: TierName) -> None:
+        pid = int(self._info(tier)["pid"])
+        self._signal(tier, signal.SIGKILL)
+        wait_gone(pid, 10.0)
+
+    def stop(self, tier: TierName) -> None:
+        pid = int(self._info(tier)["pid"])
+        if process_run(pid) == "paused":
+            self.resume(tier)
+        self._signal(tier, signal.SIGTERM)
+        if not wait_gone(pid, 10.0):
+            self.kill(tier)
+
+    def start(self, tier: TierName) -> None:
+        info = self._info(tier)
+        if process_run(int(info["pid"])) in ("running", "paused"):
+            raise ConfigError(f"{tier} is still running (pid {info['pid']})")
+        argv, env = info.get("argv"), self.state.get("env", {})
+        if not argv:
+            raise Unsupported(f"the state file does not say how {tier} was started: bring the stack up again")
+        # posix_spawn, not Popen: the tier outlives this process (its own session), and no Popen object is
+        # left behind to be collected while the child runs
+        log = os.open(info["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            pid = os.posix_spawn(
+                argv[0],
+                argv,
+                {**os.environ, **env},
+                file_actions=[(os.POSIX_SPAWN_DUP2, log, 1), (os.POSIX_SPAWN_DUP2, log, 2)],
+                setsid=True,
+            )
+        finally:
+            os.close(log)
+        self.state["tiers"][tier] = {**info, "pid": pid}
+        if self.state_file is not None:  # `make down` must find the new process
+            self.state_file.write_text(json.dumps(self.state, indent=2))
+
+    def pause(self, tier: TierName) -> None:
+        self._signal(tier, signal.SIGSTOP)
+        self._until(tier, "paused")
+
+    def resume(self, tier: TierName) -> None:
+        self._signal(tier, signal.SIGCONT)
+        self._until(tier, "running")
+
+    def _until(self, tier: TierName, run: TierRun, timeout_s: float = 5.0) -> None:
+        """Signals are delivered asynchronously: return once the kernel shows the process ``run``."""
+        pid = int(self._info(tier)["pid"])
+        deadline = time.monotonic() + timeout_s
+        while process_run(pid) != run:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"{tier} (pid {pid}) is not {run} {timeout_s:g} s after it was signalled")
+            time.sleep(_POLL_INTERVAL_S / 10)
+
+    def limits(self, tier: TierName) -> TierLimits:
+        self._info(tier)
+        return TierLimits(None, None)
+
+    def set_limits(self, tier: TierName, limits: TierLimits) -> None:
+        raise Unsupported(
+            f"the local runtime runs {tier} as a plain process without cgroup limits: "
+            "CPU and memory squeezes need the Docker runtime (make up RUNTIME=docker)"
+        )
+
+    def down(self) -> list[str]:
+        stopped = []
+        for tier, info in self.state.get("tiers", {}).items():
+            pid = int(info["pid"])
+            if process_run(pid) in ("exited", "missing"):
+                continue
+            if process_run(pid) == "paused":
+                os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGTERM)
+            if not wait_gone(pid, 10.0):
+                os.kill(pid, signal.SIGKILL)
+                wait_gone(pid, 10.0)
+            stopped.append(tier)
+        return stopped
+
+
+def process_run(pid: int) -> TierRun:
+    """running, paused (stopped by a signal) or exited (gone, or a zombie) — from ``/proc``."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "exited"
+    if state in ("Z", "X"):
+        return "exited"
+    return "paused" if state in ("T", "t") else "running"
+
+
+def wait_gone(pid: int, timeout_s: float) -> bool:
+    """Until ``pid`` has exited (reaped if it is our child); False if it is still there after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return True
+        except ChildProcessError:  # not our child: its parent reaps it
+            pass
+        if process_run(pid) == "exited":
+            return True
+        time.sleep(_POLL_INTERVAL_S / 2)
+    return False
+
+
+# ------------------------------------------------------------------------------------------ docker
+
+
+class DockerRuntime(Runtime):
+    """The compose project's tier containers, through the Docker SDK."""
+
+    name = "docker"
+    project = PROJECT
+
+    @classmethod
+    def up(cls, spec: StackSpec, root: Path, timeout_s: float) -> Runtime:
+        return cls(DockerStack(spec, root).up(timeout_s=timeout_s), state_path(root))
+
+    def _containers(self) -> dict[TierName, Any]:
+        try:
+            found = project_containers(self.project)
+        except NoDockerAccess as exc:
+            raise Unsupported(str(exc)) from None
+        return {t: found[t] for t in TIERS if t in found}
+
+    def _container(self, tier: TierName) -> Any:
+        container = self._containers().get(tier)
+        if container is None:
+            raise ConfigError(f"no {tier} container in the {self.project} project (make up)")
+        return container
+
+    def processes(self) -> dict[TierName, TierProcess]:
+        containers = self._containers()
+        found: dict[TierName, TierProcess] = {}
+        for tier in TIERS:
+            if tier not in containers:
+                found[tier] = TierProcess(tier, "missing")
+                continue
+            state = containers[tier].attrs["State"]
+            run: TierRun = "paused" if state["Paused"] else "running" if state["Running"] else "exited"
+            found[tier] = TierProcess(tier, run, bool(state.get("OOMKilled")), state.get("ExitCode"))
+        return found
+
+    def kill(self, tier: TierName) -> None:
+        self._container(tier).kill()
+
+    def stop(self, tier: TierName) -> None:
+        self._container(tier).stop(timeout=10)
+
+    def start(self, tier: TierName) -> None:
+        self._container(tier).start()
+
+    def pause(self, tier: TierName) -> None:
+        self._container(tier).pause()
+
+    def resume(self, tier: TierName) -> None:
+        self._container(tier).unpause()
+
+    def limits(self, tier: TierName) -> TierLimits:
+        host = self._container(tier).attrs["HostConfig"]
+        quota, period = host.get("CpuQuota") or 0, host.get("CpuPeriod") or 100_000
+        memory, swap = host.get("Memory") or None, host.get("MemorySwap") or None
+        return TierLimits(quota / period if quota > 0 else None, memory, swap if swap and swap > 0 else None)
+
+    def set_limits(self, tier: TierName, limits: TierLimits) -> None:
+        container = self._container(tier)
+        period = container.attrs["HostConfig"].get("CpuPeriod") or 100_000
+        quota = -1 if limits.cpu_cores is None else max(1000, round(limits.cpu_cores * period))
+        changes = {"cpu_period": period, "cpu_quota": quota}
+        if limits.memory_bytes is not None:  # no swap unless asked: a squeeze is felt, not paged away
+            changes.update(mem_limit=limits.memory_bytes, memswap_limit=limits.memory_swap_bytes or limits.memory_bytes)
+        elif container.attrs["HostConfig"].get("Memory"):
+            raise Unsupported(f"Docker cannot remove the memory limit of the running {tier} container")
+        update(container, **changes)
+
+    def down(self) -> list[str]:
+        if not compose_available():
+            return []
+        root = self.state_file.parents[1] if self.state_file is not None else project_root()
+        DockerStack(StackSpec.recorded(self.state, root), root).down()
+        return [t for t, p in self.processes().items() if p.run == "missing"]
+
+
+RUNTIMES: dict[str, type[Runtime]] = {"local": LocalRuntime, "docker": DockerRuntime}
+
+
+def runtime_for(state: dict[str, Any], state_file: Path | None = None) -> Runtime:
+    """The runtime that brought up the stack ``state`` describes (``.local/stack.json``)."""
+    kind = str(state.get("runtime"))
+    if kind not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {kind!r} in the stack's state (known: {', '.join(RUNTIMES)})")
+    return RUNTIMES[kind](state, state_file)
