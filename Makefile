@@ -14,7 +14,7 @@ DEPLOYMENT ?= $(DEMO)/deployment.yaml
 comma := ,
 
 .DEFAULT_GOAL := help
-.PHONY: help venv models models-tiny models-list models-for-stack up down status fidelity logs images profiles local demo bench bench-resume bench-in-stack report recommend bench-loadgen bench-overhead bench-forwarding bench-tiers test test-unit check fmt clean distclean
+.PHONY: help venv models models-tiny models-list models-for-stack up down status fidelity logs images profiles local demo bench chaos bench-resume bench-in-stack report recommend bench-loadgen bench-overhead bench-forwarding bench-tiers test test-unit check fmt clean distclean
 
 help: ## list the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --progress-bar on '$(TORCH)'
-	$(PY) -m pip install --progress-bar on -e '.[operators,report,dev]'
+	$(PY) -m pip install --progress-bar on -e '.[operators,report,stack,dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -88,6 +88,9 @@ MAX_DROP ?= 0.01
 
 bench: $(STAMP) ## run an experiment on the stack `make up` started: make bench [SPEC=default|quick|FILE]
 	$(PY) -m loadgen run --spec $(SPEC)
+
+chaos: $(STAMP) ## kill, pause, cut and squeeze tiers under load (loadgen/specs/chaos.yaml): the fault table
+	$(PY) -m loadgen run --spec chaos
 
 bench-resume: $(STAMP) ## continue the last interrupted experiment where it stopped
 	$(PY) -m loadgen run --resume latest

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from loadgen import chaos
 from loadgen.records import RecordsFull
 from loadgen.spec import SCHEMA_FILE_NAME, SPECS_DIR, SWEEP_PREFIX, json_schema, load_spec
 from services.contracts.errors import ConfigError
@@ -156,17 +157,20 @@ def _report(folder: Path, *, print_table: bool) -> int:
     bundle = json.loads((folder / "bundle.json").read_text()) if (folder / "bundle.json").exists() else {}
     if not records and not bundle.get("not_runnable"):
         raise ConfigError(f"{folder} has no records")
+    spec = load_spec(str(folder / "spec.yaml"))
     summary = summarise(
         records,
         folder.name,
-        load_spec(str(folder / "spec.yaml")).sweep,
+        spec.sweep,
         runs=finished_runs(folder),
         networks=bundle.get("networks"),
+        slo_ms=spec.slo_ms,
     )
     write_json(folder / "summary.json", summary)
     path = write_report(folder, summary, records, bundle)
     if print_table:
         print_ranking(summary)
+        print_faults(summary["faults"])
     console.print(f"summary: {folder / 'summary.json'}\nreport:  {path}")
     return 0
 
@@ -197,6 +201,24 @@ def print_ranking(summary: dict[str, Any], per_tier: int = 3) -> None:
                     str(e["errors"]),
                 )  # fmt: skip
         out.print(table)
+
+
+def print_faults(rows: list[dict[str, Any]]) -> None:
+    """The fault table (one row per fault and run) and what the failed requests said."""
+    if not rows:
+        return
+    table = Table(title="faults (recovered: the p50 of 10 answered requests within 10 % of before)")
+    for _, head in chaos.FAULT_COLUMNS:
+        table.add_column(head, justify="left" if head in ("fault", "strategy") else "right")
+    for row in rows:
+        cells = [row.get(key) for key, _ in chaos.FAULT_COLUMNS]
+        table.add_row(*("-" if v is None else f"{v:g}" if isinstance(v, float) else str(v) for v in cells))
+    Console(stderr=True, width=max(console.width, 180)).print(table)
+    for row in rows:
+        if row.get("error"):
+            console.print(f"  {row['fault']}: {row['error']}")
+        for where, count in sorted((row.get("failures") or {}).items()):
+            console.print(f"  {row['fault']} · {row['strategy']}: {count} failed at {where}")
 
 
 def _folder(results: Path, name: str) -> Path:

@@ -78,6 +78,7 @@ class StopRule:
 
     spec: StoppingSpec
     started_ns: int
+    until_s: float | None = None  # a fault scenario's run: exactly this long, whatever the samples say
     latencies_ms: list[float] = field(default_factory=list)
     reason: str = ""
     _next_check: int = 0
@@ -87,7 +88,10 @@ class StopRule:
 
     def done(self, now_ns: int) -> bool:
         n = len(self.latencies_ms)
-        if n >= self.spec.max_samples:
+        if self.until_s is not None:
+            if (now_ns - self.started_ns) / _NS >= self.until_s:
+                self.reason = f"fault timeline ({self.until_s:g} s)"
+        elif n >= self.spec.max_samples:
             self.reason = f"max_samples ({self.spec.max_samples})"
         elif (now_ns - self.started_ns) / _NS >= self.spec.max_duration_s and n >= min(self.spec.min_samples, 10):
             self.reason = f"max_duration_s ({self.spec.max_duration_s:g} s)"

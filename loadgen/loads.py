@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from loadgen.target import Stack
+from services.contracts.errors import ConfigError
 from services.contracts.specs import TierName, placement_tiers
 
 
@@ -52,3 +53,11 @@ class ModelLoads:
             if model is None or name == model:
                 self.stack.unload(tier, name)
                 self.ours.remove((tier, name))
+
+    def reload(self, tier: TierName) -> None:
+        """Load again on ``tier`` what this experiment had loaded there (after the tier was restarted)."""
+        for where, model in self.ours:
+            if where == tier:
+                loaded = self.stack.load(tier, model)
+                if isinstance(loaded, str):
+                    raise ConfigError(loaded)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from services.contracts.errors import ConfigError
+
 RECORDS_FILE = "records.csv"
 RUNS_FILE = "runs.jsonl"
 ISSUED_FILE = "issued.log"  # "run<TAB>seq" per request, written before it is sent: what was in flight at a crash
@@ -58,6 +60,8 @@ FIELDS = (
     "lag_ms",  # start − intended: the schedule's lag
     "status",
     "error",
+    "failed_hop",  # where a failed request broke (``edge -> cloud``; ``loadgen -> mobile`` at the entry)
+    "cause",  # timeout, unreachable, unavailable, refused (4xx), bad answer, tier error (5xx)
     "hops",
     *(f"hop{i}_{k}" for i in range(MAX_HOPS) for k in HOP_KEYS),
     "exit_stage",
@@ -74,6 +78,7 @@ _NUMERIC = {"seq", "sample_id", "intended_ms", "start_ms", "end_ms", "latency_ms
 # a failed request's row: the request was issued (its seq is taken) but no answer was recorded before the
 # loadgen died; written on resume for every such seq, so issued = recorded holds across a kill
 LOST_ERROR = "loadgen: no answer recorded (the loadgen stopped with this request in flight)"
+LOST_CAUSE = "lost (the loadgen stopped)"
 
 
 class RecordsFull(OSError):
@@ -172,6 +177,12 @@ class RecordWriter:
 
     def __init__(self, folder: Path, sync_interval_s: float = SYNC_INTERVAL_S) -> None:
         self.path = folder / RECORDS_FILE
+        header = _header(self.path)
+        if header is not None and header != list(FIELDS):
+            raise ConfigError(
+                f"{self.path} has other columns than this tierlab writes (another version wrote it): "
+                "its report can still be made; new runs go into a new experiment"
+            )
         self.repaired_bytes = repair_tail(self.path, _csv_complete)
         fresh = not self.path.exists() or self.path.stat().st_size == 0
         self._file = self.path.open("a", newline="")
@@ -245,10 +256,22 @@ def _typed(row: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def _header(path: Path) -> list[str] | None:
+    """The column names in ``path``'s first line; None when the file is missing or has no whole first line."""
+    try:
+        with path.open(newline="") as handle:
+            first = handle.readline()
+    except FileNotFoundError:
+        return None
+    return next(csv.reader([first]), None) if first.endswith("\n") else None
+
+
 def read_records(folder: Path) -> list[dict[str, Any]]:
-    """Every complete row; a torn last row (a crash mid-write) is left out."""
+    """Every complete row, by the file's own header (a file an older version wrote reads as it was, its
+    missing columns empty); a torn last row (a crash mid-write) is left out."""
     path = folder / RECORDS_FILE
-    if not path.exists():
+    columns = _header(path)
+    if columns is None:
         return []
     rows = []
     with path.open(newline="") as handle:
@@ -258,8 +281,8 @@ def read_records(folder: Path) -> list[dict[str, Any]]:
             if not line.endswith("\n"):
                 break  # torn: the writer cuts it off when it opens the file again
             fields = next(csv.reader([line]), [])
-            if len(fields) == len(FIELDS):
-                rows.append(_typed(dict(zip(FIELDS, fields, strict=True))))
+            if len(fields) == len(columns):
+                rows.append(_typed({**dict.fromkeys(FIELDS, ""), **dict(zip(columns, fields, strict=True))}))
     return rows
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from loadgen.chaos import FAULT_COLUMNS
 from loadgen.recommend import explain, recommend
 from loadgen.records import by_run
 from loadgen.spec import SWEEP_PREFIX
@@ -231,6 +232,25 @@ def _memory_html(bundle: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _faults_html(summary: dict[str, Any]) -> str:
+    """The fault table, and where the failed requests broke (empty when the spec injected no faults)."""
+    rows = summary.get("faults") or []
+    if not rows:
+        return ""
+    table = _table(tuple(head for _, head in FAULT_COLUMNS), [[r.get(k) for k, _ in FAULT_COLUMNS] for r in rows])
+    failures = [
+        [r["fault"], r["strategy"], where, count]
+        for r in rows
+        for where, count in sorted((r.get("failures") or {}).items())
+    ] + [[r["fault"], r.get("strategy", ""), r["error"], 0] for r in rows if r.get("error")]
+    return (
+        '<h2>Faults</h2>\n<p class="note">requests counted by intended send time; recovered = the p50 of 10 '
+        "consecutive answered requests within 10 % of before</p>\n"
+        + table
+        + (_table(("fault", "strategy", "failed at: cause", "requests"), failures) if failures else "")
+    )
+
+
 def _answer_html(summary: dict[str, Any]) -> str:
     """Per group: the verdicts in one line, then the recommendation under each stated constraint."""
     parts = []
@@ -301,6 +321,7 @@ def build_report(summary: dict[str, Any], records: list[dict[str, Any]], bundle:
         links=link_fidelity,
         speeds=speed_fidelity,
         memory=_memory_html(bundle),
+        faults=_faults_html(summary),
     )
 
 
@@ -317,6 +338,7 @@ section.figure {{ margin-bottom: 2rem; }}
 <p class="note">{meta}</p>
 <h2>The answer</h2>
 {answer}
+{faults}
 <h2>Plots</h2>
 {figures}
 <h2>Statistics</h2>

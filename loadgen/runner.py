@@ -27,16 +27,17 @@ import numpy as np
 import uvloop
 import yaml
 
+from loadgen.chaos import FaultInjector, event_dicts
 from loadgen.engine import Issue, RealClock, StopRule, drive
 from loadgen.loads import ModelLoads
-from loadgen.records import LOST_ERROR, RecordWriter, Resumed, mark_finished, resume_state
+from loadgen.records import LOST_CAUSE, LOST_ERROR, RecordWriter, Resumed, mark_finished, resume_state
 from loadgen.spec import SWEEP_PREFIX, ExperimentSpec, ScenarioSpec, StoppingSpec
 from loadgen.target import Answer, Stack
 from loadgen.telemetry import LoadgenTelemetry
 from services.contracts import pipeline as p
 from services.contracts.calibration import measure_speeds
 from services.contracts.device import CpuThrottlingSpec
-from services.contracts.errors import BadParameter, ConfigError
+from services.contracts.errors import BadParameter, ConfigError, failure_of
 from services.contracts.manifest import ManifestSpec, load_manifest
 from services.contracts.samples import IGNORE_LABEL, UNLABELLED, SampleSet, load_samples
 from services.contracts.specs import LinkName, LinkSpec, network_profile_links
@@ -241,10 +242,16 @@ class Experiment:
         return self.outputs[plan.model]
 
     async def run_one(
-        self, plan: RunPlan, writer: RecordWriter, resumed: Resumed, on_sample: Callable[[], None]
+        self,
+        plan: RunPlan,
+        writer: RecordWriter,
+        resumed: Resumed,
+        on_sample: Callable[[], None],
+        injector: FaultInjector | None = None,
     ) -> dict[str, Any]:
         """Drive one run; a resumed run continues its seqs, its clock and its error count, and first records
-        the requests its last session sent but never saw answered."""
+        the requests its last session sent but never saw answered. With an ``injector`` the run lasts its
+        whole ``max_duration_s`` while the spec's faults are injected into it."""
         samples, order, output = self._samples(plan.subject), self.orders[plan.subject], self._output(plan)
         done_before = resumed.records + [self._lost(plan, writer, seq) for seq in resumed.lost_seqs]
         for k in range(plan.warmup if not done_before else 0):
@@ -257,7 +264,11 @@ class Experiment:
                 timeout_s=self.spec.request_timeout_s,
             )
         clock = RealClock()
-        stop = StopRule(plan.stopping, clock.now_ns() - round(resumed.elapsed_ms * 1e6))
+        stop = StopRule(
+            plan.stopping,
+            clock.now_ns() - round(resumed.elapsed_ms * 1e6),
+            until_s=plan.stopping.max_duration_s if injector is not None else None,
+        )
         for record in done_before:
             if record["latency_ms"] is not None:
                 stop.add(float(record["latency_ms"]))
@@ -308,6 +319,7 @@ class Experiment:
                 record.update(score(answer, output, samples.targets[sample_id]))
             else:
                 errors += 1
+                record["failed_hop"], record["cause"] = failure_of(answer.status, answer.error, entry="mobile")
             writer.write(record)
             self.telemetry.observe(labels, latency_ms=latency_ms, lag_ms=lag_ms, status=answer.status)
             on_sample()
@@ -317,7 +329,10 @@ class Experiment:
         for tier in self.stack.urls:
             self.stack.reset_peak(tier)
         started, cpu_started = time.monotonic(), time.process_time()
+        faults = asyncio.create_task(injector.run(stop.started_ns)) if injector is not None else None
         issued = await drive(plan.scenario, send, stop, clock, seed=self.spec.seed + first_seq)
+        if faults is not None:
+            await faults  # a fault's recovery may outlast the load: the stack is whole before the next run
         session_s = time.monotonic() - started
         duration_s = session_s + resumed.elapsed_ms / 1e3
         throttling_after, memory_after = self._readings()
@@ -352,14 +367,25 @@ class Experiment:
             "memory_mib": memory_after,
             "unreachable": unreachable,
             "oom_killed": oom_killed,
+            **({"faults": event_dicts(injector)} if injector is not None else {}),
         }
+
+    def injector(self, loads: ModelLoads, network: str, elapsed_s: float) -> FaultInjector | None:
+        """The spec's faults for one run (None without faults); a resumed run skips those already past."""
+        if not self.spec.faults:
+            return None
+        links = self.network_links(network)
+        return FaultInjector(
+            list(self.spec.faults), self.stack, self.stack.runtime_control(), loads, links, resumed_at_s=elapsed_s
+        )
 
     @staticmethod
     def _lost(plan: RunPlan, writer: RecordWriter, seq: int) -> dict[str, Any]:
         record: dict[str, Any] = {
             "run": plan.key, "subject": plan.subject, "strategy": plan.strategy, "variant": plan.variant,
             "placement": plan.placement, "scenario": plan.scenario.name, "network": plan.network, "seq": seq,
-            "status": 0, "error": LOST_ERROR, "latency_ms": None, "end_ms": None,
+            "status": 0, "error": LOST_ERROR, "failed_hop": Stack.entry_hop, "cause": LOST_CAUSE,
+            "latency_ms": None, "end_ms": None,
         }  # fmt: skip
         writer.write(record)
         return record
@@ -380,14 +406,16 @@ class Experiment:
                 memory[tier] = {k: status["memory"][k] for k in ("rss_mib", "peak_rss_mib", "free_mib")}
         return throttling, memory
 
-    def apply_network(self, network: str, bundle: dict[str, Any], *, measure: bool) -> None:
+    def network_links(self, network: str) -> dict[LinkName, LinkSpec]:
+        """The link conditions of a network of this experiment (a profile, or a sweep cell)."""
         if network.startswith(SWEEP_PREFIX):
             assert self.spec.sweep is not None
             row, column = (float(v) for v in network.removeprefix(SWEEP_PREFIX).split("x"))
-            base = network_links(self.spec.networks[0])
-            links = self.spec.sweep.links(base, row, column)
-        else:
-            links = network_links(network)
+            return self.spec.sweep.links(network_links(self.spec.networks[0]), row, column)
+        return network_links(network)
+
+    def apply_network(self, network: str, bundle: dict[str, Any], *, measure: bool) -> None:
+        links = self.network_links(network)
         states = self.stack.shape(links)
         if measure:
             bundle["networks"][network] = {
@@ -475,7 +503,8 @@ async def _execute(experiment: Experiment, plan: Plan, progress: Any) -> None:
             if why_not is None:
                 resumed = partial.get(run.key, Resumed())
                 progress.begin_run(run.key, run.stopping.max_samples, len(resumed.records))
-                info = await experiment.run_one(run, writer, resumed, progress.sample)
+                injector = experiment.injector(loads, run.network, resumed.elapsed_ms / 1e3)
+                info = await experiment.run_one(run, writer, resumed, progress.sample, injector)
             else:  # not runnable on this profile: said once, recorded, and the experiment goes on
                 info = {"run": run.key, "strategy": run.strategy, "network": run.network, "not_runnable": why_not}
             mark_finished(folder, info)

@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 
 from services.contracts.errors import ConfigError
 from services.contracts.manifest import FrozenSpec, load_yaml_spec
-from services.contracts.specs import LinkName, LinkSpec
+from services.contracts.specs import LinkName, LinkSpec, TierName
 
 SPECS_DIR = Path(__file__).parent / "specs"
 SCHEMA_FILE_NAME = "schema.json"
@@ -99,6 +99,56 @@ class SweepSpec(FrozenSpec):
         return changed
 
 
+FaultAction = Literal["kill", "pause", "restart", "cut-link", "cpu", "memory"]
+_TIER_FAULTS = ("kill", "pause", "restart", "cpu", "memory")
+
+
+class FaultSpec(FrozenSpec):
+    """One fault injected into every run of the experiment, timed from the run's start (Chaos Mesh's
+    PodChaos/NetworkChaos/StressChaos, realised by the stack's runtime and the tiers' link control):
+
+    - ``kill``: SIGKILL the tier; after ``duration_s`` it is started again (as an orchestrator would), its
+      links re-shaped and the run's variants loaded again.
+    - ``pause``: freeze the tier for ``duration_s`` (cgroup freezer or SIGSTOP), then thaw it.
+    - ``restart``: stop it gracefully and start it again at once (``duration_s`` is 0).
+    - ``cut-link``: 100 % loss on ``link`` for ``duration_s`` (tc blackhole, or userspace), then restore it.
+    - ``cpu`` / ``memory``: squeeze the tier to ``cpu_cores`` / ``memory_mib`` for ``duration_s``.
+    """
+
+    action: FaultAction
+    tier: TierName | None = None
+    link: LinkName | None = None
+    at_s: float = Field(ge=0, le=3600, description="seconds after the run's start")
+    duration_s: float = Field(default=0.0, ge=0, le=3600)
+    cpu_cores: float | None = Field(default=None, gt=0, le=256)
+    memory_mib: int | None = Field(default=None, ge=16, le=1 << 20)
+
+    @model_validator(mode="after")
+    def _complete(self) -> FaultSpec:
+        if self.action in _TIER_FAULTS and self.tier is None:
+            raise ValueError(f"a {self.action} fault needs a tier")
+        if self.action == "cut-link" and self.link is None:
+            raise ValueError("a cut-link fault needs a link")
+        if self.action == "cpu" and self.cpu_cores is None:
+            raise ValueError("a cpu fault needs cpu_cores")
+        if self.action == "memory" and self.memory_mib is None:
+            raise ValueError("a memory fault needs memory_mib")
+        if self.action == "restart" and self.duration_s:
+            raise ValueError("a restart happens at once: no duration_s")
+        if self.action != "restart" and not self.duration_s:
+            raise ValueError(f"a {self.action} fault needs duration_s > 0")
+        return self
+
+    @property
+    def end_s(self) -> float:
+        return self.at_s + self.duration_s
+
+    @property
+    def name(self) -> str:
+        what = {"cpu": f" to {self.cpu_cores} cores", "memory": f" to {self.memory_mib} MiB"}.get(self.action, "")
+        return f"{self.action} {self.tier or self.link}{what} @{self.at_s:g}+{self.duration_s:g}s"
+
+
 class ExperimentSpec(FrozenSpec):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     description: str = ""
@@ -111,6 +161,25 @@ class ExperimentSpec(FrozenSpec):
     sweep: SweepSpec | None = None
     seed: int = 0
     request_timeout_s: float = Field(default=30.0, gt=0)
+    faults: list[FaultSpec] = Field(
+        default_factory=list, description="injected into every run; a run then lasts stopping.max_duration_s"
+    )
+    slo_ms: float | None = Field(default=None, gt=0, description="a request slower than this (or failed) misses")
+
+    @model_validator(mode="after")
+    def _faults_fit(self) -> ExperimentSpec:
+        faults = sorted(self.faults, key=lambda f: f.at_s)
+        for earlier, later in itertools.pairwise(faults):
+            if later.at_s < earlier.end_s:
+                raise ValueError(f"faults overlap: {earlier.name} and {later.name}")
+        if faults and faults[-1].end_s >= self.stopping.max_duration_s:
+            raise ValueError(
+                f"the last fault ends at {faults[-1].end_s:g} s: stopping.max_duration_s "
+                f"({self.stopping.max_duration_s:g} s) must leave time after it to see the recovery"
+            )
+        if faults and self.sweep is not None:
+            raise ValueError("faults and a sweep do not mix: put them in separate experiments")
+        return self
 
 
 def spec_path(name_or_path: str) -> Path:

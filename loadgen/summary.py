@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from loadgen import stats
+from loadgen.chaos import fault_rows
 from loadgen.records import MAX_HOPS, by_run
 from loadgen.spec import SWEEP_PREFIX, SweepSpec
 from loadgen.verdict import judge
@@ -133,14 +134,21 @@ def summarise(
     *,
     runs: dict[str, dict[str, Any]] | None = None,
     networks: dict[str, dict[str, Any]] | None = None,
+    slo_ms: float | None = None,
 ) -> dict[str, Any]:
     """Everything in ``summary.json``; ``runs`` are the ``runs.jsonl`` lines and ``networks`` the bundle's
-    fidelity per network, which the verdicts need."""
+    fidelity per network, which the verdicts need; runs with faults get their fault table (``loadgen.chaos``)."""
     grouped = dict(by_run(records))
     entries = [summarise_run(rs) for rs in grouped.values()]
+    faults = []
     for e in entries:
-        verdict = judge(e, (runs or {}).get(e["run"]), (networks or {}).get(e["network"]))
+        info = (runs or {}).get(e["run"]) or {}
+        verdict = judge(e, info, (networks or {}).get(e["network"]))
         e["verdict"] = {"label": verdict.label, **verdict.model_dump(mode="json")}
+        if info.get("faults"):
+            end_ms = float(info.get("duration_s") or 0.0) * 1e3
+            rows = fault_rows(grouped[e["run"]], info["faults"], slo_ms=slo_ms, run_end_ms=end_ms)
+            faults += [{"run": e["run"], "strategy": e["strategy"], "scenario": e["scenario"], **r} for r in rows]
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for e in entries:
         if not e["network"].startswith(SWEEP_PREFIX):
@@ -148,7 +156,13 @@ def summarise(
     comparisons = [
         {"subject": s, "scenario": sc, "network": n, **compare_group(es, grouped)} for (s, sc, n), es in groups.items()
     ]
-    return {"run_id": run_id, "strategies": entries, "comparisons": comparisons, "sweep": _sweep(entries, sweep)}
+    return {
+        "run_id": run_id,
+        "strategies": entries,
+        "comparisons": comparisons,
+        "sweep": _sweep(entries, sweep),
+        "faults": faults,
+    }
 
 
 def _sweep(entries: list[dict[str, Any]], spec: SweepSpec | None) -> dict[str, Any] | None:

@@ -18,11 +18,12 @@ import numpy as np
 
 from services.contracts import codec
 from services.contracts import pipeline as p
-from services.contracts.errors import ConfigError, MalformedBody
+from services.contracts.errors import ConfigError, MalformedBody, hop_name
 from services.contracts.repository import RepositoryModelSpec
 from services.contracts.specs import TIERS, LinkMeasurementSpec, LinkName, LinkSpec, TierName
 from services.contracts.transport import Pool, probe_links, use_stack_token
 from services.contracts.transport import json_call as control
+from services.stack.runtime import Runtime, runtime_for
 
 STATE_FILE = Path(".local/stack.json")
 
@@ -40,9 +41,10 @@ class Answer:
 class Stack:
     """The running tiers: where to send, how to re-shape and measure links, what they serve."""
 
-    def __init__(self, urls: dict[TierName, str], state: dict[str, Any]) -> None:
+    def __init__(self, urls: dict[TierName, str], state: dict[str, Any], state_file: Path | None = None) -> None:
         self.urls = urls
         self.state = state
+        self.state_file = state_file
         entry = urlsplit(urls["mobile"])
         self.pool = Pool(entry.hostname or "127.0.0.1", entry.port or 80)
 
@@ -54,9 +56,11 @@ class Stack:
             raise ConfigError(f"no stack is up ({path} is missing): run `make up` first") from None
         urls = {t: state["urls"][t] for t in TIERS}
         use_stack_token(state)  # control calls (links, loads, probes) carry the stack's token
-        stack = cls(urls, state)
+        stack = cls(urls, state, path)
         stack.check_ready()
         return stack
+
+    entry_hop = hop_name("loadgen", "mobile")
 
     @property
     def runtime(self) -> str:
@@ -80,11 +84,11 @@ class Stack:
 
     def oom_killed(self) -> list[TierName]:
         """The tiers the kernel's OOM killer stopped, where the runtime can tell (Docker's OOMKilled)."""
-        if self.runtime != "docker":
-            return []
-        from services.stack.compose import oom_killed_tiers
+        return self.runtime_control().oom_killed()
 
-        return oom_killed_tiers()
+    def runtime_control(self) -> Runtime:
+        """The stack's runtime (kill, pause, limits …) for fault scenarios; see ``services.stack.runtime``."""
+        return runtime_for(self.state, self.state_file)
 
     def served_placements(self, model: str) -> list[str] | None:
         """The placements the stack serves ``model`` under; None when it does not serve it."""
@@ -151,9 +155,11 @@ class Stack:
                 path = f"/v2/models/{model}/infer"
                 reply = await self.pool.post(path, encoded.http_headers(), encoded.chunks, encoded.size_bytes)
         except TimeoutError:
-            return Answer(0, {}, {}, f"no answer within {timeout_s:g} s", encoded.size_bytes, 0)
+            return Answer(0, {}, {}, f"{self.entry_hop}: no answer within {timeout_s:g} s", encoded.size_bytes, 0)
         except OSError as exc:
-            return Answer(0, {}, {}, f"connection failed: {exc}", encoded.size_bytes, 0)
+            return Answer(
+                0, {}, {}, f"{self.entry_hop}: cannot reach {self.urls['mobile']}: {exc}", encoded.size_bytes, 0
+            )
         if reply.status != 200:
             try:
                 message = str(json.loads(reply.body).get("error", reply.body[:200]))
@@ -164,7 +170,8 @@ class Stack:
             header = codec.parse_header_length(reply.headers.get(codec.HEADER_LENGTH_HTTP_HEADER.lower()))
             response = codec.decode_response(reply.body, header)
         except MalformedBody as exc:
-            return Answer(0, {}, {}, f"malformed answer: {exc.message}", encoded.size_bytes, len(reply.body))
+            message = f"{self.entry_hop}: malformed answer: {exc.message}"
+            return Answer(0, {}, {}, message, encoded.size_bytes, len(reply.body))
         return Answer(200, response.outputs, dict(response.parameters), "", encoded.size_bytes, len(reply.body))
 
     def close(self) -> None:

@@ -17,6 +17,10 @@ A run is INVALID when its numbers cannot be trusted as a measurement of the stra
 - a tier it used was OOM-killed (Docker's ``OOMKilled``) or stopped answering during the run.
 
 The effective values include each tier's peak resident memory during the run.
+
+A run with faults (a chaos scenario) measures what the faults did: its failures, unreachable tiers and
+throttling are the measurement, noted, not reasons; it is INVALID when a fault could not be injected or
+the stack did not recover from it, or when the loadgen could not keep its schedule.
 """
 
 from __future__ import annotations
@@ -63,11 +67,22 @@ def ci_half_widths(latency_ms: dict[str, Any]) -> dict[str, float]:
     return widths
 
 
+def _failures(entry: dict[str, Any], info: dict[str, Any], reasons: list[str], notes: list[str]) -> None:
+    """Failed requests invalidate a run, unless faults were injected to cause them; a fault that could not be
+    injected or recovered from does."""
+    faults = info.get("faults") or []
+    if entry["error_rate"] > MAX_ERROR_RATE:
+        failed = f"{entry['error_rate']:.1%} of requests failed (at most {MAX_ERROR_RATE:.0%})"
+        (notes if faults else reasons).append(failed)
+    reasons += [f"{event['fault']}: {event['error']}" for event in faults if event.get("error")]
+
+
 def judge(entry: dict[str, Any], info: dict[str, Any] | None, network: dict[str, Any] | None) -> VerdictSpec:
     """The verdict of one run from its summary ``entry``, its ``runs.jsonl`` line and its network's fidelity."""
     reasons: list[str] = []
     notes: list[str] = []
     info = info or {}
+    chaos = bool(info.get("faults"))
     requested: dict[str, Any] = dict(info.get("requested") or {})
     stop_reason = info.get("stop_reason")
     effective: dict[str, Any] = {
@@ -89,15 +104,14 @@ def judge(entry: dict[str, Any], info: dict[str, Any] | None, network: dict[str,
     effective["ci_met"] = ci_met
     effective["ci_rel_half_width"] = widths
     asked = requested.get("ci_rel_width")
-    if stop_reason and not ci_met and not fixed_count:
+    if stop_reason and not ci_met and not fixed_count and not chaos:
         p50, p95 = widths.get("p50"), widths.get("p95")
         if asked is None or p50 is None or p50 > asked:
             shown = f"±{p50:.0%}" if p50 is not None else "unknown"
             reasons.append(f"stopped at {stop_reason} with the p50 CI {shown}, wider than the ±{asked} asked")
         elif p95 is not None and p95 > asked:
             notes.append(f"p95 CI ±{p95:.0%} at {stop_reason}, wider than the ±{asked} asked: compare tails by CI")
-    if entry["error_rate"] > MAX_ERROR_RATE:
-        reasons.append(f"{entry['error_rate']:.1%} of requests failed (at most {MAX_ERROR_RATE:.0%})")
+    _failures(entry, info, reasons, notes)
     if requested.get("scenario_kind") in OPEN_LOOP:
         if entry["lag_ms_p99"] > MAX_LAG_MS_P99:
             reasons.append(
@@ -105,9 +119,9 @@ def judge(entry: dict[str, Any], info: dict[str, Any] | None, network: dict[str,
             )
         wanted = requested.get("rate_rps")
         got = entry.get("throughput_rps")
-        if wanted and got is not None and got < MIN_RATE_SHARE * wanted:
+        if wanted and got is not None and got < MIN_RATE_SHARE * wanted and not chaos:
             reasons.append(f"delivered {got:.1f} req/s of the {wanted:g} requested")
-    used = tiers_used(entry["placement"])
+    used = [] if chaos else tiers_used(entry["placement"])  # a fault scenario's outages are its measurement
     for tier in info.get("oom_killed") or []:
         message = f"{tier} was OOM-killed during the run: the strategy does not fit its memory limit on this profile"
         (reasons if tier in used else notes).append(message)

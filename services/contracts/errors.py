@@ -25,6 +25,8 @@ client always gets a message that names the problem::
 
 from __future__ import annotations
 
+import re
+
 
 class TierlabError(Exception):
     """Base of every error tierlab raises on purpose; ``status_code`` is what HTTP shows."""
@@ -124,3 +126,38 @@ class NextTierError(TierlabError):
 
 class NextTierTimeout(NextTierError):
     status_code = 504
+
+
+# ----------------------------------------------------------------- where a request failed, and why
+# The one writer of a hop's name (the forwarder, the loadgen's client) and its one reader (a record's
+# failed hop): messages nest as they travel back, "mobile -> edge answered 504: edge -> cloud: no answer …",
+# and the innermost hop is where the pipeline broke.
+_HOP = re.compile(r"\b(loadgen|mobile|edge|cloud) -> (mobile|edge|cloud)\b")
+
+
+def hop_name(sender: str, receiver: str) -> str:
+    return f"{sender} -> {receiver}"
+
+
+def failure_of(status: int, message: str, *, entry: str) -> tuple[str, str]:
+    """(the hop that failed, the cause) of a failed request's ``status`` and error ``message``; an error the
+    entry tier raised itself (or failing to reach it) is the hop ``loadgen -> <entry>``."""
+    hops = _HOP.findall(message)
+    hop = hop_name(*hops[-1]) if hops else hop_name("loadgen", entry)
+    innermost = message.rsplit(f"{hop}", 1)[-1].lower()
+    answered = re.match(r"\s*answered (\d{3})", innermost)  # the receiver's own status, as it sent it
+    if answered:
+        status = int(answered.group(1))
+    if "no answer" in innermost or "budget ran out" in innermost:
+        cause = "timeout"
+    elif "cannot reach" in innermost:
+        cause = "unreachable"
+    elif status in (0, NextTierError.status_code, NextTierTimeout.status_code):
+        cause = "bad answer"
+    elif status == Unavailable.status_code:
+        cause = "unavailable"
+    elif 400 <= status < 500:
+        cause = f"refused ({status})"
+    else:
+        cause = f"tier error ({status})"
+    return hop, cause

@@ -26,7 +26,7 @@ import orjson
 
 from services.contracts import codec
 from services.contracts.codec import Buffer, InferResponse, Parameters
-from services.contracts.errors import BadRequest, NextTierError, NextTierTimeout, Unavailable
+from services.contracts.errors import BadRequest, NextTierError, NextTierTimeout, Unavailable, hop_name
 from services.contracts.specs import TierName
 from services.contracts.transport import Pool, Reply
 from services.tier.links import UserspaceLink
@@ -105,7 +105,7 @@ class Forwarder:
         timeout_s: float | None = None,
     ) -> tuple[Reply, int]:
         """One POST to ``peer`` through the emulated link: (reply, elapsed ns). Raises the hop's 502/504."""
-        hop = f"{self._tier} -> {peer}"
+        hop = hop_name(self._tier, peer)
         timeout_s = self._timeout_s if timeout_s is None else timeout_s
         if timeout_s <= 0:
             raise NextTierTimeout(f"{hop}: the caller's time budget ran out before forwarding")
@@ -135,7 +135,7 @@ class Forwarder:
         *,
         timeout_s: float | None = None,
     ) -> Forwarded:
-        hop = f"{self._tier} -> {next_tier}"
+        hop = hop_name(self._tier, next_tier)
         started = time.perf_counter_ns()
         encoded = codec.encode_request(inputs, parameters=parameters)
         path = f"/v2/models/{model}/infer"

@@ -8,8 +8,9 @@ calibration model at its configured device speed (±10 % of host ÷ speed, p95/p
 the median over the rounds of three measurements, so one burst of load on the machine does not decide it); while
 Prometheus scrapes and the host makes control calls, no link interface carries a byte (the management
 network does); Prometheus has every target up; a three-tier request answers what the model gives
-in-process; a tier squeezed below what a request needs is OOM-killed and named so by `make status` and
-the loadgen; ``down`` leaves nothing.
+in-process; the runtime's faults (CPU/memory squeeze, pause, kill and start, a link cut to a kernel
+blackhole) act and are undone; a tier squeezed below what a request needs is OOM-killed and named so by
+`make status` and the loadgen; ``down`` leaves nothing.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from services.contracts.specs import LINKS, TIERS, TierName
 from services.contracts.transport import json_call, probe_links
 from services.demo import build_demo_mlp
 from services.stack.cli import network_links, print_status
-from services.stack.compose import DockerStack, StackSpec, leftovers, oom_killed_tiers, override_file, read_state
+from services.stack.compose import DockerStack, StackSpec, leftovers, override_file, read_state
 from services.stack.docker import output, require_engine
+from services.stack.runtime import TierLimits, runtime_for
 from tests.conftest import infer_over_http
 
 pytestmark = pytest.mark.docker
@@ -229,18 +231,67 @@ def check_an_oom_kill_is_named(state: dict[str, Any], capsys: pytest.CaptureFixt
     name = "tierlab_mobile_1"
     script = "cat /sys/fs/cgroup/memory.current 2>/dev/null || cat /sys/fs/cgroup/memory/memory.usage_in_bytes"
     limit = int(output(["docker", "exec", name, "sh", "-c", script])) + 16 * MIB
-    output(["docker", "update", "--memory", str(limit), "--memory-swap", str(limit), name])
+    runtime = runtime_for(state)
+    runtime.set_limits("mobile", TierLimits(runtime.limits("mobile").cpu_cores, limit))
     batch = np.zeros((190_000, 64), np.float32)  # 46 MiB of input, under the tier's 64 MiB body cap
     with pytest.raises(OSError):  # the connection drops as the tier dies (urllib's errors are OSErrors)
         infer_over_http(state["urls"]["mobile"], "demo-mlp.identity", batch, placement="M")
     deadline = time.monotonic() + 30
-    while oom_killed_tiers() != ["mobile"] and time.monotonic() < deadline:
+    while runtime.oom_killed() != ["mobile"] and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert oom_killed_tiers() == ["mobile"]
+    assert runtime.oom_killed() == ["mobile"] and runtime.processes()["mobile"].run == "exited"
     assert Stack(state["urls"], state).oom_killed() == ["mobile"]
     capsys.readouterr()
     assert print_status(state) != 0
     assert "mobile" in (printed := capsys.readouterr().out) and "DOWN (OOM-killed" in printed, printed
+
+
+def check_faults_through_the_runtime(state: dict[str, Any], profile: str) -> None:
+    """What a chaos scenario does to a Docker stack, one fault at a time, each undone: the runtime squeezes a
+    tier's CPU and memory (read back from the kernel and by the tier), freezes it (a request through it times
+    out at the hop into it), kills it (exited, not OOM) and starts it again; a cut link is a kernel blackhole
+    at both ends (the hop over it times out) and serves again when restored."""
+    runtime, stack, urls = runtime_for(state), Stack(state["urls"], state), state["urls"]
+    model, x = "demo-mlp.partition3", np.random.default_rng(6).normal(size=(2, 64)).astype(np.float32)
+    assert not isinstance(stack.load("edge", model), str)  # check_stack unloaded edge's stage
+
+    def refused(fragment: str) -> None:
+        with pytest.raises(urllib.error.HTTPError) as error:
+            infer_over_http(urls["mobile"], model, x, placement="M-E-C", timeout_ms=1500)
+        body = error.value.read().decode()
+        assert error.value.code == 504 and fragment in body, (error.value.code, body)
+
+    before = runtime.limits("edge")
+    cores, memory = profile_limits(profile)["edge"]
+    assert before.cpu_cores == pytest.approx(cores) and before.memory_bytes == memory, before
+    runtime.set_limits("edge", TierLimits(0.2, 768 * MIB))
+    cores, memory = kernel_limits("edge")
+    assert cores == pytest.approx(0.2) and memory == 768 * MIB
+    assert stack.status("edge")["limits"]["cpu_quota_cores"] == pytest.approx(0.2)
+    assert infer_over_http(urls["mobile"], model, x, placement="M-E-C").parameters["hops"] == 3
+    runtime.set_limits("edge", before)
+    assert kernel_limits("edge") == profile_limits(profile)["edge"]
+
+    runtime.pause("edge")
+    assert runtime.processes()["edge"].run == "paused"
+    refused("mobile -> edge: no answer")
+    runtime.resume("edge")
+    assert infer_over_http(urls["mobile"], model, x, placement="M-E-C").parameters["hops"] == 3
+
+    links = network_links(state["network"], ROOT)
+    cut = {**links, "edge-cloud": links["edge-cloud"].model_copy(update={"loss_pct": 100.0})}
+    shaped = stack.shape(cut)
+    assert {s["backend"] for s in shaped if s["link"] == "edge-cloud"} == {"blackhole"}, shaped
+    refused("edge -> cloud: no answer")
+    stack.shape(links)
+    assert infer_over_http(urls["mobile"], model, x, placement="M-E-C").parameters["hops"] == 3
+
+    runtime.kill("edge")
+    assert runtime.processes()["edge"].run == "exited" and runtime.oom_killed() == []
+    runtime.start("edge")
+    runtime.wait_ready("edge", 120)
+    assert not isinstance(stack.load("edge", model), str)
+    assert infer_over_http(urls["mobile"], model, x, placement="M-E-C").parameters["hops"] == 3
 
 
 def test_stack_under_two_profiles_then_down_leaves_nothing(
@@ -250,6 +301,7 @@ def test_stack_under_two_profiles_then_down_leaves_nothing(
     check_management_off_the_links(state["urls"])
     check_stack(state, "laptop", "lan", models_dir)
     laptop = {t: kernel_limits(t) for t in TIERS}
+    check_faults_through_the_runtime(state, "laptop")
 
     stack, state = bring_up(models_dir, "rpi4", "4g")
     check_stack(state, "rpi4", "4g", models_dir)
