@@ -138,15 +138,16 @@ class Tier:
 
     def status(self) -> dict[str, Any]:
         plane = self.dataplane
+        limits = read_limits()  # now: a runtime may squeeze a running tier (onnxruntime keeps its start threads)
         return {
             "tier": self.settings.tier,
             "ready": plane.ready,
             "load_error": plane.load_error,
             "limits": {
-                "cgroup": self.limits.version,
-                "cpu_quota_cores": self.limits.cpu_quota_cores,
-                "cpuset_cpu_count": self.limits.cpuset_cpu_count,
-                "memory_limit_bytes": self.limits.memory_limit_bytes,
+                "cgroup": limits.version,
+                "cpu_quota_cores": limits.cpu_quota_cores,
+                "cpuset_cpu_count": limits.cpuset_cpu_count,
+                "memory_limit_bytes": limits.memory_limit_bytes,
                 "cpu_cores": self.cpu_cores,
             },
             "device": plane.device.model_dump(mode="json"),
@@ -212,7 +213,8 @@ def build_tier(settings: TierSettings, *, run: CommandRunner = run_command) -> T
         device=device,
         threads=threads,
         memory=MemoryBudget(
-            int(settings.memory_budget_mb * MIB) if settings.memory_budget_mb else None, limits.memory_limit_bytes
+            int(settings.memory_budget_mb * MIB) if settings.memory_budget_mb else None,
+            lambda: read_limits().memory_limit_bytes,
         ),
     )
     unknown = [n for n in settings.startup if n not in models] if isinstance(settings.startup, tuple) else []

@@ -14,6 +14,7 @@ import ctypes
 import gc
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal, TypeVar
@@ -281,7 +282,8 @@ class MemoryBudget:
     without a cgroup limit, e.g. ``make up RUNTIME=local``), else the cgroup's limit, else the host."""
 
     budget_bytes: int | None = None
-    limit_bytes: int | None = None
+    # the cgroup's limit now: read at every check, since a runtime may change it while the tier runs
+    read_limit_bytes: Callable[[], int | None] = lambda: None
 
     def free_mib(self) -> tuple[float, str]:
         """MiB free now, and what they are free of (for messages)."""
@@ -289,10 +291,11 @@ class MemoryBudget:
             return (
                 self.budget_bytes - process_rss_bytes()
             ) / MIB, f"the tier's budget of {self.budget_bytes / MIB:.0f} MiB"
-        if self.limit_bytes is not None:
+        limit_bytes = self.read_limit_bytes()
+        if limit_bytes is not None:
             in_use = read_memory_in_use()
             used = in_use if in_use is not None else process_rss_bytes()
-            return (self.limit_bytes - used) / MIB, f"the tier's limit of {self.limit_bytes / MIB:.0f} MiB"
+            return (limit_bytes - used) / MIB, f"the tier's limit of {limit_bytes / MIB:.0f} MiB"
         return host_memory_available_bytes() / MIB, "the host's available memory"
 
 
