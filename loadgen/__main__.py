@@ -90,6 +90,7 @@ def _interrupted(signum: int, frame: object) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from loadgen.chaos import clear_left_in_force
     from loadgen.runner import Experiment, execute, plan_experiment, start_folder
     from loadgen.target import Stack
     from loadgen.telemetry import LoadgenTelemetry, docker_bridge_address
@@ -102,6 +103,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec = load_spec(args.spec)
         folder = start_folder(results, spec, args.run_id)
     stack = Stack.from_state(Path(args.state))
+    if args.resume and spec.faults:  # a loadgen killed mid-fault left it in force: put the stack back first
+        for cleared in clear_left_in_force(folder, stack, stack.runtime_control()):
+            console.print(cleared)
+    stack.check_ready()
     if spec.resources and stack.state.get("profile") != spec.resources:
         raise ConfigError(f"spec '{spec.name}' wants resources '{spec.resources}'; the stack is up with "
                           f"'{stack.state.get('profile')}' (make up PROFILE={spec.resources})")  # fmt: skip

@@ -17,9 +17,12 @@ p50/p95 before and after, SLO misses, time until the tier was ready and until la
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +34,7 @@ from services.contracts.errors import ConfigError
 from services.contracts.specs import LinkName, LinkSpec, TierName
 from services.stack.runtime import Runtime, TierLimits
 
+JOURNAL_FILE = "faults.jsonl"  # each fault's injection and clearing, fsynced: what a killed loadgen left in force
 RECOVERED_WITHIN = 0.10  # latency p50 back within 10 % of before
 RECOVERY_WINDOW = 10  # … over this many consecutive requests, all answered
 READY_TIMEOUT_S = 120.0
@@ -48,6 +52,7 @@ FAULT_COLUMNS = (
     ("p50_before_ms", "p50 before ms"),
     ("p50_after_ms", "p50 after ms"),
     ("p95_before_ms", "p95 before ms"),
+    ("p95_during_ms", "p95 during ms"),
     ("p95_after_ms", "p95 after ms"),
     ("slo_misses", "SLO misses"),
     ("ready_after_s", "ready after s"),
@@ -68,6 +73,60 @@ class FaultEvent:
     error: str | None = None  # the fault could not be injected or cleared: why
 
 
+class FaultJournal:
+    """``faults.jsonl``: a line before a fault is injected (with what undoes it) and one once it is cleared,
+    each fsynced, so a loadgen killed mid-fault leaves a record of what is still in force, and
+    ``clear_left_in_force`` (run when an experiment resumes) puts the stack back."""
+
+    def __init__(self, folder: Path, run: str) -> None:
+        self.path, self.run = folder / JOURNAL_FILE, run
+
+    def write(self, fault: FaultSpec, state: str, **undo: Any) -> None:
+        line = {"run": self.run, "fault": fault.name, "state": state, "action": fault.action,
+                "tier": fault.tier, "link": fault.link, **undo}  # fmt: skip
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(line) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def clear_left_in_force(folder: Path, stack: Stack, runtime: Runtime) -> list[str]:
+    """Undo every fault ``faults.jsonl`` shows injected and never cleared (the loadgen died mid-fault);
+    returns what was done, for the log."""
+    path = folder / JOURNAL_FILE
+    if not path.exists():
+        return []
+    open_faults: dict[tuple[str, str], dict[str, Any]] = {}
+    for text in path.read_text().splitlines():
+        try:
+            line = json.loads(text)
+        except ValueError:  # a torn last line: the fault it began was not injected
+            continue
+        key = (line["run"], line["fault"])
+        if line["state"] == "injecting":
+            open_faults[key] = line
+        else:
+            open_faults.pop(key, None)
+    done = []
+    for (run, fault), line in open_faults.items():
+        tier: TierName | None = line.get("tier")
+        if tier is not None:
+            runs = runtime.processes()[tier].run
+            if runs == "paused":
+                runtime.resume(tier)
+            elif runs in ("exited", "missing"):
+                runtime.start(tier)
+            if line.get("restore_limits"):
+                runtime.set_limits(tier, TierLimits(**line["restore_limits"]))
+            runtime.wait_ready(tier, READY_TIMEOUT_S)
+        if line.get("restore_links"):
+            stack.shape({k: LinkSpec.model_validate(v) for k, v in line["restore_links"].items()})
+        with path.open("a") as handle:
+            handle.write(json.dumps({"run": run, "fault": fault, "state": "cleared", "by": "resume"}) + "\n")
+        done.append(f"{fault} ({run}) was still in force: cleared")
+    return done
+
+
 class FaultInjector:
     """Injects ``faults`` into one run; ``events`` is filled as they happen."""
 
@@ -79,10 +138,12 @@ class FaultInjector:
         loads: ModelLoads,
         links: dict[LinkName, LinkSpec],
         *,
+        journal: FaultJournal,
         resumed_at_s: float = 0.0,
     ) -> None:
         self.faults = sorted(faults, key=lambda f: f.at_s)
         self.stack, self.runtime, self.loads, self.links = stack, runtime, loads, links
+        self.journal = journal
         self.resumed_at_s = resumed_at_s  # a run resumed after a loadgen stop: faults before this are past
         self.events = [FaultEvent(f.name, f.action, str(f.tier or f.link)) for f in self.faults]
 
@@ -107,6 +168,7 @@ class FaultInjector:
             await asyncio.sleep(max(0.0, fault.end_s - now_ms() / 1e3))
             try:
                 await asyncio.to_thread(undo)
+                self.journal.write(fault, "cleared")
                 event.cleared_ms = round(now_ms(), 3)
                 await asyncio.to_thread(self._serving_again, fault)
                 event.ready_ms = round(now_ms(), 3)
@@ -114,8 +176,15 @@ class FaultInjector:
                 event.error = f"not recovered: {exc.message}"
 
     def _inject(self, fault: FaultSpec) -> Any:
-        """Apply ``fault`` now; returns what clears it."""
+        """Apply ``fault`` now (journalled first, with what undoes it); returns what clears it."""
         runtime = self.runtime
+        undo: dict[str, Any] = {}
+        if fault.action == "cut-link":
+            undo["restore_links"] = {k: v.model_dump(mode="json") for k, v in self.links.items()}
+        if fault.action in ("cpu", "memory"):
+            assert fault.tier is not None
+            undo["restore_limits"] = asdict(runtime.limits(fault.tier))
+        self.journal.write(fault, "injecting", **undo)
         match fault.action:
             case "kill":
                 assert fault.tier is not None
@@ -140,7 +209,7 @@ class FaultInjector:
             case _:  # cpu, memory
                 assert fault.tier is not None
                 squeezed: TierName = fault.tier
-                before = runtime.limits(squeezed)
+                before = TierLimits(**undo["restore_limits"])
                 if fault.action == "cpu":
                     runtime.set_limits(squeezed, TierLimits(fault.cpu_cores, before.memory_bytes))
                 else:
@@ -211,6 +280,7 @@ def fault_rows(
             row[f"failed_{name}"] = sum(1 for r in rs if r["status"] != 200)
         p50_before, p95_before = _percentiles([r["latency_ms"] for r in windows["before"] if r["status"] == 200])
         p50_after, p95_after = _percentiles([r["latency_ms"] for r in windows["after"] if r["status"] == 200])
+        _, p95_during = _percentiles([r["latency_ms"] for r in windows["during"] if r["status"] == 200])
         affected = windows["during"] + windows["after"]
         recovered = _recovered_ms(windows["after"], p50_before)
         row.update(
@@ -218,6 +288,7 @@ def fault_rows(
             cleared_s=round(cleared / 1e3, 3),
             p50_before_ms=p50_before,
             p95_before_ms=p95_before,
+            p95_during_ms=p95_during,
             p50_after_ms=p50_after,
             p95_after_ms=p95_after,
             slo_misses=None

@@ -27,7 +27,7 @@ import numpy as np
 import uvloop
 import yaml
 
-from loadgen.chaos import FaultInjector, event_dicts
+from loadgen.chaos import FaultInjector, FaultJournal, event_dicts
 from loadgen.engine import Issue, RealClock, StopRule, drive
 from loadgen.loads import ModelLoads
 from loadgen.records import LOST_CAUSE, LOST_ERROR, RecordWriter, Resumed, mark_finished, resume_state
@@ -370,13 +370,15 @@ class Experiment:
             **({"faults": event_dicts(injector)} if injector is not None else {}),
         }
 
-    def injector(self, loads: ModelLoads, network: str, elapsed_s: float) -> FaultInjector | None:
+    def injector(self, loads: ModelLoads, key: str, network: str, elapsed_s: float) -> FaultInjector | None:
         """The spec's faults for one run (None without faults); a resumed run skips those already past."""
         if not self.spec.faults:
             return None
         links = self.network_links(network)
+        journal = FaultJournal(self.folder, key)
+        runtime = self.stack.runtime_control()
         return FaultInjector(
-            list(self.spec.faults), self.stack, self.stack.runtime_control(), loads, links, resumed_at_s=elapsed_s
+            list(self.spec.faults), self.stack, runtime, loads, links, journal=journal, resumed_at_s=elapsed_s
         )
 
     @staticmethod
@@ -503,7 +505,7 @@ async def _execute(experiment: Experiment, plan: Plan, progress: Any) -> None:
             if why_not is None:
                 resumed = partial.get(run.key, Resumed())
                 progress.begin_run(run.key, run.stopping.max_samples, len(resumed.records))
-                injector = experiment.injector(loads, run.network, resumed.elapsed_ms / 1e3)
+                injector = experiment.injector(loads, run.key, run.network, resumed.elapsed_ms / 1e3)
                 info = await experiment.run_one(run, writer, resumed, progress.sample, injector)
             else:  # not runnable on this profile: said once, recorded, and the experiment goes on
                 info = {"run": run.key, "strategy": run.strategy, "network": run.network, "not_runnable": why_not}

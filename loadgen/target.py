@@ -50,15 +50,14 @@ class Stack:
 
     @classmethod
     def from_state(cls, path: Path = STATE_FILE) -> Stack:
+        """The stack ``make up`` recorded (``check_ready`` says whether it serves)."""
         try:
             state = json.loads(path.read_text())
         except OSError:
             raise ConfigError(f"no stack is up ({path} is missing): run `make up` first") from None
         urls = {t: state["urls"][t] for t in TIERS}
         use_stack_token(state)  # control calls (links, loads, probes) carry the stack's token
-        stack = cls(urls, state, path)
-        stack.check_ready()
-        return stack
+        return cls(urls, state, path)
 
     entry_hop = hop_name("loadgen", "mobile")
 

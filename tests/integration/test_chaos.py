@@ -1,11 +1,17 @@
 """A fault scenario end to end on local tier processes: a three-tier pipeline under Poisson load while edge
 is killed (and started again by the runtime), cloud is frozen and the edge-cloud link is cut. Every fault is
 injected, cleared and recovered from; every failed request is a record naming its hop and cause; the fault
-table counts them where they happened; the restarted tier is the one the state file names."""
+table counts them where they happened; the restarted tier is the one the state file names. A loadgen killed
+(SIGKILL) mid-fault loses no issued request, and the resumed experiment first clears the fault it left."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +20,8 @@ import pytest
 import yaml
 
 from loadgen.__main__ import main as loadgen_main
-from loadgen.records import read_records
+from loadgen.chaos import JOURNAL_FILE
+from loadgen.records import issued_seqs, read_records
 from services.contracts.specs import TIERS, network_profile_links
 from services.contracts.transport import json_call
 from services.demo import local_deployment, write_deployment
@@ -96,3 +103,45 @@ def test_kill_pause_and_cut_under_load_are_recorded_and_recovered(
     assert state["tiers"]["edge"]["pid"] != first_edge
     for tier in TIERS:
         assert json_call(f"{state['urls'][tier]}/v2/health/ready")[0] == 200
+
+
+def test_a_loadgen_killed_mid_fault_loses_nothing_and_the_resume_clears_the_fault(
+    stack_state: Path, built_models: Path, tmp_path: Path
+) -> None:
+    spec = {**SPEC, "faults": [{"action": "pause", "tier": "cloud", "at_s": 3, "duration_s": 6}]}
+    spec_file = tmp_path / "chaos-kill.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    results = tmp_path / "results"
+    folder = results / "killed"
+    base = [sys.executable, "-m", "loadgen", "run", "--state", str(stack_state), "--models", str(built_models),
+            "--results", str(results)]  # fmt: skip
+    process = subprocess.Popen([*base, "--spec", str(spec_file), "--run-id", "killed"], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    journal = folder / JOURNAL_FILE
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (journal.exists() and "injecting" in journal.read_text()):
+        time.sleep(0.05)
+    time.sleep(1.5)  # well inside the pause: requests are out, waiting on the frozen cloud
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    runtime = LocalRuntime(json.loads(stack_state.read_text()))
+    assert runtime.processes()["cloud"].run == "paused", "the kill left the fault in force"
+    (run,) = issued_seqs(folder)
+    recorded_at_kill = {int(r["seq"]) for r in read_records(folder)}
+    assert recorded_at_kill < issued_seqs(folder)[run], "requests were in flight at the kill"
+
+    done = subprocess.run([*base, "--resume", str(folder)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "was still in force: cleared" in " ".join(done.stderr.split())  # rich wraps lines
+    assert runtime.processes()["cloud"].run == "running"
+    records = read_records(folder)
+    seqs = [int(r["seq"]) for r in records]
+    assert len(seqs) == len(set(seqs)) and set(seqs) == issued_seqs(folder)[run], "issued = recorded"
+    lost = [r for r in records if r["cause"] == "lost (the loadgen stopped)"]
+    assert {int(r["seq"]) for r in lost} == issued_seqs(folder)[run] - recorded_at_kill - {
+        int(r["seq"]) for r in records if r["cause"] != "lost (the loadgen stopped)"
+    }
+    (info,) = [json.loads(line) for line in (folder / "runs.jsonl").read_text().splitlines()]
+    assert info["sessions"] == 2 and info["issued"] == len(records)
+    assert info["faults"][0]["error"].startswith("not injected: the loadgen stopped before it")
