@@ -99,8 +99,9 @@ _well_formed = st.integers(min_value=1, max_value=3).flatmap(
             "name": st.just("x"),
             "datatype": st.just("FP32"),
             "shape": st.just([rows, DEMO_INPUT_WIDTH]),
-            "data": st.lists(st.floats(-1e3, 1e3, width=32), min_size=rows * DEMO_INPUT_WIDTH,
-                             max_size=rows * DEMO_INPUT_WIDTH),  # fmt: skip
+            "data": st.lists(
+                st.floats(-1e3, 1e3, width=32), min_size=rows * DEMO_INPUT_WIDTH, max_size=rows * DEMO_INPUT_WIDTH
+            ),
         }
     )
 )
