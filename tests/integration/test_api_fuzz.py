@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.core.result import Ok
 
 from services.contracts.specs import TIERS, TierName
 from services.demo import DEMO_DIMS, local_deployment, write_deployment
@@ -58,7 +59,7 @@ def _check(status: int, body: bytes, what: str) -> None:
 
 def test_every_openapi_operation_answers_without_a_server_error(edge_url: str) -> None:
     schema = schemathesis.openapi.from_url(f"{edge_url}/openapi.json")
-    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = [result.ok() for result in schema.get_all_operations() if isinstance(result, Ok)]
     assert len(operations) >= 15, [f"{o.method} {o.path}" for o in operations]
     statuses: Counter[int] = Counter()
     for operation in operations:
