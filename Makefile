@@ -14,7 +14,7 @@ DEPLOYMENT ?= $(DEMO)/deployment.yaml
 comma := ,
 
 .DEFAULT_GOAL := help
-.PHONY: help venv models models-tiny models-list models-for-stack up down status fidelity logs images profiles local demo bench chaos bench-resume bench-in-stack report recommend bench-loadgen bench-overhead bench-forwarding bench-tiers test test-unit check fmt clean distclean
+.PHONY: help venv models models-tiny models-list models-for-stack up down status fidelity logs images profiles local demo bench chaos bench-resume bench-in-stack report recommend bench-loadgen bench-overhead bench-forwarding bench-soak bench-tiers test test-unit check fmt clean distclean
 
 help: ## list the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -113,6 +113,9 @@ bench-overhead: $(STAMP) ## P1 hop tax, P2 codec, P3 serving throughput; last li
 
 bench-forwarding: $(STAMP) ## tier-to-tier HTTP clients compared against a null tier
 	$(PY) -m benchmarks.forwarding
+
+bench-soak: $(STAMP) ## 10 min at 80 % of measured capacity on the stack make up started: RSS slope, errors, p99 drift; last line is JSON
+	$(PY) -m benchmarks.soak
 
 bench-tiers: $(STAMP) ## the profile's tier order in compute time, on the stack make up started; last line is JSON
 	$(PY) -m benchmarks.tier_order
