@@ -156,8 +156,10 @@ def main() -> None:
         per_hour = f"{slope * 60:+.1f} MiB/h" if slope is not None else "-"
         print(f"RSS {tier:<6} {span}, slope {slope if slope is not None else '-'} MiB/min ({per_hour})")
     shown = "-" if drift is None else f"{drift:+.1%}"
-    print(f"errors {errors} of {len(records)} ({error_rate:.3%}); p99 drift {shown} (last two minutes vs the "
-          "first two after the first)")
+    print(
+        f"errors {errors} of {len(records)} ({error_rate:.3%}); p99 drift {shown} (last two minutes vs the "
+        "first two after the first)"
+    )
     goals = {
         "rss_slope": all(s is not None and s < RSS_SLOPE_GOAL_MIB_PER_MIN for s in slopes.values()),
         "error_rate": error_rate < ERROR_RATE_GOAL,
@@ -165,7 +167,8 @@ def main() -> None:
     }
     print(json.dumps({
         "benchmark": "soak", "strategy": args.strategy, "runtime": stack.runtime,
-        "capacity_rps": round(capacity_rps, 2), "rate_rps": rate_rps, "minutes": args.minutes, "requests": len(records), "error_rate": round(error_rate, 6),
+        "capacity_rps": round(capacity_rps, 2), "rate_rps": rate_rps, "minutes": args.minutes,
+        "requests": len(records), "error_rate": round(error_rate, 6),
         "rss_slope_mib_per_min": slopes, "p99_drift": None if drift is None else round(drift, 4),
         "per_minute": minutes, "goals_met": goals,
     }))  # fmt: skip
