@@ -108,8 +108,8 @@ class DockerStack:
         env.update(
             TIERLAB_MODELS_DIR=str((self.root / self.spec.models_dir).resolve()),
             TIERLAB_STACK_DIR=str(self.stack_dir.resolve()),
-            TIERLAB_UID=str(os.getuid()),
-            TIERLAB_GID=str(os.getgid()),
+            TIERLAB_UID=str(loadgen_ids()[0]),
+            TIERLAB_GID=str(loadgen_ids()[1]),
             TIERLAB_STARTUP_MODELS=self.spec.startup_models,
         )
         if images is not None:
@@ -228,7 +228,8 @@ class DockerStack:
 
     def run_loadgen(self, spec: str) -> int:
         """Run an experiment from the loadgen container (compose profile ``loadgen``) and wait for it."""
-        (self.root / "results").mkdir(exist_ok=True)
+        for folder in (self.root / "results", self.stack_dir / "targets"):
+            writable_by_loadgen(folder)
         images = ensure_images(with_grafana=False)  # the loadgen runs the current code
         argv = [*self._compose_argv("loadgen"), "run", "--rm", "--use-aliases", "loadgen", "--spec", spec]
         return run(argv, env=self._environment(images), check=False, cwd=self.root).returncode
@@ -259,6 +260,26 @@ def leftovers() -> dict[str, list[str]]:
         ]
         for kind in ("container", "network", "volume")
     }
+
+
+UNPRIVILEGED_ID = 10001  # the tiers' uid and gid (docker-compose.yml), and the loadgen's when make runs as root
+
+
+def loadgen_ids() -> tuple[int, int]:
+    """The uid and gid the in-stack loadgen runs as: whoever ran make (its results are theirs), never root —
+    as root, the tiers' unprivileged ids."""
+    if os.getuid() == 0:
+        return UNPRIVILEGED_ID, UNPRIVILEGED_ID
+    return os.getuid(), os.getgid()
+
+
+def writable_by_loadgen(folder: Path) -> None:
+    """Let the in-stack loadgen write into ``folder``: as root, the folder's group becomes the loadgen's,
+    group-writable and setgid (what it creates stays in that group); otherwise the loadgen is the user."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.getuid() == 0:
+        os.chown(folder, -1, UNPRIVILEGED_ID)
+        folder.chmod(0o2775)
 
 
 GRAFANA_PASSWORD_FILE = "grafana-admin-password"  # Grafana's admin password, random per `make up`

@@ -4,6 +4,7 @@ file is what its generator writes; image recipes are built from the pyproject's 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,15 @@ from services.contracts.errors import ConfigError
 from services.contracts.specs import LINKS, TIERS, LinkMeasurementSpec, LinkSpec
 from services.stack import dashboard
 from services.stack.cli import network_links
-from services.stack.compose import StackSpec, available, find_manifests, override_file, stack_deployment
+from services.stack.compose import (
+    StackSpec,
+    available,
+    find_manifests,
+    loadgen_ids,
+    override_file,
+    stack_deployment,
+    writable_by_loadgen,
+)
 from services.stack.images import debootstrap_argv, image_requirements
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,3 +162,13 @@ def test_link_tolerance_is_ten_percent_or_one_millisecond() -> None:
     assert _measured(40.0, 10.0 * 1448 / 1514, delay_ms=20, rate_mbit=10).expected_goodput_mbit == pytest.approx(
         9.564, 1e-3
     )
+
+
+def test_the_in_stack_loadgen_never_runs_as_root(tmp_path: Path) -> None:
+    uid, gid = loadgen_ids()
+    assert uid != 0 and gid != 0
+    folder = tmp_path / "results"
+    writable_by_loadgen(folder)
+    if os.getuid() == 0:  # as root: the loadgen's group may write, and what it creates stays in that group
+        assert (folder.stat().st_gid, folder.stat().st_mode & 0o7777) == (gid, 0o2775)
+    assert folder.is_dir()
