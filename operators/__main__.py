@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -177,13 +178,15 @@ def run_build(args: argparse.Namespace) -> int:
 
     settings = TINY if args.tiny else FULL
     try:
-        with _reporter() as reporter:
+        # side by side, the workers print their own lines: a live bar here would fight them
+        with _reporter() if args.jobs == 1 else contextlib.nullcontext(_plain_reporter()) as reporter:
             result = build(
                 Path(args.models),
                 settings,
                 subjects=args.subject or None,
                 variants=args.variant or None,
                 reporter=reporter,
+                jobs=args.jobs,
             )
     except (DatasetMissing, FileNotFoundError, ValueError) as exc:
         print(f"tierlab operators: {exc}", file=sys.stderr)
@@ -240,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--subject", action="append", choices=sorted(SUBJECTS), help="only this subject (repeatable)")
     build.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="only this variant (repeatable)")
     build.add_argument("--tiny", action="store_true", help="tiny training budgets: a quick, low-accuracy build")
+    build.add_argument(
+        "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="subjects built side by side (cores shared)"
+    )
     build.set_defaults(handler=run_build)
     listing = commands.add_parser("list", help="list built variants with sizes and accuracy")
     listing.add_argument("--models", default="models")

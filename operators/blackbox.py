@@ -38,7 +38,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from operators.data import Samples, SplitData
-from operators.evaluate import StageRun, choose_threshold, trace
+from operators.evaluate import StageRun, build_threads, choose_threshold, trace
 from operators.onnxgraph import (
     Cut,
     attach_exit_head,
@@ -98,6 +98,7 @@ Operator = Callable[[Draft, BlackBoxContext], Draft]
 
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    options.intra_op_num_threads = build_threads()
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 

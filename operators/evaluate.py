@@ -9,6 +9,7 @@ bootstrap (1,000 resamples, seeded) for macro-F1 and mIoU.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,9 +102,17 @@ class StageRun:
     exit_output: str | None
 
 
-def load_stages(manifest: ManifestSpec, folder: Path, threads: int = 0) -> list[StageRun]:
+BUILD_THREADS_ENV = "TIERLAB_BUILD_THREADS"  # a build worker's share of the cores (operators.build, jobs > 1)
+
+
+def build_threads() -> int:
+    """onnxruntime threads for the build's own sessions: the worker's share, or 0 (every core)."""
+    return int(os.environ.get(BUILD_THREADS_ENV, "0"))
+
+
+def load_stages(manifest: ManifestSpec, folder: Path, threads: int | None = None) -> list[StageRun]:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = build_threads() if threads is None else threads
     options.log_severity_level = 3
     runs = []
     for stage in manifest.stages:

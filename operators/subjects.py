@@ -96,6 +96,8 @@ class Subject(ABC):
     budget_scale: float = 1.0
     # structured pruning's recovery: the fine-tune budget × this (grouped convolutions need more)
     structured_recovery: float = 1.0
+    # minutes of the full build on 2 cores (measured, `make models`): the longest start first with --jobs
+    build_cost: float = 1.0
 
     def items(self, count: int) -> int:
         return max(self.batch, round(count * self.budget_scale))
@@ -136,9 +138,11 @@ class FashionClassifier(Subject):
     metric = "accuracy"
     variants = CLASSIFIER_VARIANTS
 
-    def __init__(self, name: str, spec: ConvNetSpec, description: str, structured_recovery: float = 1.0) -> None:
+    def __init__(
+        self, name: str, spec: ConvNetSpec, description: str, *, build_cost: float, structured_recovery: float = 1.0
+    ) -> None:
         self.name, self.spec, self.description = name, spec, description
-        self.structured_recovery = structured_recovery
+        self.structured_recovery, self.build_cost = structured_recovery, build_cost
 
     def load(self, settings: BuildSettings) -> SplitData:
         return fashion_mnist_split(settings.seed, settings.fashion_limit)
@@ -164,6 +168,7 @@ class FashionSegmenter(Subject):
     metric = "miou"
     description = "fully-convolutional segmenter, Fashion-MNIST items on 64×64 canvases (11 classes incl. background)"
     variants = SEGMENTER_VARIANTS
+    build_cost = 13.5
     batch = 16  # more, smaller steps: a segmenter trained from scratch needs the updates
     budget_scale = 0.35
 
@@ -214,6 +219,7 @@ class FortunesText(Subject):
     metric = "accuracy"
     description = "MiniLM-L6 (pretrained) fine-tuned with a head, 8 fortune topics; token ids in, 64 tokens"
     variants = TEXT_VARIANTS
+    build_cost = 7.0
     batch = 32
     lr = 2e-4
     # FULL's 80,000 items × 0.1: three epochs of the 2,634 training texts (27 ms an item on 2 cores)
@@ -265,12 +271,14 @@ SUBJECTS: dict[str, Subject] = {
             "fmnist-resnet",
             ConvNetSpec("resnet", (32, 64, 128), (2, 2, 2)),
             "ResNet-style classifier (basic blocks 2-2-2, widths 32-64-128), Fashion-MNIST 28×28",
+            build_cost=8.0,
         ),
         FashionClassifier(
             "fmnist-resnext",
             ConvNetSpec("resnext", (64, 128, 256), (1, 1, 1), groups=8),
             "ResNeXt-style classifier (grouped bottlenecks, cardinality 8, widths 64-128-256), Fashion-MNIST",
             structured_recovery=2.0,  # 10,000 items left it 3.1 points short, 20,000 1.2 (distilled at lr / 3)
+            build_cost=11.7,
         ),
         FashionSegmenter(),
         FortunesText(),

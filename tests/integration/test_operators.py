@@ -299,3 +299,18 @@ async def test_token_ids_past_the_vocabulary_are_the_clients_error(
         )
         assert reply.status_code == 400 and "cannot compute on this input" in reply.json()["error"], reply.text
         assert (await client.get("/v2/health/ready")).status_code == 200
+
+
+def test_subjects_built_side_by_side_match_the_ones_built_in_turn(models: Path, tmp_path: Path) -> None:
+    """``jobs=2`` builds two subjects in worker processes: the same variants, with valid manifests, and the
+    same trained model as the build of the shared ring (training is seeded; only the thread count differs)."""
+    result = build(tmp_path, TEST_SETTINGS, subjects=["fmnist-resnet", "fmnist-seg"], variants=["identity"], jobs=2)
+    assert sorted(result.built) == ["fmnist-resnet.identity", "fmnist-seg.identity"]
+    for subject in ("fmnist-resnet", "fmnist-seg"):
+        manifest = load_manifest(tmp_path / subject / "identity")
+        verify_stage_files(manifest, tmp_path / subject / "identity")
+        assert manifest.accuracy is not None
+    alone = load_manifest(models / "fmnist-resnet" / "identity").accuracy
+    side_by_side = load_manifest(tmp_path / "fmnist-resnet" / "identity").accuracy
+    assert alone is not None and side_by_side is not None
+    assert side_by_side.value == pytest.approx(alone.value, abs=0.05)
