@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from loadgen.loads import ModelLoads
+from loadgen.records import append_json_line
 from loadgen.spec import FaultSpec
 from loadgen.target import Stack
 from services.contracts.errors import ConfigError
@@ -82,12 +82,8 @@ class FaultJournal:
         self.path, self.run = folder / JOURNAL_FILE, run
 
     def write(self, fault: FaultSpec, state: str, **undo: Any) -> None:
-        line = {"run": self.run, "fault": fault.name, "state": state, "action": fault.action,
-                "tier": fault.tier, "link": fault.link, **undo}  # fmt: skip
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(line) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_json_line(self.path, {"run": self.run, "fault": fault.name, "state": state, "action": fault.action,
+                                     "tier": fault.tier, "link": fault.link, **undo})  # fmt: skip
 
 
 def clear_left_in_force(folder: Path, stack: Stack, runtime: Runtime) -> list[str]:
@@ -114,15 +110,14 @@ def clear_left_in_force(folder: Path, stack: Stack, runtime: Runtime) -> list[st
             runs = runtime.processes()[tier].run
             if runs == "paused":
                 runtime.resume(tier)
-            elif runs in ("exited", "missing"):
+            elif runs in ("exited", "missing"):  # killed: started again, and serving before the run goes on
                 runtime.start(tier)
+                runtime.wait_ready(tier, READY_TIMEOUT_S)
             if line.get("restore_limits"):
                 runtime.set_limits(tier, TierLimits(**line["restore_limits"]))
-            runtime.wait_ready(tier, READY_TIMEOUT_S)
         if line.get("restore_links"):
             stack.shape({k: LinkSpec.model_validate(v) for k, v in line["restore_links"].items()})
-        with path.open("a") as handle:
-            handle.write(json.dumps({"run": run, "fault": fault, "state": "cleared", "by": "resume"}) + "\n")
+        append_json_line(path, {"run": run, "fault": fault, "state": "cleared", "by": "resume"})
         done.append(f"{fault} ({run}) was still in force: cleared")
     return done
 
@@ -162,6 +157,7 @@ class FaultInjector:
             try:
                 undo = await asyncio.to_thread(self._inject, fault)
             except ConfigError as exc:
+                self.journal.write(fault, "not injected")  # nothing in force: a resume must not undo it
                 event.error = f"not injected: {exc.message}"
                 continue
             event.injected_ms = injected_ms

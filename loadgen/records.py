@@ -310,17 +310,22 @@ def finished_runs(folder: Path) -> dict[str, dict[str, Any]]:
     return runs
 
 
-def mark_finished(folder: Path, info: dict[str, Any]) -> None:
-    """Append a finished run's line to ``runs.jsonl`` and fsync it (once per run: cheap)."""
-    path = folder / RUNS_FILE
+def append_json_line(path: Path, document: dict[str, Any]) -> None:
+    """Append one JSON line to ``path`` and fsync it, after cutting a torn last line (which would swallow
+    this one)."""
     repair_tail(path, _json_complete)
     try:
         with path.open("a") as handle:
-            handle.write(json.dumps(info) + "\n")
+            handle.write(json.dumps(document) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
     except OSError as exc:
         raise _full(path, exc, 0) from exc
+
+
+def mark_finished(folder: Path, info: dict[str, Any]) -> None:
+    """Append a finished run's line to ``runs.jsonl`` (once per run: the fsync is cheap)."""
+    append_json_line(folder / RUNS_FILE, info)
 
 
 @dataclass

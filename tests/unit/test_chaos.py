@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from loadgen.chaos import RECOVERY_WINDOW, fault_rows
+from loadgen.chaos import RECOVERY_WINDOW, FaultJournal, clear_left_in_force, fault_rows
 from loadgen.spec import ExperimentSpec, FaultSpec
+from loadgen.target import Stack
 from services.contracts.errors import failure_of
 from services.stack.runtime import LocalRuntime, TierLimits, Unsupported, process_run, wait_gone
 
@@ -130,5 +131,32 @@ def test_the_local_runtime_pauses_kills_and_starts_a_real_process(tmp_path: Path
             runtime.set_limits("edge", TierLimits(0.5, None))
         assert runtime.down() == ["edge"]
         assert wait_gone(second, 5.0)
+    finally:
+        runtime.down()
+
+
+def test_a_resume_undoes_only_the_faults_left_in_force(tmp_path: Path) -> None:
+    """The journal: a fault injected and cleared, or refused, is closed; a torn last line is ignored; only a
+    fault still in force is undone (here a paused process, thawed)."""
+    argv = [sys.executable, "-c", "import time; time.sleep(120)"]
+    state: dict[str, Any] = {"runtime": "local", "urls": {"mobile": "http://127.0.0.1:9"}, "tiers": {}, "env": {}}
+    state["tiers"]["cloud"] = {"pid": 2**22 + 1, "url": "", "log": str(tmp_path / "cloud.log"), "argv": argv}
+    runtime = LocalRuntime(state)
+    runtime.start("cloud")
+    try:
+        journal = FaultJournal(tmp_path, "run-a")
+        pause = FaultSpec(action="pause", tier="cloud", at_s=1, duration_s=1)
+        squeeze = FaultSpec(action="cpu", tier="edge", cpu_cores=0.5, at_s=3, duration_s=1)
+        journal.write(squeeze, "injecting", restore_limits={"cpu_cores": None, "memory_bytes": None})
+        journal.write(squeeze, "not injected")  # refused: a resume must not try to undo it
+        journal.write(pause, "injecting")
+        runtime.pause("cloud")
+        with (tmp_path / "faults.jsonl").open("a") as handle:
+            handle.write('{"run": "run-a", "fault": "torn')
+        stack = Stack(state["urls"], state)
+        cleared = clear_left_in_force(tmp_path, stack, runtime)
+        assert cleared == ["pause cloud @1+1s (run-a) was still in force: cleared"]
+        assert runtime.processes()["cloud"].run == "running"
+        assert clear_left_in_force(tmp_path, stack, runtime) == []  # cleared once, journalled
     finally:
         runtime.down()
