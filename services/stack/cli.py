@@ -169,7 +169,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
             print(f"==> {tier} ({info['log']})")
             print("".join(Path(info["log"]).read_text(errors="replace").splitlines(keepends=True)[-args.tail :]))
         return 0
-    spec = StackSpec(state.get("profile") or "laptop", state.get("network") or "lan")
+    spec = StackSpec.recorded(state, root)
     print(DockerStack(spec, root).logs(args.tail))
     return 0
 
@@ -217,7 +217,7 @@ def cmd_loadgen(args: argparse.Namespace) -> int:
     if state is None or state.get("runtime") != "docker":
         print("the in-stack loadgen needs the Docker stack up (make up); with local tiers use make bench")
         return 1
-    spec = StackSpec(state["profile"], state["network"], Path(state["models_dir"]))
+    spec = StackSpec.recorded(state, root)
     return DockerStack(spec, root).run_loadgen(args.spec)
 
 

@@ -105,11 +105,12 @@ class DockerStack:
 
     def _environment(self, images: ImageSet | None) -> dict[str, str]:
         env = dict(os.environ)
+        uid, gid = loadgen_ids()
         env.update(
             TIERLAB_MODELS_DIR=str((self.root / self.spec.models_dir).resolve()),
             TIERLAB_STACK_DIR=str(self.stack_dir.resolve()),
-            TIERLAB_UID=str(loadgen_ids()[0]),
-            TIERLAB_GID=str(loadgen_ids()[1]),
+            TIERLAB_UID=str(uid),
+            TIERLAB_GID=str(gid),
             TIERLAB_STARTUP_MODELS=self.spec.startup_models,
         )
         if images is not None:

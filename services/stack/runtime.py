@@ -252,19 +252,10 @@ class LocalRuntime(Runtime):
         )
 
     def down(self) -> list[str]:
-        stopped = []
-        for tier, info in self.state.get("tiers", {}).items():
-            pid = int(info["pid"])
-            if process_run(pid) in ("exited", "missing"):
-                continue
-            if process_run(pid) == "paused":
-                os.kill(pid, signal.SIGCONT)
-            os.kill(pid, signal.SIGTERM)
-            if not wait_gone(pid, 10.0):
-                os.kill(pid, signal.SIGKILL)
-                wait_gone(pid, 10.0)
-            stopped.append(tier)
-        return stopped
+        running = [t for t, p in self.processes().items() if p.run in ("running", "paused")]
+        for tier in running:
+            self.stop(tier)
+        return list(running)
 
 
 def process_run(pid: int) -> TierRun:
