@@ -14,7 +14,7 @@ DEPLOYMENT ?= $(DEMO)/deployment.yaml
 comma := ,
 
 .DEFAULT_GOAL := help
-.PHONY: help venv models models-tiny models-list models-for-stack up down status fidelity logs images profiles local demo bench chaos bench-resume bench-in-stack report recommend bench-loadgen bench-overhead bench-forwarding bench-soak bench-tiers test test-unit check fmt clean distclean
+.PHONY: help venv models models-tiny models-list models-for-stack up down status fidelity logs images profiles local demo bench chaos bench-resume bench-in-stack report recommend bench-loadgen bench-overhead bench-forwarding bench-soak bench-tiers bench-training test test-unit check fmt clean distclean
 
 help: ## list the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -119,6 +119,9 @@ bench-soak: $(STAMP) ## 10 min at 80 % of measured capacity on the stack make up
 
 bench-tiers: $(STAMP) ## the profile's tier order in compute time, on the stack make up started; last line is JSON
 	$(PY) -m benchmarks.tier_order
+
+bench-training: $(STAMP) ## training items/s of the vision teachers, contiguous vs channels_last; last line is JSON
+	$(PY) -m benchmarks.training
 
 test: $(STAMP) ## every test ring
 	$(PY) -m pytest

@@ -159,6 +159,12 @@ class TextClassifier(nn.Module):
         logits: torch.Tensor = self.head(self.pooled(input_ids, attention_mask))
         return logits
 
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Parameters by depth from the output: the head, the encoder's layers last to first, the embeddings
+        (``operators.training.fit``'s layer-wise rate decay)."""
+        layers = [list(layer.parameters()) for layer in reversed(self.encoder.encoder.layer)]
+        return [list(self.head.parameters()), *layers, list(self.encoder.embeddings.parameters())]
+
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -31,6 +31,7 @@ from operators.variants import EXIT_VARIANTS, all_but
 
 TEXT_MAX_TOKENS = 64
 TEXT_STUDENT_LAYERS = 4
+TEXT_LAYER_DECAY = 0.85
 SEG_STUDENT_WIDTH = 0.75
 
 
@@ -258,6 +259,13 @@ class FortunesText(Subject):
 
     def student_net(self) -> nn.Module:
         return self._encoder(TEXT_STUDENT_LAYERS)
+
+    def train_teacher(self, split: SplitData, settings: BuildSettings, progress: Progress | None = None) -> nn.Module:
+        """Fine-tuned with a layer-wise rate decay of 0.85 (lower layers move less; Sun et al. 2019 found it
+        helps BERT on small sets). Measured (`/tmp/exp/text.py`, 753 texts): seed 0 79.7 % → 80.3 %."""
+        items = self.items(settings.train_items)
+        fit_settings = replace(self.fit_settings(items, settings), layer_decay=TEXT_LAYER_DECAY)
+        return fit(self.teacher_net(), split.train, fit_settings, progress=progress)
 
     def student_items(self, settings: BuildSettings) -> int:
         """The teacher's budget (three epochs): at the distillation budget (one and a half) a fine-tuned

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ class FitSettings:
     temperature: float = 4.0  # distillation
     alpha: float = 0.7  # share of the distillation term
     seed: int = 0
+    # layer-wise rate decay (discriminative fine-tuning, Howard & Ruder 2018): a model with ``layer_groups()``
+    # gets lr × decay^depth per group, depth 0 at the head; 1.0 = one rate for every parameter
+    layer_decay: float = 1.0
 
 
 def distillation_loss(
@@ -42,6 +46,45 @@ def distillation_loss(
     if student.ndim > 2:  # per-pixel logits: average the KL over pixels as cross-entropy does
         soft = soft / float(np.prod(student.shape[2:]))
     return settings.alpha * soft + (1 - settings.alpha) * F.cross_entropy(student, targets)
+
+
+def memory_format(samples: Samples) -> torch.memory_format:
+    """channels_last for image batches: oneDNN's convolutions run 1.2–1.5× faster per training item on it
+    (measured at 1 thread, 20 s each, `/tmp/exp/speed.py`: ResNet 233 → 284 items/s, ResNeXt 158 → 230,
+    the segmenter 46.5 → 69.4); the same numbers, only the layout of the activations differs."""
+    images = any(v.ndim == 4 for v in samples.inputs.values())
+    return torch.channels_last if images else torch.contiguous_format
+
+
+def to_layout(model: nn.Module, layout: torch.memory_format) -> nn.Module:
+    """``model.to(memory_format=layout)``, in place (the keyword is missing from torch's type stubs)."""
+    moved: nn.Module = model.to(memory_format=layout)  # type: ignore[call-overload]
+    return moved
+
+
+def _batch(samples: Samples, index: np.ndarray | slice, layout: torch.memory_format) -> dict[str, torch.Tensor]:
+    return {
+        k: torch.from_numpy(v[index]).contiguous(memory_format=layout if v.ndim == 4 else torch.contiguous_format)
+        for k, v in samples.inputs.items()
+    }
+
+
+def parameter_groups(model: nn.Module, settings: FitSettings) -> list[dict[str, Any]]:
+    """One group at ``settings.lr``, or (with a layer decay) one per ``model.layer_groups()``, head first."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    layer_groups = getattr(model, "layer_groups", None)
+    if settings.layer_decay == 1.0 or layer_groups is None:
+        return [{"params": trainable, "lr": settings.lr}]
+    groups: list[dict[str, Any]] = []
+    for depth, parameters in enumerate(layer_groups()):
+        wanted = [p for p in parameters if p.requires_grad]
+        if wanted:
+            groups.append({"params": wanted, "lr": settings.lr * settings.layer_decay**depth})
+    grouped = {id(p) for g in groups for p in g["params"]}
+    rest = [p for p in trainable if id(p) not in grouped]
+    if rest:
+        groups.append({"params": rest, "lr": settings.lr})
+    return groups
 
 
 def fit(
@@ -56,15 +99,22 @@ def fit(
     """Train ``model`` in place on ``settings.items`` items drawn from ``samples``; returns it in eval mode."""
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
+    groups = parameter_groups(model, settings)
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     steps = max(1, settings.items // settings.batch)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings.lr, total_steps=steps, pct_start=0.15)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=[float(g["lr"]) for g in groups],
+        total_steps=steps,
+        pct_start=0.15,
+    )
     call = forward or model
+    layout = memory_format(samples)
+    to_layout(model, layout)
     model.train()
     for _ in range(steps):
         index = rng.integers(0, len(samples), settings.batch)
-        inputs = {k: torch.from_numpy(v[index]) for k, v in samples.inputs.items()}
+        inputs = _batch(samples, index, layout)
         targets = torch.from_numpy(samples.targets[index])
         logits = call(**inputs)
         if teacher_logits is None:
@@ -77,7 +127,7 @@ def fit(
         schedule.step()
         if progress is not None:
             progress(settings.batch)
-    return model.eval()
+    return to_layout(model, torch.contiguous_format).eval()  # saved and exported as it always was
 
 
 @torch.no_grad()
@@ -85,11 +135,12 @@ def predict(
     model: nn.Module, samples: Samples, batch: int = 256, forward: Callable[..., torch.Tensor] | None = None
 ) -> np.ndarray:
     call = forward or model
-    model.eval()
+    layout = memory_format(samples)
+    to_layout(model, layout).eval()
     outputs = []
     for start in range(0, len(samples), batch):
-        inputs = {k: torch.from_numpy(v[start : start + batch]) for k, v in samples.inputs.items()}
-        outputs.append(call(**inputs).numpy())
+        outputs.append(call(**_batch(samples, slice(start, start + batch), layout)).contiguous().numpy())
+    to_layout(model, torch.contiguous_format)
     return np.concatenate(outputs)
 
 

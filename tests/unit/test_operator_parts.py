@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 from scipy.stats import binomtest
 from sklearn.metrics import f1_score
 
+from operators import training
 from operators.data import (
     DatasetMissing,
     Samples,
@@ -27,6 +28,7 @@ from operators.data import (
 from operators.evaluate import CascadeTrace, cascade, confusion, macro_f1, miou_of, score, wilson_interval
 from operators.nets import ConvNet, ConvNetSpec
 from operators.onnxgraph import attach_exit_head, balanced_cuts, find_cuts, pool_features, split_stages
+from operators.training import FitSettings, fit, memory_format, parameter_groups, predict
 from operators.whitebox import narrow_blocks
 from services.contracts.manifest import max_softmax
 from services.demo import build_demo_mlp
@@ -190,3 +192,46 @@ def test_a_tensor_passed_through_a_middle_stage_gets_a_node_of_its_own() -> None
         outputs = session.run(None, {i.name: tensors[i.name] for i in session.get_inputs()})
         tensors.update(zip([o.name for o in session.get_outputs()], outputs, strict=True))
     np.testing.assert_allclose(tensors["y"], x + np.maximum(x, 0))
+
+
+def _images(count: int) -> Samples:
+    rng = np.random.default_rng(0)
+    return Samples({"image": rng.normal(size=(count, 1, 28, 28)).astype(np.float32)}, rng.integers(0, 10, count))
+
+
+def test_training_in_channels_last_learns_the_same_and_hands_back_a_contiguous_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    samples = _images(256)
+    settings = FitSettings(items=256, batch=32, lr=1e-2)
+    assert memory_format(samples) == torch.channels_last
+    torch.manual_seed(0)
+    trained = fit(ConvNet(ConvNetSpec("resnet", (8, 16), (1, 1))), samples, settings)
+    with monkeypatch.context() as patch:  # the reference: the same loop on NCHW-contiguous batches
+        patch.setattr(training, "memory_format", lambda _samples: torch.contiguous_format)
+        torch.manual_seed(0)
+        reference = fit(ConvNet(ConvNetSpec("resnet", (8, 16), (1, 1))), samples, settings)
+    for parameter in trained.parameters():
+        assert parameter.is_contiguous()  # saved and exported as before
+    x = torch.from_numpy(samples.inputs["image"][:8])
+    torch.testing.assert_close(trained(x), reference(x), rtol=1e-3, atol=1e-3)
+    assert predict(trained, samples.head(8)).flags["C_CONTIGUOUS"]
+
+
+def test_layer_decay_gives_each_depth_its_rate() -> None:
+    class Layered(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.low, self.mid, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.head(self.mid(self.low(x)))
+            return out
+
+        def layer_groups(self) -> list[list[torch.nn.Parameter]]:
+            return [list(self.head.parameters()), list(self.mid.parameters())]  # `low` left to the default
+
+    groups = parameter_groups(Layered(), FitSettings(items=1, lr=1.0, layer_decay=0.5))
+    assert [g["lr"] for g in groups] == [1.0, 0.5, 1.0]
+    assert [len(g["params"]) for g in groups] == [2, 2, 2]
+    assert len(parameter_groups(Layered(), FitSettings(items=1, lr=1.0))) == 1
