@@ -232,6 +232,16 @@ def _memory_html(bundle: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+HOSTS_HEAD = ("tier", "node", "CPU", "CPUs", "kernel", "arch")
+
+
+def _hosts_html(bundle: dict[str, Any]) -> str:
+    """Which machine ran each tier (its hostname is the swarm node's on the swarm runtime)."""
+    rows = [[tier, h.get("hostname"), h.get("cpu_model"), h.get("cpus"), h.get("kernel"), h.get("arch")]
+            for tier, info in (bundle.get("tiers") or {}).items() if (h := info.get("host"))]  # fmt: skip
+    return _table(HOSTS_HEAD, rows) if rows else ""
+
+
 def _faults_html(summary: dict[str, Any]) -> str:
     """The fault table, and where the failed requests broke (empty when the spec injected no faults)."""
     rows = summary.get("faults") or []
@@ -322,6 +332,7 @@ def build_report(summary: dict[str, Any], records: list[dict[str, Any]], bundle:
         speeds=speed_fidelity,
         memory=_memory_html(bundle),
         faults=_faults_html(summary),
+        hosts=_hosts_html(bundle),
     )
 
 
@@ -336,6 +347,7 @@ section.figure {{ margin-bottom: 2rem; }}
 </style></head><body>
 <h1>tierlab experiment {title}</h1>
 <p class="note">{meta}</p>
+{hosts}
 <h2>The answer</h2>
 {answer}
 {faults}

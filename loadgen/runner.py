@@ -204,8 +204,10 @@ def environment_bundle(stack: Stack, spec: ExperimentSpec) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "versions": {k: version(k) for k in ("onnxruntime", "numpy", "fastapi", "uvicorn", "tierlab")},
         "seed": spec.seed,
-        "stack": {k: stack.state.get(k) for k in ("runtime", "profile", "network", "images", "subjects")},
-        "tiers": {t: {k: status.get(k) for k in ("limits", "onnxruntime", "device")} for t, status in statuses.items()},
+        "stack": {k: stack.state.get(k) for k in ("runtime", "profile", "network", "images", "subjects", "nodes")},
+        "tiers": {
+            t: {k: status.get(k) for k in ("limits", "onnxruntime", "device", "host")} for t, status in statuses.items()
+        },
         "networks": {},
     }
 

@@ -187,8 +187,16 @@ def load_deployment(path: Path) -> DeploymentSpec:
     return load_yaml_spec(path, DeploymentSpec, "deployment")
 
 
-# TCP payload per Ethernet frame at MTU 1500 with timestamps: 1448 of 1514 bytes on the wire
-TCP_PAYLOAD_PER_FRAME = 1448 / 1514
+# TCP payload per Ethernet frame with timestamps: MTU − 52 (IP 20, TCP 32) of MTU + 14 (Ethernet) bytes the
+# shaper counts — 1448 of 1514 at MTU 1500; 1398 of 1464 on a Swarm overlay (MTU 1450: VXLAN's 50 bytes are
+# added below the interface the tier shapes, on the underlay, and cost the link nothing it emulates)
+ETHERNET_MTU = 1500
+
+
+def tcp_payload_per_frame(mtu_bytes: int = ETHERNET_MTU) -> float:
+    return (mtu_bytes - 52) / (mtu_bytes + 14)
+
+
 # which tier measures which link: the one that sends requests over it
 LINK_SENDERS: dict[LinkName, tuple[TierName, TierName]] = {
     "mobile-edge": ("mobile", "edge"),
@@ -223,6 +231,7 @@ class LinkMeasurementSpec(FrozenSpec):
     rtt_ms_p90: float
     bulk_bytes: int
     goodput_mbit: float | None = Field(description="payload bits per second of the best bulk transfer")
+    mtu_bytes: int = Field(default=ETHERNET_MTU, ge=576, le=65536, description="the shaped interface's MTU")
 
     @property
     def expected_rtt_ms(self) -> float:
@@ -230,9 +239,10 @@ class LinkMeasurementSpec(FrozenSpec):
 
     @property
     def expected_goodput_mbit(self) -> float | None:
-        """TCP payload rate the configured link rate allows: rate × MSS / Ethernet frame (1448 / 1514)."""
+        """TCP payload rate the configured link rate allows: rate × MSS / Ethernet frame at the interface's MTU
+        (1448 / 1514 at 1500; 1398 / 1464 on an overlay)."""
         rate = self.configured.rate_mbit
-        return None if rate is None else rate * TCP_PAYLOAD_PER_FRAME
+        return None if rate is None else rate * tcp_payload_per_frame(self.mtu_bytes)
 
     def problems(self, *, rate_tolerance_pct: float = 10.0) -> list[str]:
         """Where the measurement leaves the tolerance (RTT: ``LinkSpec.rtt_tolerance_ms``; goodput within

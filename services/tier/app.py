@@ -62,6 +62,7 @@ from services.tier.limits import (
     CgroupLimits,
     MemoryBudget,
     host_cpu_count,
+    host_facts,
     process_peak_rss_bytes,
     process_rss_bytes,
     read_cpu_throttling,
@@ -104,6 +105,7 @@ class Tier:
     allow_spinning: bool
     run: CommandRunner
     control_token: str | None = None
+    host: dict[str, str | int | None] = field(default_factory=host_facts)  # the machine it runs on
     _reshaping: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def reshape(self, specs: Mapping[LinkName, LinkSpec]) -> list[LinkState]:
@@ -151,6 +153,7 @@ class Tier:
                 "cpu_cores": self.cpu_cores,
             },
             "device": plane.device.model_dump(mode="json"),
+            "host": self.host,
             "cpu_throttling": throttling.model_dump(mode="json") if (throttling := read_cpu_throttling()) else None,
             "onnxruntime": {"intra_op_threads": self.intra_op_threads, "allow_spinning": self.allow_spinning},
             "links": [state.describe() for state in self.links],

@@ -173,6 +173,39 @@ def _read_v2(root: Path, path: str) -> CgroupLimits:
     )
 
 
+def parse_cpu_model(cpuinfo: str) -> str | None:
+    """The CPU's name from ``/proc/cpuinfo``: ``model name`` on x86, ``Model``/``Hardware`` on ARM boards, else
+    the first ``CPU part`` (ARM cores name no model of their own)."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and value.strip():
+            fields.setdefault(key.strip(), value.strip())
+    for key in ("model name", "Model", "Hardware", "cpu model", "CPU part"):
+        if key in fields:
+            return fields[key]
+    return None
+
+
+def host_facts(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str | int | None]:
+    """The machine the tier runs on, as a run bundle names it: the node's hostname (a Swarm task is told it
+    in ``TIERLAB_NODE_HOSTNAME``; a container's own hostname is its id), CPU model, kernel and architecture
+    (a container shares both with its host)."""
+    try:
+        model = parse_cpu_model(cpuinfo.read_text(errors="replace"))
+    except OSError:
+        model = None
+    uname = os.uname()
+    return {
+        "hostname": os.environ.get("TIERLAB_NODE_HOSTNAME") or uname.nodename,
+        "node_id": os.environ.get("TIERLAB_NODE_ID"),
+        "cpu_model": model,
+        "cpus": host_cpu_count(),
+        "kernel": uname.release,
+        "arch": uname.machine,
+    }
+
+
 def host_cpu_count() -> int:
     return os.cpu_count() or 1
 

@@ -35,11 +35,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 
 from services.contracts.clock import sleep_until
-from services.contracts.specs import LinkName, LinkSpec, TierName
+from services.contracts.specs import ETHERNET_MTU, LinkName, LinkSpec, TierName
 
-MTU_BYTES = 1500
 # netem with no rate still queues every delayed packet; size for a fast veth
 _UNLIMITED_RATE_MBIT = 10_000.0
 _NETEM_DEFAULT_LIMIT_PACKETS = 1000
@@ -76,7 +76,7 @@ def run_command(argv: Sequence[str]) -> CommandResult:
 # ------------------------------------------------------------------------------------- command builders
 
 
-def netem_limit_packets(spec: LinkSpec, mtu_bytes: int = MTU_BYTES) -> int:
+def netem_limit_packets(spec: LinkSpec, mtu_bytes: int = ETHERNET_MTU) -> int:
     """netem queue size: twice the bandwidth-delay product in packets, never below netem's default."""
     if spec.queue_limit_packets is not None:
         return spec.queue_limit_packets
@@ -101,7 +101,17 @@ def netem_argv(device: str, spec: LinkSpec) -> list[str]:
     return [*argv, "limit", str(netem_limit_packets(spec))]
 
 
-def tbf_burst_bytes(rate_mbit: float, mtu_bytes: int = MTU_BYTES) -> int:
+def interface_mtu(device: str | None, sys_net: Path = Path("/sys/class/net")) -> int:
+    """The MTU of the interface a link is shaped on (Ethernet's 1500 where there is none: userspace links)."""
+    if device is None:
+        return ETHERNET_MTU
+    try:
+        return int((sys_net / device / "mtu").read_text())
+    except (OSError, ValueError):
+        return ETHERNET_MTU
+
+
+def tbf_burst_bytes(rate_mbit: float, mtu_bytes: int = ETHERNET_MTU) -> int:
     """Token bucket depth: what the rate delivers in 4 ms (a 250 Hz tick, below which tbf under-delivers),
     at least two frames. Kept that small because an idle link lets a whole bucket through at line speed:
     a larger one would let small requests on slow links skip the rate they should pay."""

@@ -19,7 +19,7 @@ from services.contracts.errors import BadParameter, NextTierError
 from services.contracts.specs import LinkMeasurementSpec, LinkProbeSpec, TierName
 from services.contracts.transport import control_headers
 from services.tier.forwarder import Forwarder
-from services.tier.links import LinkState
+from services.tier.links import LinkState, interface_mtu
 
 SINK_PATH = "/tierlab/sink"
 _NS_PER_MS = 1e6
@@ -95,4 +95,5 @@ async def probe_link(forwarder: Forwarder, states: list[LinkState], probe: LinkP
         rtt_ms_p90=round(deciles[8], 3),
         bulk_bytes=bulk,
         goodput_mbit=goodput,
+        mtu_bytes=interface_mtu(state.device),
     )
