@@ -14,7 +14,7 @@ DEPLOYMENT ?= $(DEMO)/deployment.yaml
 comma := ,
 
 .DEFAULT_GOAL := help
-.PHONY: help venv models models-tiny models-list models-for-stack up down status fidelity logs images profiles local demo bench chaos bench-resume bench-in-stack report recommend bench-loadgen bench-overhead bench-forwarding bench-soak bench-tiers bench-training test test-unit check fmt clean distclean
+.PHONY: help venv models models-tiny models-list models-for-stack up down status fidelity logs images profiles local demo bench chaos bench-resume bench-in-stack report recommend bench-loadgen bench-overhead bench-forwarding bench-soak bench-tiers bench-training swarm-nodes swarm-nodes-down test test-unit check fmt clean distclean
 
 help: ## list the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -58,7 +58,7 @@ models-for-stack: | $(STAMP)
 	  if [ ! -d models/$$s ]; then echo "==> models/$$s missing: building it (make models builds every subject)"; \
 	    $(PY) -m operators build --subject $$s || exit 1; fi; done
 
-up: $(STAMP) models-for-stack ## start the stack: make up [PROFILE=laptop|paper|rpi4|phone] [NETWORK=lan|wifi|4g|wan|paper|none] [RUNTIME=docker|local]
+up: $(STAMP) models-for-stack ## start the stack: make up [PROFILE=laptop|paper|rpi4|phone] [NETWORK=lan|wifi|4g|wan|paper|none] [RUNTIME=docker|swarm|local]
 	$(STACK) up --runtime $(RUNTIME) --profile $(PROFILE) --network $(NETWORK) --subjects $(SUBJECTS) --startup-models $(STARTUP_MODELS)
 
 down: | $(STAMP) ## stop the stack; no container, network or volume is left
@@ -72,6 +72,12 @@ fidelity: | $(STAMP) ## measure every link's RTT and goodput against the network
 
 logs: | $(STAMP) ## the last log lines of every service
 	$(STACK) logs
+
+swarm-nodes: $(STAMP) ## a 3-node Docker Swarm of Docker-in-Docker nodes on this machine (then DOCKER_HOST=… make up RUNTIME=swarm)
+	$(STACK) nodes up --count $(or $(NODES),3)
+
+swarm-nodes-down: | $(STAMP) ## remove the Docker-in-Docker swarm nodes, their volumes and network
+	$(STACK) nodes down
 
 images: $(STAMP) ## build (or pull) the tier, Prometheus and Grafana images
 	$(STACK) images

@@ -1,7 +1,8 @@
 """``python -m services stack …``: the commands behind ``make up/down/status/logs/images/clean``.
 
-``up`` brings up the Docker stack (``--runtime docker``, the default) or the three tiers as local processes
-(``--runtime local``, no Docker needed; the network profile is then emulated in userspace). Both record
+``up`` brings up the Docker stack (``--runtime docker``, the default), the same stack across a Docker Swarm
+(``--runtime swarm``), or the three tiers as local processes (``--runtime local``, no Docker needed; the
+network profile is then emulated in userspace). Both record
 ``.local/stack.json``, which ``status``, ``down`` and the loadgen read to find the tiers.
 """
 
@@ -81,6 +82,8 @@ def _down(root: Path, state: dict[str, Any] | None) -> None:
     stopped = runtime.down()
     if runtime.name == "local":
         say(f"stopped local tiers: {', '.join(stopped) or 'none running'}")
+    elif runtime.name == "swarm":
+        say("swarm stack removed")
     elif compose_available():
         left = leftovers()
         say("stack down" + ("" if not any(left.values()) else f"; still there: {left}"))
@@ -103,8 +106,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def print_status(state: dict[str, Any]) -> int:
     runtime = state.get("runtime")
-    where = f"resources '{state.get('profile')}', " if runtime == "docker" else ""
+    where = f"resources '{state.get('profile')}', " if runtime in ("docker", "swarm") else ""
     print(f"tierlab stack: {runtime}, {where}network '{state.get('network')}'")
+    for tier, node in (state.get("nodes") or {}).items():
+        print(f"  {tier:<6} on node {node['hostname']} ({node['address']}, {node['arch']}, {node['cpus']:g} CPUs)")
     healthy = True
     for tier in TIERS:
         url = state["urls"][tier]
@@ -152,7 +157,7 @@ def print_status(state: dict[str, Any]) -> int:
             print(f"  prometheus {prometheus}  targets up: {', '.join(up) or 'none yet'} ({len(active)} in all)")
         else:
             print(f"  prometheus {prometheus}  not answering")
-    if runtime == "docker":
+    if runtime in ("docker", "swarm"):
         grafana, password = state.get("grafana"), state.get("grafana_admin_password_file")
         if grafana:
             print(f"  grafana    {grafana}  (dashboards open to view; admin's password in {password})")
@@ -163,14 +168,7 @@ def print_status(state: dict[str, Any]) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     root = project_root()
-    state = read_state(root) or {}
-    if state.get("runtime") == "local":
-        for tier, info in state["tiers"].items():
-            print(f"==> {tier} ({info['log']})")
-            print("".join(Path(info["log"]).read_text(errors="replace").splitlines(keepends=True)[-args.tail :]))
-        return 0
-    spec = StackSpec.recorded(state, root)
-    print(DockerStack(spec, root).logs(args.tail))
+    print(runtime_for(read_state(root) or {"runtime": "docker"}, state_path(root)).logs(args.tail))
     return 0
 
 
@@ -248,6 +246,21 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nodes(args: argparse.Namespace) -> int:
+    """A multi-node swarm of Docker-in-Docker nodes on this machine (services/stack/nodes.py)."""
+    from services.stack import nodes
+
+    if args.action == "down":
+        removed = nodes.nodes_down()
+        say(f"removed swarm nodes: {', '.join(removed) or 'none were running'}")
+        return 0
+    started = nodes.nodes_up(args.count, project_root())
+    for node in started:
+        print(f"  {node.name:<16} {node.address:<15} engine {node.engine}")
+    print(f"swarm formed; deploy across it with:\n  DOCKER_HOST={started[0].engine} make up RUNTIME=swarm")
+    return 0
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from services.stack.dashboard import write
 
@@ -300,6 +313,10 @@ def add_commands(commands: Any) -> None:
     loadgen = verbs.add_parser("loadgen", help="run an experiment from a loadgen container inside the stack")
     loadgen.add_argument("--spec", default="quick")
     loadgen.set_defaults(handler=cmd_loadgen)
+    nodes = verbs.add_parser("nodes", help="a multi-node swarm of Docker-in-Docker nodes on this machine")
+    nodes.add_argument("action", choices=("up", "down"))
+    nodes.add_argument("--count", type=int, default=3)
+    nodes.set_defaults(handler=cmd_nodes)
     images = verbs.add_parser("images", help="build (or pull) the images")
     images.add_argument("--no-grafana", action="store_true")
     images.set_defaults(handler=cmd_images)

@@ -103,7 +103,8 @@ class DockerStack:
     def stack_dir(self) -> Path:
         return self.root / ".local" / "stack"
 
-    def _environment(self, images: ImageSet | None) -> dict[str, str]:
+    def environment(self, images: ImageSet | None) -> dict[str, str]:
+        """The variables the compose files read (image names, mounts, ids, start-up models)."""
         env = dict(os.environ)
         uid, gid = loadgen_ids()
         env.update(
@@ -129,17 +130,16 @@ class DockerStack:
         self, *args: str, images: ImageSet | None = None, quiet: bool = False, profiles: tuple[str, ...] = ()
     ) -> str:
         argv = [*self._compose_argv(*profiles), *args]
-        done = run(argv, env=self._environment(images), quiet=quiet, timeout_s=900, cwd=self.root)
+        done = run(argv, env=self.environment(images), quiet=quiet, timeout_s=900, cwd=self.root)
         return (done.stdout or b"").decode()
 
-    def up(self, timeout_s: float = 300.0) -> dict[str, Any]:
-        require_engine()
-        started = time.monotonic()
+    def prepare(self) -> tuple[list[str], Path, Path]:
+        """What every tier reads from the stack folder: the deployment, a fresh control token (mounted, never
+        in an image) and Grafana's admin password; returns the manifests and both files."""
         models_dir = (self.root / self.spec.models_dir).resolve()
         manifests = find_manifests(models_dir, self.spec.subjects)
-        images = ensure_images(with_grafana=self.spec.with_grafana)
         (self.stack_dir / "targets").mkdir(parents=True, exist_ok=True)
-        token_file = new_control_token(self.stack_dir)  # a fresh one per `make up`, mounted, never in an image
+        token_file = new_control_token(self.stack_dir)
         grafana_password = new_control_token(self.stack_dir, GRAFANA_PASSWORD_FILE)
         deployment = stack_deployment(manifests)
         (self.stack_dir / "deployment.yaml").write_text(
@@ -149,6 +149,13 @@ class DockerStack:
             f"starting the stack: resources '{self.spec.profile}', network '{self.spec.network}', "
             f"{len(manifests)} variants"
         )
+        return manifests, token_file, grafana_password
+
+    def up(self, timeout_s: float = 300.0) -> dict[str, Any]:
+        require_engine()
+        started = time.monotonic()
+        images = ensure_images(with_grafana=self.spec.with_grafana)
+        _, token_file, grafana_password = self.prepare()
         grafana = images.grafana is not None
         self._compose("up", "-d", "--remove-orphans", images=images, profiles=("grafana",) if grafana else ())
         self.wait_ready(timeout_s)
@@ -233,7 +240,7 @@ class DockerStack:
             writable_by_loadgen(folder)
         images = ensure_images(with_grafana=False)  # the loadgen runs the current code
         argv = [*self._compose_argv("loadgen"), "run", "--rm", "--use-aliases", "loadgen", "--spec", spec]
-        return run(argv, env=self._environment(images), check=False, cwd=self.root).returncode
+        return run(argv, env=self.environment(images), check=False, cwd=self.root).returncode
 
     def logs(self, tail: int = 100) -> str:
         return self._compose("logs", "--tail", str(tail), quiet=True)

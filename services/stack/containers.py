@@ -11,10 +11,16 @@ from services.contracts.errors import ConfigError
 
 try:
     import docker
-    from docker.errors import APIError, DockerException
+    from docker.errors import APIError, DockerException, NotFound
 except ImportError:  # the in-stack loadgen's image: no SDK, no engine to ask
     docker = None  # type: ignore[assignment]
 
+    class NotFound(Exception):  # type: ignore[no-redef]
+        """Stands in for the SDK's: nothing can be found without one."""
+
+
+__all__ = ["PROJECT", "NoDockerAccess", "NotFound", "client", "exited", "project_containers", "swarm_service",
+           "update", "update_nano_cpus"]  # fmt: skip
 PROJECT = "tierlab"
 
 
@@ -22,22 +28,27 @@ class NoDockerAccess(ConfigError):
     """No Docker SDK or engine reachable from this process."""
 
 
-_client: Any = None
+_clients: dict[str | None, Any] = {}
 
 
-def client() -> Any:
-    """One Docker client per process, checked with a ping."""
-    global _client  # noqa: PLW0603 - one connection pool to the engine per process
-    if _client is None:
+def client(base_url: str | None = None) -> Any:
+    """One Docker client per engine and process, checked with a ping: this host's (``DOCKER_HOST`` or the
+    socket) by default, or a swarm node's own engine (``tcp://…``, ``ssh://…``)."""
+    if base_url not in _clients:
         if docker is None:
             raise NoDockerAccess("no Docker SDK here (pip install 'tierlab[stack]')")
         try:
-            engine = docker.from_env(timeout=60)
+            engine = (
+                docker.from_env(timeout=60)
+                if base_url is None
+                else docker.DockerClient(base_url=base_url, timeout=60, use_ssh_client=base_url.startswith("ssh://"))
+            )
             engine.ping()
         except DockerException as exc:
-            raise NoDockerAccess(f"cannot reach the Docker engine from here: {exc}") from None
-        _client = engine
-    return _client
+            where = "here" if base_url is None else base_url
+            raise NoDockerAccess(f"cannot reach the Docker engine at {where}: {exc}") from None
+        _clients[base_url] = engine
+    return _clients[base_url]
 
 
 def project_containers(project: str = PROJECT) -> dict[str, Any]:
@@ -61,3 +72,24 @@ def update(container: Any, **changes: int) -> None:
         container.update(**changes)
     except APIError as exc:
         raise ConfigError(f"Docker refused to change {container.name}'s limits {changes}: {exc.explanation}") from None
+
+
+def update_nano_cpus(container: Any, nano_cpus: int, **changes: int) -> None:
+    """``docker update --cpus``: a Swarm task's CPU limit is ``NanoCpus``, which the engine will not let a
+    CFS quota replace, and which the SDK's ``update`` cannot set (so: the engine's own update endpoint)."""
+    api = container.client.api
+    body = {"NanoCpus": nano_cpus}
+    if "mem_limit" in changes:
+        body.update(Memory=changes["mem_limit"], MemorySwap=changes.get("memswap_limit", changes["mem_limit"]))
+    response = api.post(f"{api.base_url}/v{api.api_version}/containers/{container.id}/update", json=body)
+    if response.status_code != 200:
+        message = response.json().get("message", response.text) if response.content else response.reason
+        raise ConfigError(f"Docker refused to change {container.name}'s limits {body}: {message}")
+
+
+def swarm_service(name: str, manager: str | None = None) -> Any | None:
+    """A Swarm service by name, asked of a manager's engine (None when there is none)."""
+    try:
+        return client(manager).services.get(name)
+    except NotFound:
+        return None

@@ -12,7 +12,8 @@
 service labels); ``LocalRuntime`` signals the tier processes by the pids in the state file and starts a
 killed tier again with the argv it was started with. Local tiers have no cgroup: their limits read back as
 none, and setting one is refused with a message that says to use the Docker runtime. A swarm runtime is
-meant to be a third implementation of the same class.
+``SwarmRuntime`` is the third: the Swarm services of ``docker stack deploy``, their containers reached
+through each node's engine (``services/stack/swarm.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -40,8 +42,17 @@ from services.stack.compose import (
     state_path,
     write_state,
 )
-from services.stack.containers import PROJECT, NoDockerAccess, project_containers, update
+from services.stack.containers import (
+    PROJECT,
+    NoDockerAccess,
+    NotFound,
+    project_containers,
+    swarm_service,
+    update,
+    update_nano_cpus,
+)
 from services.stack.docker import project_root
+from services.stack.swarm import ENGINE_LABEL, STACK, SwarmStack, engine_client
 
 TierRun = Literal["running", "paused", "exited", "missing"]
 _POLL_INTERVAL_S = 0.1
@@ -115,6 +126,15 @@ class Runtime(ABC):
 
     @abstractmethod
     def limits(self, tier: TierName) -> TierLimits: ...
+
+    @abstractmethod
+    def exec(self, tier: TierName, argv: list[str]) -> str:
+        """Run ``argv`` where the tier runs (in its container; on this host for a local tier); its output.
+        A command that fails raises ``ConfigError`` with what it printed."""
+
+    @abstractmethod
+    def logs(self, tail: int = 100) -> str:
+        """The last ``tail`` log lines of every tier (and whatever else the runtime started)."""
 
     @abstractmethod
     def set_limits(self, tier: TierName, limits: TierLimits) -> None:
@@ -245,6 +265,20 @@ class LocalRuntime(Runtime):
         self._info(tier)
         return TierLimits(None, None)
 
+    def exec(self, tier: TierName, argv: list[str]) -> str:
+        self._info(tier)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode != 0:
+            raise ConfigError(f"`{' '.join(argv)}` failed on {tier}'s host ({done.returncode}): {done.stderr.strip()}")
+        return done.stdout
+
+    def logs(self, tail: int = 100) -> str:
+        out = []
+        for tier, info in self.state.get("tiers", {}).items():
+            lines = Path(info["log"]).read_text(errors="replace").splitlines(keepends=True)[-tail:]
+            out.append(f"==> {tier} ({info['log']})\n{''.join(lines)}")
+        return "\n".join(out)
+
     def set_limits(self, tier: TierName, limits: TierLimits) -> None:
         raise Unsupported(
             f"the local runtime runs {tier} as a plain process without cgroup limits: "
@@ -340,19 +374,36 @@ class DockerRuntime(Runtime):
     def limits(self, tier: TierName) -> TierLimits:
         host = self._container(tier).attrs["HostConfig"]
         quota, period = host.get("CpuQuota") or 0, host.get("CpuPeriod") or 100_000
+        nano = host.get("NanoCpus") or 0  # `--cpus` and Swarm's limits: a quota at the default period
+        cores = nano / 1e9 if nano > 0 else quota / period if quota > 0 else None
         memory, swap = host.get("Memory") or None, host.get("MemorySwap") or None
-        return TierLimits(quota / period if quota > 0 else None, memory, swap if swap and swap > 0 else None)
+        return TierLimits(cores, memory, swap if swap and swap > 0 else None)
 
     def set_limits(self, tier: TierName, limits: TierLimits) -> None:
         container = self._container(tier)
-        period = container.attrs["HostConfig"].get("CpuPeriod") or 100_000
+        host = container.attrs["HostConfig"]
+        period = host.get("CpuPeriod") or 100_000
         quota = -1 if limits.cpu_cores is None else max(1000, round(limits.cpu_cores * period))
-        changes = {"cpu_period": period, "cpu_quota": quota}
+        changes: dict[str, int] = {}
         if limits.memory_bytes is not None:  # no swap unless asked: a squeeze is felt, not paged away
             changes.update(mem_limit=limits.memory_bytes, memswap_limit=limits.memory_swap_bytes or limits.memory_bytes)
-        elif container.attrs["HostConfig"].get("Memory"):
+        elif host.get("Memory"):
             raise Unsupported(f"Docker cannot remove the memory limit of the running {tier} container")
-        update(container, **changes)
+        if host.get("NanoCpus"):  # the engine refuses a quota where NanoCpus is set: stay in its unit
+            update_nano_cpus(container, 0 if limits.cpu_cores is None else round(limits.cpu_cores * 1e9), **changes)
+            return
+        update(container, cpu_period=period, cpu_quota=quota, **changes)
+
+    def exec(self, tier: TierName, argv: list[str]) -> str:
+        code, out = self._container(tier).exec_run(argv)
+        text = bytes(out).decode(errors="replace")
+        if code != 0:
+            raise ConfigError(f"`{' '.join(argv)}` failed in {tier}'s container ({code}): {text.strip()}")
+        return text
+
+    def logs(self, tail: int = 100) -> str:
+        root = self.state_file.parents[1] if self.state_file is not None else project_root()
+        return DockerStack(StackSpec.recorded(self.state, root), root).logs(tail)
 
     def down(self) -> list[str]:
         if not compose_available():
@@ -362,7 +413,74 @@ class DockerRuntime(Runtime):
         return [t for t, p in self.processes().items() if p.run == "missing"]
 
 
-RUNTIMES: dict[str, type[Runtime]] = {"local": LocalRuntime, "docker": DockerRuntime}
+# ------------------------------------------------------------------------------------------- swarm
+
+
+class SwarmRuntime(DockerRuntime):
+    """The stack's Swarm services; each tier's current task container through its node's own engine (the
+    manager's for its own node, else the node's ``tierlab.engine`` label), so a fault is the same container
+    operation as with compose. Starting a killed tier again is Swarm's: a forced update makes a new task."""
+
+    name = "swarm"
+
+    @classmethod
+    def up(cls, spec: StackSpec, root: Path, timeout_s: float) -> Runtime:
+        return cls(SwarmStack(spec, root).up(timeout_s), state_path(root))
+
+    @property
+    def stack(self) -> SwarmStack:
+        root = self.state_file.parents[1] if self.state_file is not None else project_root()
+        return SwarmStack(StackSpec.recorded(self.state, root), root, self.state.get("manager"))
+
+    def _engine(self, node_id: str) -> Any:
+        engine = (self.state.get("engines") or {}).get(node_id)
+        if engine is None:
+            raise Unsupported(
+                f"this host cannot reach the engine of swarm node {node_id}: label the node "
+                f"`docker node update --label-add {ENGINE_LABEL}=ssh://user@host <node>` (or tcp://…), make up again"
+            )
+        try:
+            return engine_client(engine)
+        except NoDockerAccess as exc:
+            raise Unsupported(str(exc)) from None
+
+    def _containers(self) -> dict[TierName, Any]:
+        found: dict[TierName, Any] = {}
+        for tier in TIERS:
+            task = self.stack.latest_task(tier)
+            container_id = (task or {}).get("Status", {}).get("ContainerStatus", {}).get("ContainerID")
+            if task is None or not container_id:
+                continue
+            try:
+                found[tier] = self._engine(task["NodeID"]).containers.get(container_id)
+            except NotFound:  # the node removed it (Swarm prunes old tasks)
+                continue
+        return found
+
+    def start(self, tier: TierName) -> None:
+        """A new task of the tier's service (a killed task stays down: restart condition none)."""
+        stack = self.stack
+        service = swarm_service(f"{STACK}_{tier}", stack.manager)
+        if service is None:
+            raise ConfigError(f"no {tier} service in the {STACK} stack (make up RUNTIME=swarm)")
+        if self.processes()[tier].run in ("running", "paused"):
+            raise ConfigError(f"{tier} is still running")
+        service.force_update()
+        deadline = time.monotonic() + 60
+        while stack.task_state(tier) != "running":
+            if time.monotonic() > deadline:
+                raise ConfigError(f"Swarm has not started {tier} again within 60 s")
+            time.sleep(_POLL_INTERVAL_S)
+
+    def logs(self, tail: int = 100) -> str:
+        return self.stack.logs(tail)
+
+    def down(self) -> list[str]:
+        self.stack.down(self.state)
+        return list(TIERS)
+
+
+RUNTIMES: dict[str, type[Runtime]] = {"local": LocalRuntime, "docker": DockerRuntime, "swarm": SwarmRuntime}
 
 
 def runtime_for(state: dict[str, Any], state_file: Path | None = None) -> Runtime:
