@@ -4,7 +4,9 @@
 ARG BASE=python:3.11-slim
 
 FROM ${BASE} AS venv
-COPY .local/wheelhouse /wheelhouse
+# the host's own wheels, or another architecture's (`make images ARCH=arm64`: .local/wheelhouse-arm64)
+ARG WHEELHOUSE=.local/wheelhouse
+COPY ${WHEELHOUSE} /wheelhouse
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-index --no-cache-dir --find-links /wheelhouse \
       -r /wheelhouse/requirements.txt -c /wheelhouse/constraints.txt

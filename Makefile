@@ -79,8 +79,8 @@ swarm-nodes: $(STAMP) ## a 3-node Docker Swarm of Docker-in-Docker nodes on this
 swarm-nodes-down: | $(STAMP) ## remove the Docker-in-Docker swarm nodes, their volumes and network
 	$(STACK) nodes down
 
-images: $(STAMP) ## build (or pull) the tier, Prometheus and Grafana images
-	$(STACK) images
+images: $(STAMP) ## build (or pull) the tier, Prometheus and Grafana images; ARCH=arm64: the tier image for a Pi
+	$(STACK) images $(if $(ARCH),--arch $(ARCH))
 
 profiles: | $(STAMP) ## list the resource and network profiles in compose/
 	$(STACK) profiles

@@ -227,6 +227,11 @@ class _Reader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships
 # weight-bearing operators only: LayerNorm, Softmax and residual adds stay in float, where int8 would lose
 # most (static int8 on every op took MiniLM from 75 % to 37 % accuracy here)
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+# activation ranges from the 99.99th percentile of the calibration values, not their extremes: a handful of
+# outlier activations set MinMax's scale for all the rest. Measured on the distilled segmenter (`make
+# models`, mIoU over 1,200 canvases, its fp32 0.636): MinMax 0.616 (0.616 with 1,024 calibration items),
+# entropy 0.616, percentile 0.631; the teacher keeps 0.658 either way
+CALIBRATION_PERCENTILE = 99.99
 SPTQ_SETTINGS: dict[str, Scalar] = {
     "quant_format": "QDQ",
     "activation_type": "QUInt8",
@@ -235,7 +240,8 @@ SPTQ_SETTINGS: dict[str, Scalar] = {
     "reduce_range": True,
     "quantized_ops": "+".join(QUANTIZED_OPS),
     "activation_products": "float",
-    "calibrate_method": "MinMax",
+    "calibrate_method": "Percentile",
+    "calibrate_percentile": CALIBRATION_PERCENTILE,
     "calibrated_on": "calibration",
 }
 
@@ -288,7 +294,8 @@ def sptq(draft: Draft, ctx: BlackBoxContext) -> Draft:
             reduce_range=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=CalibrationMethod.Percentile,
+            extra_options={"CalibPercentile": CALIBRATION_PERCENTILE},
         )
 
     calibration = ctx.split.calibration.head(ctx.calibration_items)

@@ -98,7 +98,7 @@ class Subject(ABC):
     budget_scale: float = 1.0
     # structured pruning's recovery: the fine-tune budget × this (grouped convolutions need more)
     structured_recovery: float = 1.0
-    # minutes of the full build on 2 cores (measured, `make models`): the longest start first with --jobs
+    # minutes of its full build in one 1-thread worker of `make models --jobs 2` (measured): the longest start first
     build_cost: float = 1.0
 
     def items(self, count: int) -> int:
@@ -170,7 +170,7 @@ class FashionSegmenter(Subject):
     metric = "miou"
     description = "fully-convolutional segmenter, Fashion-MNIST items on 64×64 canvases (11 classes incl. background)"
     variants = SEGMENTER_VARIANTS
-    build_cost = 13.5
+    build_cost = 17.0
     batch = 16  # more, smaller steps: a segmenter trained from scratch needs the updates
     budget_scale = 0.35
 
@@ -221,7 +221,7 @@ class FortunesText(Subject):
     metric = "accuracy"
     description = "MiniLM-L6 (pretrained) fine-tuned with a head, 8 fortune topics; token ids in, 64 tokens"
     variants = TEXT_VARIANTS
-    build_cost = 7.0
+    build_cost = 18.6
     batch = 32
     lr = 2e-4
     # FULL's 80,000 items × 0.1: three epochs of the 2,634 training texts (27 ms an item on 2 cores)
@@ -280,14 +280,14 @@ SUBJECTS: dict[str, Subject] = {
             "fmnist-resnet",
             ConvNetSpec("resnet", (32, 64, 128), (2, 2, 2)),
             "ResNet-style classifier (basic blocks 2-2-2, widths 32-64-128), Fashion-MNIST 28×28",
-            build_cost=8.0,
+            build_cost=9.0,
         ),
         FashionClassifier(
             "fmnist-resnext",
             ConvNetSpec("resnext", (64, 128, 256), (1, 1, 1), groups=8),
             "ResNeXt-style classifier (grouped bottlenecks, cardinality 8, widths 64-128-256), Fashion-MNIST",
             structured_recovery=2.0,  # 10,000 items left it 3.1 points short, 20,000 1.2 (distilled at lr / 3)
-            build_cost=11.7,
+            build_cost=13.5,
         ),
         FashionSegmenter(),
         FortunesText(),

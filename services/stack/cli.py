@@ -221,10 +221,16 @@ def cmd_loadgen(args: argparse.Namespace) -> int:
 
 def cmd_images(args: argparse.Namespace) -> int:
     from services.stack.docker import require_engine
-    from services.stack.images import ensure_images
+    from services.stack.images import ensure_images, foreign_tier_image, host_arch
 
     require_engine()
     started = time.monotonic()
+    if args.arch and args.arch != host_arch():
+        foreign = foreign_tier_image(args.arch)
+        print(f"  tier ({args.arch}) {foreign}   ({time.monotonic() - started:.0f} s)")
+        as_deployed = ensure_images(with_grafana=False).tier  # the tag the stack file names on every node
+        print(f"  to a node: docker save {foreign} | ssh <node> 'docker load && docker tag {foreign} {as_deployed}'")
+        return 0
     images = ensure_images(with_grafana=not args.no_grafana)
     for role, tag in (("tier", images.tier), ("prometheus", images.prometheus), ("grafana", images.grafana)):
         print(f"  {role:<10} {tag or 'unavailable (no registry)'}")
@@ -319,6 +325,7 @@ def add_commands(commands: Any) -> None:
     nodes.set_defaults(handler=cmd_nodes)
     images = verbs.add_parser("images", help="build (or pull) the images")
     images.add_argument("--no-grafana", action="store_true")
+    images.add_argument("--arch", help="build the tier image for another architecture (e.g. arm64), emulated")
     images.set_defaults(handler=cmd_images)
     clean = verbs.add_parser("clean", help="remove the stack and tierlab's images (--all: the base too)")
     clean.add_argument("--all", action="store_true")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -48,15 +49,50 @@ class ImageSet:
         return env
 
 
-def debootstrap_argv(target: Path, mirror: str = DEBIAN_MIRROR) -> list[str]:
+def host_arch() -> str:
+    """This machine's architecture in Debian's and Docker's words (amd64, arm64)."""
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "aarch64": "arm64", "armv8l": "arm64"}.get(machine, machine)
+
+
+def debootstrap_argv(
+    target: Path, mirror: str = DEBIAN_MIRROR, *, arch: str | None = None, packages: tuple[str, ...] = BASE_PACKAGES
+) -> list[str]:
+    foreign = [f"--arch={arch}"] if arch and arch != host_arch() else []
     return [
         "debootstrap",
         "--variant=minbase",
-        f"--include={','.join(BASE_PACKAGES)}",
+        *foreign,
+        f"--include={','.join(packages)}",
         "bookworm",
         str(target),
         mirror,
     ]
+
+
+QEMU_BINFMT = {"arm64": "qemu-aarch64", "amd64": "qemu-x86_64"}
+BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
+
+
+def require_emulation(arch: str, binfmt_dir: Path = BINFMT_DIR) -> None:
+    """A foreign architecture's binaries must run here (debootstrap's second stage, the image's RUN steps):
+    qemu-user-static registered with binfmt_misc, its interpreter fixed at registration ("F")."""
+    entry = binfmt_dir / QEMU_BINFMT.get(arch, f"qemu-{arch}")
+    try:
+        registered = entry.read_text()
+    except OSError:
+        registered = ""
+    flags = next((line.split(":", 1)[1] for line in registered.splitlines() if line.startswith("flags:")), "")
+    if not registered.startswith("enabled") or "F" not in flags:
+        raise ConfigError(
+            f"building {arch} images here needs {arch} emulation: sudo apt-get install -y qemu-user-static "
+            "binfmt-support; sudo mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc (if not mounted); "
+            f"sudo update-binfmts --enable {entry.name}"
+        )
+
+
+def offline_base_tag(arch: str) -> str:
+    return OFFLINE_BASE if arch == host_arch() else f"{OFFLINE_BASE}-{arch}"
 
 
 def image_requirements(pyproject: Path) -> list[str]:
@@ -85,55 +121,87 @@ def source_digest(root: Path) -> str:
     return _digest(*(p.relative_to(root).as_posix().encode() + p.read_bytes() for p in files))
 
 
-def ensure_base(*, offline_only: bool = False) -> str:
-    """``python:3.11-slim`` if a registry gives it, else the debootstrapped base (built once)."""
-    if not offline_only and try_pull(REGISTRY_BASE, timeout_s=180):
+def ensure_base(*, offline_only: bool = False, arch: str | None = None) -> str:
+    """``python:3.11-slim`` if a registry gives it, else the debootstrapped base (built once). Another
+    architecture's base is always made here (under qemu emulation)."""
+    arch = arch or host_arch()
+    foreign = arch != host_arch()
+    if not offline_only and not foreign and try_pull(REGISTRY_BASE, timeout_s=180):
         return REGISTRY_BASE
-    if image_exists(OFFLINE_BASE):
-        return OFFLINE_BASE
+    tag = offline_base_tag(arch)
+    if image_exists(tag):
+        return tag
+    slower = ", far longer emulated" if foreign else ""
+    say(f"building the offline base {tag} with debootstrap (once, about 2 minutes{slower})")
+    return debootstrap_image(tag, arch, BASE_PACKAGES)
+
+
+def debootstrap_image(tag: str, arch: str, packages: tuple[str, ...], changes: tuple[str, ...] = ()) -> str:
+    """A Debian bookworm image with ``packages``, made by debootstrap and ``docker import`` (no registry)."""
     if shutil.which("debootstrap") is None:
-        raise ConfigError(
-            f"no registry answers for {REGISTRY_BASE} and debootstrap is missing: sudo apt-get install -y debootstrap"
-        )
-    say(f"no registry: building the offline base {OFFLINE_BASE} with debootstrap (once, about 2 minutes)")
+        raise ConfigError(f"building {tag} needs debootstrap: sudo apt-get install -y debootstrap")
+    if arch != host_arch():
+        require_emulation(arch)
     with tempfile.TemporaryDirectory(prefix="tierlab-rootfs-") as folder:
         rootfs = Path(folder) / "rootfs"
-        run(debootstrap_argv(rootfs), quiet=True, timeout_s=1800)
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        imported = subprocess.run(
-            ["docker", "import", "-", OFFLINE_BASE], stdin=tar.stdout, capture_output=True, check=False
-        )
-        tar.wait()
+        run(debootstrap_argv(rootfs, arch=arch, packages=packages), quiet=True, timeout_s=3600)
+        argv = ["docker", "import", "--platform", f"linux/{arch}"]
+        for change in changes:
+            argv += ["--change", change]
+        with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
+            imported = subprocess.run([*argv, "-", tag], stdin=tar.stdout, capture_output=True, check=False)
         if imported.returncode != 0 or tar.returncode != 0:
-            raise ConfigError(f"docker import of the base failed: {imported.stderr.decode().strip()}")
-    return OFFLINE_BASE
+            raise ConfigError(f"docker import of {tag} failed: {imported.stderr.decode().strip()}")
+    return tag
 
 
-def ensure_wheelhouse(root: Path, python: str) -> Path:
-    """Wheels for the image's requirements, pinned to the venv, built on the host (cached by content)."""
-    house = root / ".local" / "wheelhouse"
+def wheelhouse_dir(root: Path, arch: str) -> Path:
+    return root / ".local" / ("wheelhouse" if arch == host_arch() else f"wheelhouse-{arch}")
+
+
+# the manylinux tags another architecture's wheels carry (pip download --platform, one per tag)
+MANYLINUX_TAGS = {
+    "arm64": ("manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_28_aarch64"),
+    "amd64": ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64"),
+}
+
+
+def ensure_wheelhouse(root: Path, python: str, arch: str | None = None) -> Path:
+    """Wheels for the image's requirements, pinned to the venv (cached by content): built on the host for
+    its own architecture, downloaded as binary wheels (``pip download --platform``) for another."""
+    arch = arch or host_arch()
+    house = wheelhouse_dir(root, arch)
     requirements = "\n".join(image_requirements(root / "pyproject.toml")) + "\n"
     constraints = "\n".join(pinned_constraints(python)) + "\n"
     stamp = house / f".built-{_digest(requirements.encode(), constraints.encode())}"
     if stamp.exists():
         return house
-    say("collecting wheels for the images into .local/wheelhouse")
+    say(f"collecting {arch} wheels for the images into {house.relative_to(root)}")
     if house.exists():
         shutil.rmtree(house)
     house.mkdir(parents=True)
     (house / "requirements.txt").write_text(requirements)
     (house / "constraints.txt").write_text(constraints)
-    run(
-        [python, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(house), "--prefer-binary",
-         "-r", str(house / "requirements.txt"), "-c", str(house / "constraints.txt")],
-        timeout_s=1800,
-    )  # fmt: skip
+    files = ["-r", str(house / "requirements.txt"), "-c", str(house / "constraints.txt")]
+    if arch == host_arch():
+        argv = [python, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(house), "--prefer-binary", *files]
+    else:
+        if arch not in MANYLINUX_TAGS:
+            raise ConfigError(f"no wheel platform known for {arch}; known: {', '.join(MANYLINUX_TAGS)}")
+        platforms = [a for tag in MANYLINUX_TAGS[arch] for a in ("--platform", tag)]
+        argv = [python, "-m", "pip", "download", "--quiet", "--dest", str(house), "--only-binary=:all:",
+                *platforms, "--python-version", "3.11", "--implementation", "cp", *files]  # fmt: skip
+    run(argv, timeout_s=1800)
     stamp.touch()
     return house
 
 
-def build_tier_image(root: Path, base: str, python: str) -> str:
-    house = ensure_wheelhouse(root, python)
+def build_tier_image(root: Path, base: str, python: str, arch: str | None = None) -> str:
+    """The tier image from ``base`` and the wheelhouse; another architecture's is tagged ``…-<arch>`` and
+    built under emulation (its RUN steps are few: a venv from local wheels, one setcap)."""
+    arch = arch or host_arch()
+    foreign = arch != host_arch()
+    house = ensure_wheelhouse(root, python, arch)
     digest = _digest(
         (root / "Dockerfile").read_bytes(),
         (house / "requirements.txt").read_bytes(),
@@ -141,16 +209,20 @@ def build_tier_image(root: Path, base: str, python: str) -> str:
         source_digest(root).encode(),
         base.encode(),
     )
-    tag = f"tierlab/tier:{digest}"
+    tag = f"tierlab/tier:{digest}" + (f"-{arch}" if foreign else "")
     if image_exists(tag):
         return tag
     # wheels always come from the wheelhouse; only python:3.11-slim needs the network, for apt's iproute2
     offline = base != REGISTRY_BASE
-    say(f"building {tag} from {base}" + (" (no network)" if offline else ""))
+    say(
+        f"building {tag} from {base}" + (" (no network)" if offline else "") + (f", {arch} emulated" if foreign else "")
+    )
+    latest = [] if foreign else ["-t", "tierlab/tier:latest"]
     run(
-        ["docker", "build", *(["--network", "none"] if offline else []), "--build-arg", f"BASE={base}", "-t", tag,
-         "-t", "tierlab/tier:latest", "-f", str(root / "Dockerfile"), str(root)],
-        timeout_s=1800,
+        ["docker", "build", *(["--network", "none"] if offline else []), "--platform", f"linux/{arch}",
+         "--build-arg", f"BASE={base}", "--build-arg", f"WHEELHOUSE={house.relative_to(root)}", "-t", tag, *latest,
+         "-f", str(root / "Dockerfile"), str(root)],
+        timeout_s=3600,
     )  # fmt: skip
     return tag
 
@@ -178,6 +250,13 @@ def build_prometheus_image(root: Path, base: str) -> str:
     run(["docker", "build", "--network", "none", "--build-arg", f"BASE={base}", "-t", tag, str(context)],
         timeout_s=900)  # fmt: skip
     return tag
+
+
+def foreign_tier_image(arch: str, python: str = sys.executable) -> str:
+    """The tier image for another architecture (a Raspberry Pi's arm64), made offline under emulation: its
+    own debootstrapped base, the wheels of that architecture, the same Dockerfile. Prometheus and Grafana
+    run on a manager and need none."""
+    return build_tier_image(project_root(), ensure_base(offline_only=True, arch=arch), python, arch)
 
 
 def ensure_images(*, with_grafana: bool = True, python: str = sys.executable) -> ImageSet:

@@ -1,12 +1,13 @@
 """A multi-node Docker Swarm on this one machine: each node a Docker-in-Docker container with its own engine.
 
-``make swarm-nodes`` (``python -m services stack nodes up``) starts ``--count`` node containers (privileged,
-their own ``dockerd``, ``/var/lib/docker`` on a volume each) on a bridge network of their own, from an
-image made offline like the tier's base (``debootstrap`` with Debian's ``docker.io``; no registry), loads
-tierlab's images into each engine (``docker save`` → ``load``: nothing is pulled), makes the first node
-the manager and joins the rest as workers, and labels one node per tier (``tierlab.tier``) with where this
-host reaches its engine (``tierlab.engine``). The project folder is bind-mounted at the same path on every
-node, so the models and the stack folder are where the stack file says (on real hosts: ``rsync`` them).
+``make swarm-nodes`` (``python -m services stack nodes up``) starts ``--count`` node containers (every
+capability but one, their own cgroup namespace and ``dockerd``, ``/var/lib/docker`` on a volume each) on a
+bridge network of their own, from an image made offline like the tier's base (``debootstrap`` with
+Debian's ``docker.io``; no registry), loads tierlab's images into each engine (``docker save`` → ``load``:
+nothing is pulled), makes the first node the manager and joins the rest as workers, and labels one node
+per tier (``tierlab.tier``) and each with where this host reaches its engine (``tierlab.engine``). The
+project folder is bind-mounted at the same path on every node, so the models are where the stack file says
+(on real hosts: ``rsync`` them; the rest travels as Swarm configs and secrets).
 Then ``DOCKER_HOST=<the manager> make up RUNTIME=swarm`` deploys across them; ``make swarm-nodes-down``
 removes the nodes, their volumes and network.
 
@@ -16,9 +17,7 @@ harness, not a way to run a swarm.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from services.contracts.errors import ConfigError
 from services.contracts.specs import TIERS
 from services.stack.containers import NoDockerAccess, client
 from services.stack.docker import image_exists, run, say
-from services.stack.images import BASE_PACKAGES, debootstrap_argv, ensure_images
+from services.stack.images import BASE_PACKAGES, debootstrap_image, ensure_images, host_arch
 from services.stack.swarm import ENGINE_LABEL, TIER_LABEL
 
 NODE_IMAGE = "tierlab/swarm-node:bookworm"
@@ -38,30 +37,31 @@ NODE_NETWORK = "tierlab-nodes"
 NODE_LABEL = "org.tierlab.swarm-node"
 ENGINE_PORT = 2375
 
+# What a node's own engine needs (cgroups, iptables, overlay mounts, network namespaces, VXLAN): everything
+# ``--privileged`` gives but CAP_SYS_RESOURCE, which this kind of VM's root lacks in its bounding set, so
+# ``--privileged`` itself fails here ("unable to apply caps: operation not permitted")
+NODE_PRIVILEGES = ("--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE", "--security-opt", "seccomp=unconfined",
+                   "--security-opt", "apparmor=unconfined", "--security-opt", "systempaths=unconfined",
+                   "--cgroupns", "private", "--device-cgroup-rule", "a *:* rwm")  # fmt: skip
+# a node's boot: its own cgroup hierarchies (its private cgroup namespace makes its cgroup their root, so
+# the tiers' limits nest inside the node's), then its engine, on the socket and on TCP for this host
+NODE_BOOT = f"""set -e
+umount -R /sys/fs/cgroup 2>/dev/null || umount -l /sys/fs/cgroup
+mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup
+for controller in $(awk 'NR > 1 && $4 == 1 {{print $1}}' /proc/cgroups); do
+  mkdir -p /sys/fs/cgroup/$controller
+  mount -t cgroup -o $controller cgroup /sys/fs/cgroup/$controller || rmdir /sys/fs/cgroup/$controller
+done
+exec dockerd --host unix:///var/run/docker.sock --host tcp://0.0.0.0:{ENGINE_PORT} --storage-driver overlay2
+"""
+
 
 def ensure_node_image() -> str:
     """The node image: Debian bookworm with its docker.io, made by debootstrap (about 3 minutes, once)."""
     if image_exists(NODE_IMAGE):
         return NODE_IMAGE
-    if shutil.which("debootstrap") is None:
-        raise ConfigError("debootstrap is missing: sudo apt-get install -y debootstrap")
     say(f"building the swarm node image {NODE_IMAGE} with debootstrap (once, about 3 minutes)")
-    with tempfile.TemporaryDirectory(prefix="tierlab-node-rootfs-") as folder:
-        rootfs = Path(folder) / "rootfs"
-        argv = debootstrap_argv(rootfs)
-        argv[2] = f"--include={','.join(NODE_PACKAGES)}"
-        run(argv, quiet=True, timeout_s=1800)
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        imported = subprocess.run(
-            ["docker", "import", "--change", 'CMD ["dockerd"]', "-", NODE_IMAGE],
-            stdin=tar.stdout,
-            capture_output=True,
-            check=False,
-        )
-        tar.wait()
-        if imported.returncode != 0 or tar.returncode != 0:
-            raise ConfigError(f"docker import of the node image failed: {imported.stderr.decode().strip()}")
-    return NODE_IMAGE
+    return debootstrap_image(NODE_IMAGE, host_arch(), NODE_PACKAGES, changes=('CMD ["bash", "-c", "exec dockerd"]',))
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,19 +85,13 @@ def start_nodes(count: int, root: Path) -> list[Node]:
     nodes = []
     for index in range(1, count + 1):
         name = f"{NODE_PREFIX}{index}"
-        container = engine.containers.run(
-            NODE_IMAGE,
-            ["dockerd", "--host", "unix:///var/run/docker.sock", "--host", f"tcp://0.0.0.0:{ENGINE_PORT}",
-             "--storage-driver", "overlay2"],
-            name=name,
-            hostname=name,
-            detach=True,
-            privileged=True,  # its own engine: cgroups, iptables, overlay mounts, VXLAN
-            network=NODE_NETWORK,
-            labels={NODE_LABEL: "1"},
-            volumes={f"{name}-docker": {"bind": "/var/lib/docker", "mode": "rw"},
-                     str(root): {"bind": str(root), "mode": "ro"}},
-        )  # fmt: skip
+        # the CLI, not the SDK: the SDK cannot unmask /proc/sys (systempaths=unconfined), where an engine
+        # switches IP forwarding on
+        run(["docker", "run", "--detach", "--name", name, "--hostname", name, "--network", NODE_NETWORK,
+             "--label", f"{NODE_LABEL}=1", "--volume", f"{name}-docker:/var/lib/docker",
+             "--volume", f"{root}:{root}:ro", *NODE_PRIVILEGES, NODE_IMAGE, "bash", "-c", NODE_BOOT],
+            quiet=True, timeout_s=120)  # fmt: skip
+        container = engine.containers.get(name)
         container.reload()
         address = container.attrs["NetworkSettings"]["Networks"][NODE_NETWORK]["IPAddress"]
         nodes.append(Node(name, address))
@@ -120,10 +114,9 @@ def wait_engine(node: Node, timeout_s: float = 60.0) -> Any:
 
 def load_images(node: Node, tags: list[str]) -> None:
     """Copy images from this host's engine into a node's (``docker save | docker load``: no registry)."""
-    save = subprocess.Popen(["docker", "save", *tags], stdout=subprocess.PIPE)
-    load = subprocess.run(["docker", "-H", node.engine, "load", "--quiet"], stdin=save.stdout, capture_output=True,
-                          check=False)  # fmt: skip
-    save.wait()
+    with subprocess.Popen(["docker", "save", *tags], stdout=subprocess.PIPE) as save:
+        load = subprocess.run(["docker", "-H", node.engine, "load", "--quiet"], stdin=save.stdout,
+                              capture_output=True, check=False)  # fmt: skip
     if load.returncode != 0 or save.returncode != 0:
         raise ConfigError(f"loading {', '.join(tags)} into {node.name} failed: {load.stderr.decode().strip()}")
 

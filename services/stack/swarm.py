@@ -18,6 +18,9 @@
   ``device``; an overlay's MTU is 1450 (VXLAN adds 50 bytes), which the goodput expectation accounts for.
 - **restarts**: ``condition: none`` — a killed tier stays down until the runtime starts it, as with
   compose's ``restart: "no"``.
+- **no healthcheck**: Swarm adds a task to its peers' DNS only once healthy, and a tier shapes its links
+  at start by its peers' names — with a healthcheck each tier would wait for the others'. The runtime
+  polls readiness itself (``/v2/health/ready``), as for compose.
 - dropped: ``extra_hosts: host-gateway`` (no such thing in Swarm: a host loadgen's metrics are not scraped;
   the run bundle keeps them), ``profiles`` (Grafana runs when its image exists; the loadgen runs on the host).
 
@@ -146,7 +149,7 @@ def _stack_folder_files(service: dict[str, Any], stack_dir: Path, files: SwarmFi
 # compose keys Swarm takes in another form (deploy.*, host-mode ports, absolute mounts) or not at all
 _RENDERED_APART = frozenset(
     {"cpu_period", "cpu_quota", "mem_limit", "memswap_limit", "pids_limit", "restart", "profiles", "depends_on",
-     "extra_hosts", "ports", "volumes", "networks"}
+     "extra_hosts", "ports", "volumes", "networks", "healthcheck"}
 )  # fmt: skip
 
 
@@ -382,6 +385,7 @@ class SwarmStack:
         }
         use_stack_token(state)
         self.wait_ready(urls, timeout_s - (time.monotonic() - started))
+        self.compose.wait_scraped(state["prometheus"])
         state["up_s"] = round(time.monotonic() - started, 1)
         write_state(self.root, state)
         return state

@@ -192,7 +192,7 @@ def build_tier(settings: TierSettings, *, run: CommandRunner = run_command) -> T
     spinning = settings.allow_spinning if settings.allow_spinning is not None else limits.cpu_quota_cores is None
 
     configured = {**deployment.links, **(settings.links or {})} if settings.shape_links else {}
-    states = plan_links(link_targets(tier, deployment, configured), run)
+    states = plan_links(link_targets(tier, deployment, configured), run, settings.peer_resolve_s)
     for state in states:
         if state.spec.is_shaped:
             log.info("%s link %s: %s %s", tier, state.link, state.backend.value, state.note)

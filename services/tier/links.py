@@ -205,11 +205,20 @@ class LinkTarget:
     spec: LinkSpec
 
 
-def _resolve(host: str) -> str | None:
-    try:
-        return socket.gethostbyname(host)
-    except OSError:
-        return None
+def _resolve(host: str, timeout_s: float = 0.0) -> str | None:
+    """The peer's address, waiting up to ``timeout_s`` for its name to appear: under Swarm a task's peers
+    start after it, and a name resolves only once its task runs (compose creates every name at once)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return socket.gethostbyname(host)
+        except OSError:
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(_RESOLVE_RETRY_S)
+
+
+_RESOLVE_RETRY_S = 0.5
 
 
 def _userspace(target: LinkTarget, note: str) -> LinkState:
@@ -227,12 +236,14 @@ def _userspace(target: LinkTarget, note: str) -> LinkState:
     )
 
 
-def plan_link(target: LinkTarget, run: CommandRunner, devices_in_use: dict[str, LinkName]) -> LinkState:
+def plan_link(
+    target: LinkTarget, run: CommandRunner, devices_in_use: dict[str, LinkName], resolve_s: float = 0.0
+) -> LinkState:
     """Shape one link with the best backend that works here, and say which."""
     spec = target.spec
     if not spec.is_shaped:
         return LinkState(target.link, target.peer, spec, LinkBackend.NONE)
-    address = _resolve(target.peer_host)
+    address = _resolve(target.peer_host, resolve_s)
     if address is None:
         return _userspace(target, f"cannot resolve {target.peer_host}; shaping in userspace")
     if ipaddress.ip_address(address).is_loopback:
@@ -277,9 +288,14 @@ def plan_link(target: LinkTarget, run: CommandRunner, devices_in_use: dict[str, 
     )
 
 
-def plan_links(targets: Sequence[LinkTarget], run: CommandRunner = run_command) -> list[LinkState]:
+def plan_links(
+    targets: Sequence[LinkTarget], run: CommandRunner = run_command, resolve_s: float = 0.0
+) -> list[LinkState]:
+    """Shape every link; a peer's name may take ``resolve_s`` to resolve (at start only: a re-shape finds
+    the peers up)."""
     devices_in_use: dict[str, LinkName] = {}
-    return [plan_link(target, run, devices_in_use) for target in targets]
+    deadline = time.monotonic() + resolve_s  # one wait for every peer, not one each
+    return [plan_link(t, run, devices_in_use, max(0.0, deadline - time.monotonic())) for t in targets]
 
 
 def clear_links(states: Sequence[LinkState], run: CommandRunner = run_command) -> None:

@@ -41,6 +41,12 @@ class TierSettings(BaseSettings):
     intra_op_threads: int | None = Field(default=None, ge=1, description="default: the device's cores")
     allow_spinning: bool | None = Field(default=None, description="default: only when no CPU quota is set")
     warmup_runs: int = Field(default=3, ge=0)
+    peer_resolve_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=600,
+        description="how long a peer's name may take to resolve at start (a Swarm task's peers may start after it)",
+    )
     startup_models: str = Field(
         default="all", description="models loaded at start: all, none, or names (comma-separated); the rest on demand"
     )

@@ -97,7 +97,7 @@ def test_the_stack_across_three_swarm_nodes(swarm: list[Node]) -> None:
         measured = probe_links(urls, pings=40)
         assert {m.link for m in measured} == set(configured)
         for m in measured:
-            assert m.mtu_bytes == OVERLAY_MTU, m
+            assert m.mtu_bytes <= OVERLAY_MTU, m  # an overlay (VXLAN below it): 1450, or less on a smaller underlay
             assert m.problems() == [], m.problems()
 
         # a three-tier request equals the model in-process

@@ -23,7 +23,7 @@ from services.stack.compose import (
     stack_deployment,
     writable_by_loadgen,
 )
-from services.stack.images import debootstrap_argv, image_requirements
+from services.stack.images import debootstrap_argv, host_arch, image_requirements, require_emulation
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -128,6 +128,21 @@ def test_debootstrap_base_has_python_and_tc() -> None:
     included = argv[2].removeprefix("--include=").split(",")
     assert {"python3", "python3-venv", "iproute2", "libcap2-bin"} <= set(included)
     assert argv[-3:] == ["bookworm", "/tmp/rootfs", "http://mirror/debian"]
+    foreign = "arm64" if host_arch() != "arm64" else "amd64"
+    assert f"--arch={foreign}" in debootstrap_argv(Path("/tmp/rootfs"), arch=foreign)
+    assert not any(a.startswith("--arch") for a in debootstrap_argv(Path("/tmp/rootfs"), arch=host_arch()))
+
+
+def test_a_foreign_architecture_needs_its_emulation_registered(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="qemu-user-static"):
+        require_emulation("arm64", tmp_path)  # nothing registered
+    (tmp_path / "qemu-aarch64").write_text("enabled\ninterpreter /usr/bin/qemu-aarch64-static\nflags: P\n")
+    with pytest.raises(ConfigError, match="update-binfmts --enable qemu-aarch64"):
+        require_emulation("arm64", tmp_path)  # not fixed at registration: a chroot or container cannot find it
+    (tmp_path / "qemu-aarch64").write_text(
+        "enabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\nflags: PF\n"
+    )
+    require_emulation("arm64", tmp_path)
 
 
 def test_stack_deployment_reaches_peers_by_their_link_alias(demo_root: Path) -> None:

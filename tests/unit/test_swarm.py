@@ -47,7 +47,7 @@ def test_every_profile_renders_its_limits_as_swarm_resources(profile: str) -> No
         assert got["deploy"]["placement"]["constraints"] == [f"node.labels.{TIER_LABEL} == {tier}"]
         assert got["deploy"]["endpoint_mode"] == "dnsrr" and got["deploy"]["restart_policy"] == {"condition": "none"}
         # nothing Swarm ignores is left in, nothing compose gave is lost
-        assert not {"cpu_quota", "cpu_period", "mem_limit", "restart", "extra_hosts"} & set(got)
+        assert not {"cpu_quota", "cpu_period", "mem_limit", "restart", "extra_hosts", "healthcheck"} & set(got)
         assert got["cap_add"] == ["NET_ADMIN"] and got["read_only"] and got["user"] == want["user"]
         assert got["environment"]["TIERLAB_DEVICE"] == want["environment"]["TIERLAB_DEVICE"]
         assert got["environment"]["TIERLAB_NODE_HOSTNAME"] == "{{.Node.Hostname}}"
