@@ -219,7 +219,10 @@ def build_tier_image(root: Path, base: str, python: str, arch: str | None = None
     )
     latest = [] if foreign else ["-t", "tierlab/tier:latest"]
     run(
-        ["docker", "build", *(["--network", "none"] if offline else []), "--platform", f"linux/{arch}",
+        # no --platform: Docker's legacy builder (what docker.io has without buildx) tags its intermediate
+        # images with the host's platform and then refuses them ("does not match the specified platform");
+        # the base's own architecture carries through, its RUN steps run under binfmt's qemu
+        ["docker", "build", *(["--network", "none"] if offline else []),
          "--build-arg", f"BASE={base}", "--build-arg", f"WHEELHOUSE={house.relative_to(root)}", "-t", tag, *latest,
          "-f", str(root / "Dockerfile"), str(root)],
         timeout_s=3600,
