@@ -11,9 +11,9 @@
 ``DockerRuntime`` talks to the engine through the Docker SDK (containers found by their compose project and
 service labels); ``LocalRuntime`` signals the tier processes by the pids in the state file and starts a
 killed tier again with the argv it was started with. Local tiers have no cgroup: their limits read back as
-none, and setting one is refused with a message that says to use the Docker runtime. A swarm runtime is
-``SwarmRuntime`` is the third: the Swarm services of ``docker stack deploy``, their containers reached
-through each node's engine (``services/stack/swarm.py``).
+none, and setting one is refused with a message that says to use the Docker runtime. ``SwarmRuntime`` is
+the third: the Swarm services of ``docker stack deploy``, their containers reached through each node's
+engine (``services/stack/swarm.py``).
 """
 
 from __future__ import annotations
@@ -88,6 +88,11 @@ class Runtime(ABC):
 
     def __init__(self, state: dict[str, Any], state_file: Path | None = None) -> None:
         self.state, self.state_file = state, state_file
+
+    @property
+    def root(self) -> Path:
+        """The project the stack belongs to (its state file is ``<root>/.local/stack.json``)."""
+        return self.state_file.parents[1] if self.state_file is not None else project_root()
 
     @classmethod
     @abstractmethod
@@ -402,14 +407,12 @@ class DockerRuntime(Runtime):
         return text
 
     def logs(self, tail: int = 100) -> str:
-        root = self.state_file.parents[1] if self.state_file is not None else project_root()
-        return DockerStack(StackSpec.recorded(self.state, root), root).logs(tail)
+        return DockerStack(StackSpec.recorded(self.state, self.root), self.root).logs(tail)
 
     def down(self) -> list[str]:
         if not compose_available():
             return []
-        root = self.state_file.parents[1] if self.state_file is not None else project_root()
-        DockerStack(StackSpec.recorded(self.state, root), root).down()
+        DockerStack(StackSpec.recorded(self.state, self.root), self.root).down()
         return [t for t, p in self.processes().items() if p.run == "missing"]
 
 
@@ -429,8 +432,7 @@ class SwarmRuntime(DockerRuntime):
 
     @property
     def stack(self) -> SwarmStack:
-        root = self.state_file.parents[1] if self.state_file is not None else project_root()
-        return SwarmStack(StackSpec.recorded(self.state, root), root, self.state.get("manager"))
+        return SwarmStack(StackSpec.recorded(self.state, self.root), self.root, self.state.get("manager"))
 
     def _engine(self, node_id: str) -> Any:
         engine = (self.state.get("engines") or {}).get(node_id)
