@@ -85,8 +85,9 @@ def models_dir() -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def docker() -> Iterator[None]:
+def require_docker_and_no_stack() -> None:
+    """The system rings need an engine (a failure under CI, a skip elsewhere) and must not take down a stack
+    a developer has up (under CI whatever is recorded is a leftover, and is replaced)."""
     try:
         require_engine()
     except ConfigError as exc:
@@ -96,6 +97,11 @@ def docker() -> Iterator[None]:
     state = read_state(ROOT)
     if state is not None and not os.environ.get("CI"):
         pytest.skip(f"a {state.get('runtime')} stack of yours is up ({ROOT}/.local/stack.json): `make down` first")
+
+
+@pytest.fixture(scope="module")
+def docker() -> Iterator[None]:
+    require_docker_and_no_stack()
     yield
     DockerStack(StackSpec(), ROOT).down()
 

@@ -12,7 +12,6 @@ onnxruntime; a fault through the runtime on a worker node's engine (pause, kill 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,18 +20,16 @@ import onnxruntime as ort
 import pytest
 
 from loadgen.target import Stack
-from services.contracts.errors import ConfigError
 from services.contracts.specs import TIERS
 from services.contracts.transport import json_call, probe_links
 from services.demo import build_demo_mlp
 from services.stack.cli import network_links
 from services.stack.compose import StackSpec, read_state, state_path
-from services.stack.docker import require_engine
 from services.stack.nodes import Node, nodes_down, nodes_up
 from services.stack.runtime import runtime_for
 from services.stack.swarm import OVERLAY_MTU, SwarmStack
 from tests.conftest import infer_over_http
-from tests.system.test_stack import profile_limits
+from tests.system.test_stack import profile_limits, require_docker_and_no_stack
 
 pytestmark = pytest.mark.docker
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,14 +42,7 @@ CGROUP_LIMITS = (
 
 @pytest.fixture(scope="module")
 def swarm() -> Iterator[list[Node]]:
-    try:
-        require_engine()
-    except ConfigError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(exc.message)
-        pytest.skip(exc.message)
-    if read_state(ROOT) is not None and not os.environ.get("CI"):
-        pytest.skip(f"a stack of yours is up ({state_path(ROOT)}): `make down` first")
+    require_docker_and_no_stack()
     nodes_down()  # what an interrupted run left
     try:
         yield nodes_up(3, ROOT)
