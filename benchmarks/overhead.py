@@ -19,6 +19,7 @@ import contextlib
 import http.client
 import json
 import multiprocessing
+import os
 import re
 import socket
 import statistics
@@ -172,23 +173,9 @@ def socket_floor_ms(size_bytes: int, requests: int) -> list[float]:
 
 
 @contextlib.contextmanager
-def null_tier(port: int) -> Iterator[str]:
-    """The null tier under uvicorn with the tiers' settings (uvloop, httptools), in its own process."""
-    argv = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "benchmarks.null_tier:app",
-        "--port",
-        str(port),
-        "--loop",
-        "uvloop",
-        "--http",
-        "httptools",
-        "--no-access-log",
-        "--log-level",
-        "warning",
-    ]
+def null_tier(port: int, server: str = "tierlab") -> Iterator[str]:
+    """The null tier in its own process, under the tiers' server (``tierlab``) or ``uvicorn``."""
+    argv = [sys.executable, "-m", "benchmarks.null_tier", "--port", str(port), "--server", server]
     process = subprocess.Popen(argv)
     try:
         deadline = time.monotonic() + 30
@@ -241,8 +228,10 @@ def inprocess_stage_ms(folder: Path, feeds: dict[str, np.ndarray], threads: int,
 
 
 def p1_hop_tax(stack: LocalStack, root: Path, models: dict[str, str], threads: int, requests: int) -> dict[str, Any]:
+    """Per tensor size: the hop tax through ``stack``, and one round trip of the same body to the null tier under
+    each server and over a bare socket (the floors the hop is compared with)."""
     results: dict[str, Any] = {}
-    with null_tier(free_ports(1)[0]) as null_url:
+    with null_tier(free_ports(1)[0], "tierlab") as null_url, null_tier(free_ports(1)[0], "uvicorn") as uvicorn_url:
         for label, model in models.items():
             x = np.random.default_rng(0).normal(size=(1, RELAY_SIZES_BYTES[label] // 4)).astype(np.float32)
             compute_ms = inprocess_stage_ms(root / model, {"x": x}, threads, repeats=100)
@@ -250,6 +239,7 @@ def p1_hop_tax(stack: LocalStack, root: Path, models: dict[str, str], threads: i
             e2e = round_trips_ms(stack.url("mobile"), f"/v2/models/{model}/infer", encoded, requests)
             tax = [(t - compute_ms) / HOPS for t in e2e]
             null = round_trips_ms(null_url, "/", encoded, requests)
+            null_uvicorn = round_trips_ms(uvicorn_url, "/", encoded, requests)
             floor = socket_floor_ms(encoded.size_bytes, requests)
             results[label] = {
                 "e2e_ms_p50": percentile(e2e, 50),
@@ -257,10 +247,24 @@ def p1_hop_tax(stack: LocalStack, root: Path, models: dict[str, str], threads: i
                 "compute_ms": compute_ms,
                 "hop_tax_ms_p50": percentile(tax, 50),
                 "hop_tax_ms_p99": percentile(tax, 99),
-                "null_uvicorn_ms_p50": percentile(null, 50),
+                "null_tierlab_ms_p50": percentile(null, 50),
+                "null_uvicorn_ms_p50": percentile(null_uvicorn, 50),
                 "socket_floor_ms_p50": percentile(floor, 50),
             }
     return results
+
+
+def p1_hop_tax_only(
+    stack: LocalStack, models: dict[str, str], requests: int, compute_ms: dict[str, float]
+) -> dict[str, float]:
+    """The hop tax p50 through ``stack`` (the same relays, another server), by tensor size."""
+    taxes = {}
+    for label, model in models.items():
+        x = np.random.default_rng(0).normal(size=(1, RELAY_SIZES_BYTES[label] // 4)).astype(np.float32)
+        encoded = codec.encode_request({"x": x}, parameters={"placement": "M-E-C"})
+        e2e = round_trips_ms(stack.url("mobile"), f"/v2/models/{model}/infer", encoded, requests)
+        taxes[label] = percentile([(t - compute_ms[label]) / HOPS for t in e2e], 50)
+    return taxes
 
 
 # --------------------------------------------------------------------------------------------- P2
@@ -328,12 +332,24 @@ def _closed_loop_rps(call: Callable[[], object], concurrency: int, duration_s: f
     return sum(counts) / (time.perf_counter() - started)
 
 
-def p3_throughput(stack: LocalStack, root: Path, model: str, threads: int, duration_s: float) -> dict[str, float]:
+def _thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process ``pid`` so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
+def p3_throughput(
+    stack: LocalStack, root: Path, model: str, threads: int, *, duration_s: float, rounds: int
+) -> dict[str, float]:
+    """In-process and tier throughput in alternating rounds (medians), and where the tier's CPU goes: per
+    request, its event-loop thread, its other threads (onnxruntime and the compute slot), and the client."""
     x = np.random.default_rng(0).normal(size=(P3_BATCH, P3_DIM)).astype(np.float32)
     session = ort.InferenceSession(str(root / model / "stage0.onnx"), session_options(threads, allow_spinning=False))
-    _closed_loop_rps(lambda: session.run(None, {"x": x}), 1, 1.0)
-    inprocess = _closed_loop_rps(lambda: session.run(None, {"x": x}), 1, duration_s)
-
     encoded = codec.encode_request({"x": x}, parameters={"placement": "E"})
     local = threading.local()
 
@@ -342,17 +358,41 @@ def p3_throughput(stack: LocalStack, root: Path, model: str, threads: int, durat
             local.client = Client(stack.url("edge"))
         return local.client.post(f"/v2/models/{model}/infer", encoded)
 
+    pid = stack.processes["edge"].pid
+    _closed_loop_rps(lambda: session.run(None, {"x": x}), 1, 1.0)
     _closed_loop_rps(call, P3_CONCURRENCY, 1.0)
-    before, started = _compute_seconds(stack.url("edge")), time.perf_counter()
-    served = _closed_loop_rps(call, P3_CONCURRENCY, duration_s)
-    busy_s, elapsed_s = _compute_seconds(stack.url("edge")) - before, time.perf_counter() - started
+    inprocess, served, ort_cpu_ms, loop_ms, workers_ms, client_ms, busy = [], [], [], [], [], [], []
+    for _ in range(rounds):
+        cpu = time.process_time()
+        rps = _closed_loop_rps(lambda: session.run(None, {"x": x}), 1, duration_s / rounds)
+        inprocess.append(rps)
+        ort_cpu_ms.append((time.process_time() - cpu) * 1e3 / (rps * duration_s / rounds))
+        before, cpu, started = _thread_cpu_s(pid), time.process_time(), time.perf_counter()
+        computed = _compute_seconds(stack.url("edge"))
+        rps = _closed_loop_rps(call, P3_CONCURRENCY, duration_s / rounds)
+        elapsed_s = time.perf_counter() - started
+        requests = rps * elapsed_s
+        client_ms.append((time.process_time() - cpu) * 1e3 / requests)
+        busy.append((_compute_seconds(stack.url("edge")) - computed) / elapsed_s)
+        after = _thread_cpu_s(pid)
+        spent = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+        loop_ms.append(spent.get(pid, 0.0) * 1e3 / requests)
+        workers_ms.append(sum(v for tid, v in spent.items() if tid != pid) * 1e3 / requests)
+        served.append(rps)
+    med = statistics.median
+    cpu_ms = med(workers_ms) + med(loop_ms) + med(client_ms)
     return {
-        "inprocess_rps": inprocess,
-        "tier_rps": served,
-        "ratio": served / inprocess,
-        "tier_compute_utilisation": busy_s / elapsed_s,
-        "tier_compute_ms": busy_s / (served * elapsed_s) * 1e3,
-        "inprocess_compute_ms": 1e3 / inprocess,
+        "inprocess_rps": med(inprocess),
+        "tier_rps": med(served),
+        "ratio": med(served) / med(inprocess),
+        "tier_compute_utilisation": med(busy),
+        "inprocess_cpu_ms": med(ort_cpu_ms),
+        "tier_workers_cpu_ms": med(workers_ms),
+        "tier_loop_cpu_ms": med(loop_ms),
+        "client_cpu_ms": med(client_ms),
+        # what the machine's cores allow when every request costs this much CPU, wherever it runs
+        "cores_ceiling_rps": host_cpu_count() / cpu_ms * 1e3,
+        "ceiling_ratio": min(host_cpu_count() / cpu_ms * 1e3, med(inprocess)) / med(inprocess),
     }
 
 
@@ -369,7 +409,8 @@ def _compute_seconds(url: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400, help="P1 requests per tensor size")
-    parser.add_argument("--duration-s", type=float, default=5.0, help="P3 measuring time per side")
+    parser.add_argument("--duration-s", type=float, default=6.0, help="P3 measuring time per side")
+    parser.add_argument("--rounds", type=int, default=3, help="P3 alternating rounds (medians are reported)")
     args = parser.parse_args(argv)
 
     cores = read_limits().intra_op_threads(host_cpu_count())
@@ -383,13 +424,21 @@ def main(argv: list[str] | None = None) -> int:
             ports = dict(zip(TIERS, free_ports(3), strict=True))
             return write_deployment(local_deployment(models, models_dir=str(root), ports=ports), root / name)
 
+        def relay_stack(server: str) -> LocalStack:
+            return LocalStack(
+                deployment(list(relays.values()), f"p1-{server}.yaml"),
+                log_dir=root / f"logs-p1-{server}",
+                tier_args=[*tier_args, "--intra-op-threads", str(cores), "--http-server", server],
+            )
+
         print(f"P1: three tiers on loopback ({cores} onnxruntime threads each) …", file=sys.stderr)
-        with LocalStack(
-            deployment(list(relays.values()), "p1.yaml"),
-            log_dir=root / "logs-p1",
-            tier_args=[*tier_args, "--intra-op-threads", str(cores)],
-        ) as stack:
+        with relay_stack("tierlab") as stack:
             p1 = p1_hop_tax(stack, root, relays, cores, args.requests)
+        print("P1: the same three tiers under uvicorn …", file=sys.stderr)
+        with relay_stack("uvicorn") as stack:
+            compute = {label: r["compute_ms"] for label, r in p1.items()}
+            for label, tax in p1_hop_tax_only(stack, relays, args.requests, compute).items():
+                p1[label]["hop_tax_uvicorn_ms_p50"] = tax
         p3: dict[int, dict[str, float]] = {}
         for threads in sorted({1, cores}):
             print(f"P3: one tier, {threads} onnxruntime thread(s) …", file=sys.stderr)
@@ -399,28 +448,34 @@ def main(argv: list[str] | None = None) -> int:
                 log_dir=root / f"logs-p3-{threads}",
                 tier_args=[*tier_args, "--intra-op-threads", str(threads)],
             ) as stack:
-                p3[threads] = p3_throughput(stack, root, dense, threads, args.duration_s)
+                p3[threads] = p3_throughput(stack, root, dense, threads, duration_s=args.duration_s, rounds=args.rounds)
     p2 = p2_codec()
     report(p1, p2, p3, cores)
     return 0
 
 
 def report(p1: dict[str, Any], p2: dict[str, float], p3: dict[int, dict[str, float]], cores: int) -> None:
-    print("\nP1 hop tax (M-E-C on loopback, unshaped; per hop = (e2e - in-process compute) / 3), ms")
-    print(
-        f"{'tensor':>8} {'e2e p50':>8} {'e2e p99':>8} {'compute':>8} {'hop p50':>8} {'hop p99':>8}"
-        f" {'null-uvicorn':>13} {'socket floor':>13}"
-    )
+    print("\nP1 hop tax (M-E-C on loopback, unshaped; per hop = (e2e - in-process compute) / 3), ms p50")
+    print(f"{'tensor':>8} {'e2e':>7} {'e2e p99':>8} {'hop':>7} {'hop p99':>8} {'uvicorn hop':>12}")
     for label, r in p1.items():
         print(
-            f"{label:>8} {r['e2e_ms_p50']:8.3f} {r['e2e_ms_p99']:8.3f} {r['compute_ms']:8.3f} "
-            f"{r['hop_tax_ms_p50']:8.3f} "
-            f"{r['hop_tax_ms_p99']:8.3f} {r['null_uvicorn_ms_p50']:13.3f} {r['socket_floor_ms_p50']:13.3f}"
+            f"{label:>8} {r['e2e_ms_p50']:7.3f} {r['e2e_ms_p99']:8.3f} {r['hop_tax_ms_p50']:7.3f} "
+            f"{r['hop_tax_ms_p99']:8.3f} {r['hop_tax_uvicorn_ms_p50']:12.3f}"
         )
     worst = max(p1.values(), key=lambda r: r["hop_tax_ms_p50"])
+    print(f"  goal ≤ 1.0 ms p50 per hop up to 1 MB: worst {worst['hop_tax_ms_p50']:.3f} ms (under uvicorn "
+          f"{max(r['hop_tax_uvicorn_ms_p50'] for r in p1.values()):.3f} ms)")  # fmt: skip
+    print("  each step's share of a hop, ms p50 (one round trip of the same body from another process):")
+    print(f"{'tensor':>8} {'kernel':>8} {'+ server':>9} {'+ tier':>8} {'= hop':>7}   {'uvicorn server':>15}")
+    for label, r in p1.items():
+        kernel, server = r["socket_floor_ms_p50"], r["null_tierlab_ms_p50"]
+        print(
+            f"{label:>8} {kernel:8.3f} {server - kernel:9.3f} {r['hop_tax_ms_p50'] - server:8.3f} "
+            f"{r['hop_tax_ms_p50']:7.3f}   {r['null_uvicorn_ms_p50'] - kernel:15.3f}"
+        )
     print(
-        f"  goal ≤ 1.0 ms p50 per hop up to 1 MB: worst {worst['hop_tax_ms_p50']:.3f} ms; the floors are one round trip"
-        " of the same body to a null uvicorn app and over a bare socket between two processes"
+        "  kernel: a bare socket between two processes; server: a null app under tierlab's server, less the"
+        " kernel;\n  tier: decode, plan, the onnxruntime call, encode, forward and metrics, less both"
     )
     print(
         f"\nP2 codec on 1 MiB: binary {p2['codec_gbps']:.2f} GB/s, base64-JSON {p2['base64_json_gbps']:.3f} GB/s, "
@@ -428,27 +483,43 @@ def report(p1: dict[str, Any], p2: dict[str, float], p3: dict[int, dict[str, flo
     )
     print(
         f"\nP3 throughput ({P3_LAYERS}×{P3_DIM}² MatMul, batch {P3_BATCH}, concurrency {P3_CONCURRENCY}; "
-        "the client shares this machine)"
+        f"the client shares this machine's {host_cpu_count()} cores; medians of alternating rounds)"
     )
     for threads, r in p3.items():
         print(
-            f"  {threads} thread(s): tier {r['tier_rps']:.1f} req/s vs in-process {r['inprocess_rps']:.1f} req/s "
+            f"  {threads} thread(s): tier {r['tier_rps']:.0f} req/s vs in-process {r['inprocess_rps']:.0f} req/s "
             f"= {r['ratio']:.1%}   (goal ≥ 90 %)"
         )
         print(
-            f"      the tier computed {r['tier_compute_utilisation']:.1%} of the time, {r['tier_compute_ms']:.2f} ms a "
-            f"request vs {r['inprocess_compute_ms']:.2f} ms in-process (same onnxruntime, sharing the cores)"
+            f"      CPU per request: onnxruntime {r['tier_workers_cpu_ms']:.3f} ms in the tier "
+            f"({r['inprocess_cpu_ms']:.3f} ms in-process), the tier's event loop {r['tier_loop_cpu_ms']:.3f} ms, "
+            f"the client {r['client_cpu_ms']:.3f} ms"
+        )
+        print(
+            f"      at that CPU per request the cores serve at most {r['cores_ceiling_rps']:.0f} req/s "
+            f"= {r['ceiling_ratio']:.1%} of in-process; the tier computed {r['tier_compute_utilisation']:.1%} "
+            "of the time"
         )
     summary = {
         "p1_hop_tax_ms_p50": round(worst["hop_tax_ms_p50"], 3),
         "p1_hop_tax_ms_p99": round(max(r["hop_tax_ms_p99"] for r in p1.values()), 3),
         "p1_hop_tax_ms_p50_by_size": {k: round(r["hop_tax_ms_p50"], 3) for k, r in p1.items()},
+        "p1_hop_tax_uvicorn_ms_p50_by_size": {k: round(r["hop_tax_uvicorn_ms_p50"], 3) for k, r in p1.items()},
+        "p1_null_tierlab_ms_p50_by_size": {k: round(r["null_tierlab_ms_p50"], 3) for k, r in p1.items()},
         "p1_null_uvicorn_ms_p50_by_size": {k: round(r["null_uvicorn_ms_p50"], 3) for k, r in p1.items()},
         "p1_socket_floor_ms_p50_by_size": {k: round(r["socket_floor_ms_p50"], 3) for k, r in p1.items()},
         "p2_codec_gbps": round(p2["codec_gbps"], 2),
         "p2_vs_base64": round(p2["vs_base64"], 1),
         "p3_throughput_ratio": round(p3[1]["ratio"], 3),
         "p3_throughput_ratio_by_threads": {str(t): round(r["ratio"], 3) for t, r in p3.items()},
+        "p3_ceiling_ratio_by_threads": {str(t): round(r["ceiling_ratio"], 3) for t, r in p3.items()},
+        "p3_cpu_ms_per_request_by_threads": {
+            str(t): {
+                k: round(r[k], 4)
+                for k in ("inprocess_cpu_ms", "tier_workers_cpu_ms", "tier_loop_cpu_ms", "client_cpu_ms")
+            }
+            for t, r in p3.items()
+        },
         "p3_tier_compute_utilisation": round(p3[1]["tier_compute_utilisation"], 3),
         "cores": cores,
     }

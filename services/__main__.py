@@ -48,8 +48,6 @@ def _settings_from(args: argparse.Namespace) -> TierSettings:
 
 
 def run_tier(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from services.tier.app import build_tier, create_app
 
     try:
@@ -65,18 +63,31 @@ def run_tier(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"tierlab tier {settings.tier}: {exc.message}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        create_app(tier),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=5,
-        # keep idle tier-to-tier connections well past uvicorn's 5 s default
-        timeout_keep_alive=75,
-    )
+    # idle tier-to-tier connections are kept well past uvicorn's 5 s default
+    keep_alive_s, graceful_s = 75.0, 5.0
+    if settings.http_server == "uvicorn":
+        import uvicorn
+
+        uvicorn.run(
+            create_app(tier),
+            host=settings.host,
+            port=settings.port,
+            loop="uvloop",
+            http="httptools",
+            access_log=False,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=int(graceful_s),
+            timeout_keep_alive=int(keep_alive_s),
+        )
+        return 0
+    from services.tier import server
+
+    try:
+        server.run(create_app(tier), host=settings.host, port=settings.port, keep_alive_s=keep_alive_s,
+                   graceful_s=graceful_s)  # fmt: skip
+    except (RuntimeError, OSError) as exc:
+        print(f"tierlab tier {settings.tier}: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

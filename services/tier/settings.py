@@ -61,6 +61,10 @@ class TierSettings(BaseSettings):
         default=None, description="link conditions replacing the deployment's (JSON in TIERLAB_LINKS)"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    http_server: Literal["tierlab", "uvicorn"] = Field(
+        default="tierlab",
+        description="tierlab's own server (a body lands in one buffer: the lower hop tax) or uvicorn, to compare",
+    )
 
     @property
     def max_body_bytes(self) -> int:
