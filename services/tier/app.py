@@ -344,20 +344,32 @@ class TierApp:
     @staticmethod
     async def _unless_gone(work: Coroutine[Any, Any, _T], receive: Receive) -> _T:
         """``work``'s result, unless the caller disconnects first: then the work is cancelled (a forward in
-        flight closes its connection, so the next tier cancels too) and _Disconnected is raised."""
-        task = asyncio.ensure_future(work)
+        flight closes its connection, so the next tier cancels too) and _Disconnected is raised. The work
+        runs in this task, and one waiter on ``receive`` cancels it (a task for each and ``asyncio.wait``
+        cost the event loop 15 % of a request's Python time, measured with cProfile)."""
+        handler = asyncio.current_task()
+        assert handler is not None
         gone = asyncio.ensure_future(receive())  # after the body, the only message left is http.disconnect
+        disconnected, working = False, True
+
+        def on_gone(waiter: asyncio.Future[Message]) -> None:
+            nonlocal disconnected
+            # (a callback already scheduled when the work ended must not cancel what the handler does next)
+            if working and not waiter.cancelled() and waiter.exception() is None:
+                disconnected = True
+                handler.cancel()
+
+        gone.add_done_callback(on_gone)
         try:
-            await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+            return await work
+        except asyncio.CancelledError:
+            if disconnected and handler.uncancel() == 0:
+                raise _Disconnected from None
+            raise
         finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            working = False
+            gone.remove_done_callback(on_gone)
             gone.cancel()
-        if task.cancelled():
-            raise _Disconnected
-        return task.result()
 
     async def _read_body_in_time(self, declared: str | None, receive: Receive, cap_bytes: int) -> bytes:
         """The body, within the body deadline, with at most ``max_bodies`` being read at once."""

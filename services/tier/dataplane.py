@@ -63,6 +63,12 @@ def _ms(ns: int) -> float:
     return round(ns / _NS_PER_MS, 4)
 
 
+@functools.lru_cache(maxsize=256)
+def _placement_name(text: str) -> str:
+    """A placement's canonical name (validated once per distinct text: it is on every request's path)."""
+    return Placement.parse(text).name
+
+
 def _batch_items(stage: StageSession, inputs: Mapping[str, np.ndarray]) -> int:
     first = stage.spec.inputs[0]
     if not first.shape or first.shape[0] != -1:
@@ -287,7 +293,7 @@ class DataPlane:
     def _plan(self, model: ServedModel, control: PipelineRequest) -> tuple[str, tuple[TierName, ...], list[int]]:
         placement = control.placement or model.default_placement(self.tier)
         try:
-            placement = Placement.parse(placement).name
+            placement = _placement_name(placement)
         except ValueError as exc:
             raise BadParameter(f"parameter 'placement': {exc}") from None
         if placement not in model.placements:
