@@ -59,7 +59,8 @@ def _table_order(e: dict[str, Any]) -> tuple[str, str, str, float]:
 
 def _strategy_table(entries: list[dict[str, Any]]) -> str:
     head = ("subject", "strategy", "scenario", "network", "verdict", "n", "p50 ms [95 % CI]", "p95 ms [95 % CI]",
-            "p99 ms", "accuracy [95 % CI]", "exit rate", "errors", "req/s", "peak RSS MiB")  # fmt: skip
+            "p99 ms", "accuracy [95 % CI]", "exit rate", "errors", "req/s", "peak RSS MiB",
+            "loadgen ms: lag p50 · CPU per request")  # fmt: skip
     rows = []
     for e in sorted(entries, key=_table_order):
         lat, acc = e["latency_ms"], e.get("accuracy")
@@ -69,9 +70,28 @@ def _strategy_table(entries: list[dict[str, Any]]) -> str:
             f"{_fmt(lat.get('p50'))} [{_fmt(lat.get('p50_low'))}–{_fmt(lat.get('p50_high'))}]",
             f"{_fmt(lat.get('p95'))} [{_fmt(lat.get('p95_low'))}–{_fmt(lat.get('p95_high'))}]",
             _fmt(lat.get("p99")), accuracy, _fmt(e.get("exit_rate")), e["errors"], _fmt(e.get("throughput_rps"), 1),
-            _peaks(e),
+            _peaks(e), _loadgen_share(e),
         ])  # fmt: skip
     return _table(head, rows)
+
+
+def _loadgen_share(entry: dict[str, Any]) -> str:
+    """The loadgen's own share of a run: its schedule lag (on the measured path) and its CPU per request."""
+    effective = (entry.get("verdict") or {}).get("effective") or {}
+    share = effective.get("loadgen_share") or {}
+    return f"{_fmt(effective.get('lag_ms_p50'))} · {_fmt(share.get('cpu_ms_per_request'))}"
+
+
+def _client_overhead_html(bundle: dict[str, Any]) -> str:
+    measured = bundle.get("client_overhead")
+    if not measured:
+        return ""
+    return (
+        f'<p class="note">The loadgen\'s HTTP client adds {measured["overhead_ms_p50"]:.3f} ms to a round trip '
+        f"(p50 of {measured['pairs']} pairs with a bare socket to the entry tier: {measured['client_ms_p50']:.3f} vs "
+        f"{measured['bare_socket_ms_p50']:.3f} ms); every latency here includes it and its schedule lag, "
+        "subtracted nowhere. Encoding and decoding happen off the measured path.</p>"
+    )
 
 
 def _peaks(entry: dict[str, Any]) -> str:
@@ -333,6 +353,7 @@ def build_report(summary: dict[str, Any], records: list[dict[str, Any]], bundle:
         memory=_memory_html(bundle),
         faults=_faults_html(summary),
         hosts=_hosts_html(bundle),
+        client=_client_overhead_html(bundle),
     )
 
 
@@ -362,6 +383,7 @@ section.figure {{ margin-bottom: 2rem; }}
 <h2>Memory and cold starts (each variant loaded where its runs computed)</h2>
 {memory}
 <h2>Every run</h2>
+{client}
 {strategies}
 </body></html>
 """

@@ -32,7 +32,7 @@ from loadgen.engine import Issue, RealClock, StopRule, drive
 from loadgen.loads import ModelLoads
 from loadgen.records import LOST_CAUSE, LOST_ERROR, RecordWriter, Resumed, mark_finished, resume_state
 from loadgen.spec import SWEEP_PREFIX, ExperimentSpec, ScenarioSpec, StoppingSpec
-from loadgen.target import Answer, Stack
+from loadgen.target import Answer, PreparedRequest, Stack
 from loadgen.telemetry import LoadgenTelemetry
 from services.contracts import pipeline as p
 from services.contracts.calibration import measure_speeds
@@ -63,6 +63,27 @@ class RunPlan:
     @property
     def key(self) -> str:
         return f"{self.strategy}|{self.scenario.name}|{self.network}"
+
+
+@dataclass
+class LoadgenShare:
+    """The loadgen's own work per request, kept off the measured path and reported beside the results,
+    subtracted from nothing (as MLPerf LoadGen shows its overhead): preparing a request before it is due,
+    completing it once its reply is in (decode, score, record, metrics), and its CPU per request. What
+    stays on the path is the schedule's lag (per record) and the HTTP client, measured once per experiment
+    against a bare socket (``client_overhead`` in the bundle)."""
+
+    prepare_ns: int = 0
+    complete_ns: int = 0
+
+    def summary(self, requests: int, cpu_s: float) -> dict[str, float] | None:
+        if requests <= 0:
+            return None
+        return {
+            "prepare_ms_mean": round(self.prepare_ns / requests / 1e6, 4),
+            "complete_ms_mean": round(self.complete_ns / requests / 1e6, 4),
+            "cpu_ms_per_request": round(cpu_s * 1e3 / requests, 4),
+        }
 
 
 @dataclass
@@ -277,20 +298,17 @@ class Experiment:
         first_seq = resumed.next_seq
         labels = (plan.strategy, plan.scenario.name, plan.network)
         errors = sum(1 for record in done_before if record["status"] != 200)
+        share = LoadgenShare()
+        prepare = self._preparer(plan, first_seq, share)
 
         async def send(issue: Issue, started_ns: int) -> int:
             nonlocal errors
             seq = first_seq + issue.seq
             sample_id = int(order[seq % len(order)])
-            writer.issued(plan.key, seq)
-            answer = await self.stack.infer(
-                plan.model,
-                samples.item(sample_id),
-                placement=plan.placement,
-                request_id=f"{seq}",
-                timeout_s=self.spec.request_timeout_s,
-            )
-            ended_ns = clock.now_ns()
+            writer.issued(plan.key, seq)  # before the request leaves: a kill after it shows it as lost
+            sent = await self.stack.send(issue.prepared, timeout_s=self.spec.request_timeout_s)
+            ended_ns = sent.ended_ns
+            answer = self.stack.answer(issue.prepared, sent)
             latency_ms = (ended_ns - issue.intended_ns) / 1e6
             lag_ms = (started_ns - issue.intended_ns) / 1e6
             record: dict[str, Any] = {
@@ -325,6 +343,7 @@ class Experiment:
             writer.write(record)
             self.telemetry.observe(labels, latency_ms=latency_ms, lag_ms=lag_ms, status=answer.status)
             on_sample()
+            share.complete_ns += time.perf_counter_ns() - ended_ns
             return ended_ns
 
         throttling_before, _ = self._readings()
@@ -332,7 +351,7 @@ class Experiment:
             self.stack.reset_peak(tier)
         started, cpu_started = time.monotonic(), time.process_time()
         faults = asyncio.create_task(injector.run(stop.started_ns)) if injector is not None else None
-        issued = await drive(plan.scenario, send, stop, clock, seed=self.spec.seed + first_seq)
+        issued = await drive(plan.scenario, send, stop, clock, seed=self.spec.seed + first_seq, prepare=prepare)
         if faults is not None:
             await faults  # a fault's recovery may outlast the load: the stack is whole before the next run
         session_s = time.monotonic() - started
@@ -361,6 +380,7 @@ class Experiment:
                 "ci_rel_width": plan.stopping.ci_rel_width,
             },
             "loadgen_cpu": round((time.process_time() - cpu_started) / session_s, 4) if session_s > 0 else None,
+            "loadgen_share": share.summary(issued, time.process_time() - cpu_started),
             "cpu_throttling": {
                 tier: after.since(throttling_before[tier]).model_dump(mode="json")
                 for tier, after in throttling_after.items()
@@ -371,6 +391,25 @@ class Experiment:
             "oom_killed": oom_killed,
             **({"faults": event_dicts(injector)} if injector is not None else {}),
         }
+
+    def _preparer(self, plan: RunPlan, first_seq: int, share: LoadgenShare) -> Callable[[int], PreparedRequest]:
+        """What the engine calls before a request is due: its sample, encoded and framed (timed into ``share``)."""
+        samples, order = self._samples(plan.subject), self.orders[plan.subject]
+
+        def prepare(index: int) -> PreparedRequest:
+            began_ns = time.perf_counter_ns()
+            seq = first_seq + index
+            request = self.stack.prepare(
+                plan.model,
+                samples.item(int(order[seq % len(order)])),
+                placement=plan.placement,
+                request_id=f"{seq}",
+                timeout_s=self.spec.request_timeout_s,
+            )
+            share.prepare_ns += time.perf_counter_ns() - began_ns
+            return request
+
+        return prepare
 
     def injector(self, loads: ModelLoads, key: str, network: str, elapsed_s: float) -> FaultInjector | None:
         """The spec's faults for one run (None without faults); a resumed run skips those already past."""
@@ -489,6 +528,8 @@ async def _execute(experiment: Experiment, plan: Plan, progress: Any) -> None:
         else environment_bundle(experiment.stack, experiment.spec)
     )
     bundle["skipped"] = plan.skipped
+    if "client_overhead" not in bundle:
+        bundle["client_overhead"] = await experiment.stack.client_overhead()
     write_json(bundle_path, bundle)
     finished, partial = resume_state(folder)
     todo = [r for r in plan.runs if r.key not in finished]

@@ -56,6 +56,7 @@ def summarise_run(records: list[dict[str, Any]]) -> dict[str, Any]:
         errors=len(records) - len(ok),
         error_rate=round((len(records) - len(ok)) / len(records), 4),
         latency_ms=stats.latency_summary(latencies),
+        lag_ms_p50=round(float(np.percentile([r["lag_ms"] for r in timed], 50)), 4),
         lag_ms_p99=round(float(np.percentile([r["lag_ms"] for r in timed], 99)), 4),
         throughput_rps=round(len(ok) / span_s, 3) if span_s > 0 else None,
         exit_rate=round(sum(1 for r in ok if r.get("exited_early")) / len(ok), 4) if ok else None,

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+import socket
+import statistics
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +23,18 @@ import numpy as np
 
 from services.contracts import codec
 from services.contracts import pipeline as p
+from services.contracts.codec import Buffer
 from services.contracts.errors import ConfigError, MalformedBody, hop_name
 from services.contracts.repository import RepositoryModelSpec
 from services.contracts.specs import TIERS, LinkMeasurementSpec, LinkName, LinkSpec, TierName
-from services.contracts.transport import Pool, probe_links, use_stack_token
+from services.contracts.transport import Pool, Reply, probe_links, use_stack_token
 from services.contracts.transport import json_call as control
 from services.stack.runtime import Runtime, runtime_for
 
 STATE_FILE = Path(".local/stack.json")
+CLIENT_OVERHEAD_PAIRS = 200
+CLIENT_OVERHEAD_WARMUP = 20
+CLIENT_OVERHEAD_GAP_S = 0.002  # a pause, as between requests at a few hundred per second
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,24 @@ class Answer:
     error: str
     bytes_out: int
     bytes_in: int
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """An infer request ready to write: its HTTP head and body buffers."""
+
+    head: bytes
+    body: Sequence[Buffer]
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """A request's reply (None when none came, with ``error`` saying why) and when it was in (perf_counter ns)."""
+
+    reply: Reply | None
+    error: str
+    ended_ns: int
 
 
 class Stack:
@@ -137,10 +164,10 @@ class Stack:
     def measure_links(self, pings: int = 20, bulk_s: float = 0.5) -> list[LinkMeasurementSpec]:
         return probe_links(self.urls, pings=pings, bulk_s=bulk_s)
 
-    async def infer(
+    def prepare(
         self, model: str, inputs: dict[str, np.ndarray], *, placement: str, request_id: str, timeout_s: float
-    ) -> Answer:
-        """One request; a failure of any kind is an answer with a status and an error, never an exception."""
+    ) -> PreparedRequest:
+        """A request encoded and framed, ready to write: the loadgen does this before the request is due."""
         # the tiers get the budget less a margin: a slow hop times out in a tier, which names it, before here
         budget_ms = p.forward_budget_s(timeout_s * 1e3, 0, 0, timeout_s) * 1e3
         parameters: codec.Parameters = {
@@ -149,29 +176,94 @@ class Stack:
             p.TIMEOUT_MS: round(budget_ms, 3),
         }
         encoded = codec.encode_request(inputs, parameters=parameters)
+        head = self.pool.post_head(f"/v2/models/{model}/infer", encoded.http_headers(), encoded.size_bytes)
+        return PreparedRequest(head, encoded.chunks, encoded.size_bytes)
+
+    async def send(self, request: PreparedRequest, *, timeout_s: float) -> Sent:
+        """Write ``request`` and wait for the reply; the end time is taken as the reply is in, before decoding."""
         try:
             async with asyncio.timeout(timeout_s):
-                path = f"/v2/models/{model}/infer"
-                reply = await self.pool.post(path, encoded.http_headers(), encoded.chunks, encoded.size_bytes)
+                reply = await self.pool.request(request.head, request.body)
+            return Sent(reply, "", time.perf_counter_ns())
         except TimeoutError:
-            return Answer(0, {}, {}, f"{self.entry_hop}: no answer within {timeout_s:g} s", encoded.size_bytes, 0)
+            return Sent(None, f"{self.entry_hop}: no answer within {timeout_s:g} s", time.perf_counter_ns())
         except OSError as exc:
-            return Answer(
-                0, {}, {}, f"{self.entry_hop}: cannot reach {self.urls['mobile']}: {exc}", encoded.size_bytes, 0
-            )
+            return Sent(None, f"{self.entry_hop}: cannot reach {self.urls['mobile']}: {exc}", time.perf_counter_ns())
+
+    def answer(self, request: PreparedRequest, sent: Sent) -> Answer:
+        """What the reply says; a failure of any kind is an answer with a status and an error, never an exception."""
+        reply, size = sent.reply, request.size_bytes
+        if reply is None:
+            return Answer(0, {}, {}, sent.error, size, 0)
         if reply.status != 200:
             try:
                 message = str(json.loads(reply.body).get("error", reply.body[:200]))
             except ValueError:
                 message = reply.body[:200].decode(errors="replace")
-            return Answer(reply.status, {}, {}, message, encoded.size_bytes, len(reply.body))
+            return Answer(reply.status, {}, {}, message, size, len(reply.body))
         try:
             header = codec.parse_header_length(reply.headers.get(codec.HEADER_LENGTH_HTTP_HEADER.lower()))
             response = codec.decode_response(reply.body, header)
         except MalformedBody as exc:
-            message = f"{self.entry_hop}: malformed answer: {exc.message}"
-            return Answer(0, {}, {}, message, encoded.size_bytes, len(reply.body))
-        return Answer(200, response.outputs, dict(response.parameters), "", encoded.size_bytes, len(reply.body))
+            return Answer(0, {}, {}, f"{self.entry_hop}: malformed answer: {exc.message}", size, len(reply.body))
+        return Answer(200, response.outputs, dict(response.parameters), "", size, len(reply.body))
+
+    async def infer(
+        self, model: str, inputs: dict[str, np.ndarray], *, placement: str, request_id: str, timeout_s: float
+    ) -> Answer:
+        """One request, prepared, sent and read at once (warm-up and control use; runs split the three)."""
+        request = self.prepare(model, inputs, placement=placement, request_id=request_id, timeout_s=timeout_s)
+        return self.answer(request, await self.send(request, timeout_s=timeout_s))
+
+    async def client_overhead(self, pairs: int = CLIENT_OVERHEAD_PAIRS) -> dict[str, float]:
+        """The loadgen's HTTP client's own share of a round trip: ``GET /v2/health/live`` on the entry tier
+        through the client and over a bare blocking socket, in pairs (random order, each after a short pause and
+        one discarded exchange), the median of the differences. The loadgen's other work is off the measured path."""
+        entry = urlsplit(self.urls["mobile"])
+        head = f"GET /v2/health/live HTTP/1.1\r\nHost: {entry.netloc}\r\n\r\n".encode("latin-1")
+        rng = random.Random(0)
+        client_ms: list[float] = []
+        bare_ms: list[float] = []
+        with socket.create_connection((entry.hostname or "127.0.0.1", entry.port or 80), timeout=5) as bare:
+            bare.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for _ in range(pairs + CLIENT_OVERHEAD_WARMUP):
+                await asyncio.sleep(CLIENT_OVERHEAD_GAP_S)
+                _bare_exchange(bare, head)  # wakes what the pause put to sleep: both of the pair run warm
+                for through_client in (True, False) if rng.random() < 0.5 else (False, True):
+                    began_ns = time.perf_counter_ns()
+                    if through_client:
+                        await self.pool.request(head, ())
+                    else:
+                        _bare_exchange(bare, head)
+                    (client_ms if through_client else bare_ms).append((time.perf_counter_ns() - began_ns) / 1e6)
+        client, floor = client_ms[CLIENT_OVERHEAD_WARMUP:], bare_ms[CLIENT_OVERHEAD_WARMUP:]
+        return {
+            "client_ms_p50": round(statistics.median(client), 4),
+            "bare_socket_ms_p50": round(statistics.median(floor), 4),
+            "overhead_ms_p50": round(statistics.median(c - b for c, b in zip(client, floor, strict=True)), 4),
+            "pairs": pairs,
+        }
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _bare_exchange(connection: socket.socket, head: bytes) -> None:
+    """Send ``head`` and read one whole response (head and Content-Length body) with blocking calls."""
+    connection.sendall(head)
+    data = b""
+    while (end := data.find(b"\r\n\r\n")) < 0:
+        chunk = connection.recv(65536)
+        if not chunk:
+            raise ConnectionError("the entry tier closed the connection")
+        data += chunk
+    length = 0
+    for line in data[:end].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(data) < end + 4 + length:
+        chunk = connection.recv(65536)
+        if not chunk:
+            raise ConnectionError("the entry tier closed the connection")
+        data += chunk

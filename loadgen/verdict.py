@@ -93,6 +93,8 @@ def judge(entry: dict[str, Any], info: dict[str, Any] | None, network: dict[str,
         "error_rate": entry["error_rate"],
         "lag_ms_p99": entry["lag_ms_p99"],
         "loadgen_cpu": info.get("loadgen_cpu"),
+        "lag_ms_p50": entry.get("lag_ms_p50"),
+        "loadgen_share": info.get("loadgen_share"),
         "cpu_throttling": info.get("cpu_throttling") or {},
         "peak_rss_mib": {t: m.get("peak_rss_mib") for t, m in (info.get("memory_mib") or {}).items()},
     }

@@ -36,7 +36,7 @@ class FakeClock:
     def now_ns(self) -> int:
         return self.now
 
-    async def sleep_until_ns(self, deadline_ns: int) -> None:
+    async def sleep_until_ns(self, deadline_ns: int, *, precise: bool = True) -> None:
         if deadline_ns <= self.now:
             await asyncio.sleep(0)
             return
@@ -103,6 +103,28 @@ def test_open_loop_keeps_its_schedule_while_answers_are_slow() -> None:
     intended = sorted(issue.intended_ns for issue, _, _ in log)
     assert intended[:6] == [0, 0, 10 * MS, 10 * MS, 20 * MS, 20 * MS]
     assert all(started == issue.intended_ns for issue, started, _ in log)  # no waiting for answers
+
+
+@pytest.mark.parametrize("kind", ["burst", "single-stream"])
+def test_requests_are_prepared_before_they_are_due(kind: str) -> None:
+    """The loadgen's own work on a request (sample, encode) is off the measured path: an open-loop request is
+    prepared before its due time, a closed-loop one before it is stamped due; each send gets its own."""
+    clock = FakeClock()
+    log: list[tuple[Issue, int, int]] = []
+    prepared_at: dict[int, int] = {}
+
+    def prepare(seq: int) -> str:
+        prepared_at[seq] = clock.now_ns()
+        clock.now += MS  # preparing takes time (less than the open loop's lead), which no latency may include
+        return f"request {seq}"
+
+    scenario = ScenarioSpec(kind=kind, burst_size=1, burst_interval_s=0.01)
+    asyncio.run(clock.run(drive(scenario, fake_server(clock, lambda _: 1.0, log), stop_after(10), clock,
+                                prepare=prepare)))  # fmt: skip
+    for issue, started, ended in log[1:]:  # (the very first open-loop request is due as the run starts)
+        assert issue.prepared == f"request {issue.seq}"
+        assert prepared_at[issue.seq] + MS <= issue.intended_ns <= started
+        assert (ended - issue.intended_ns) / MS == pytest.approx(1.0)  # the service time, and nothing else
 
 
 def test_a_stalled_server_shows_as_latency_from_the_intended_time() -> None:
