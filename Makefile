@@ -74,7 +74,7 @@ logs: | $(STAMP) ## the last log lines of every service
 	$(STACK) logs
 
 swarm-nodes: $(STAMP) ## a 3-node Docker Swarm of Docker-in-Docker nodes on this machine (then DOCKER_HOST=… make up RUNTIME=swarm)
-	$(STACK) nodes up --count $(or $(NODES),3)
+	$(STACK) nodes up --count $(or $(NODES),3) $(if $(filter no,$(JOIN)),--no-join)
 
 swarm-nodes-down: | $(STAMP) ## remove the Docker-in-Docker swarm nodes, their volumes and network
 	$(STACK) nodes down

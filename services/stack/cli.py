@@ -260,10 +260,13 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         removed = nodes.nodes_down()
         say(f"removed swarm nodes: {', '.join(removed) or 'none were running'}")
         return 0
-    started = nodes.nodes_up(args.count, project_root())
+    started = nodes.nodes_up(args.count, project_root(), join=args.join)
     for node in started:
         print(f"  {node.name:<16} {node.address:<15} engine {node.engine}")
-    print(f"swarm formed; deploy across it with:\n  DOCKER_HOST={started[0].engine} make up RUNTIME=swarm")
+    if args.join:
+        print(f"swarm formed; deploy across it with:\n  DOCKER_HOST={started[0].engine} make up RUNTIME=swarm")
+    else:
+        print("no swarm yet: form it as on real machines (README, 'Join real machines'), with `docker -H <engine>`")
     return 0
 
 
@@ -322,6 +325,12 @@ def add_commands(commands: Any) -> None:
     nodes = verbs.add_parser("nodes", help="a multi-node swarm of Docker-in-Docker nodes on this machine")
     nodes.add_argument("action", choices=("up", "down"))
     nodes.add_argument("--count", type=int, default=3)
+    nodes.add_argument(
+        "--join",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="form the swarm and label the nodes (--no-join: engines and images only, to do it by hand)",
+    )
     nodes.set_defaults(handler=cmd_nodes)
     images = verbs.add_parser("images", help="build (or pull) the images")
     images.add_argument("--no-grafana", action="store_true")

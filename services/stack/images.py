@@ -11,13 +11,17 @@ fallback, so the stack runs without it and says so. Tags carry a hash of what sh
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +156,8 @@ def debootstrap_image(tag: str, arch: str, packages: tuple[str, ...], changes: t
             imported = subprocess.run([*argv, "-", tag], stdin=tar.stdout, capture_output=True, check=False)
         if imported.returncode != 0 or tar.returncode != 0:
             raise ConfigError(f"docker import of {tag} failed: {imported.stderr.decode().strip()}")
+    if arch != host_arch():
+        replatform(tag, arch)
     return tag
 
 
@@ -211,6 +217,8 @@ def build_tier_image(root: Path, base: str, python: str, arch: str | None = None
     )
     tag = f"tierlab/tier:{digest}" + (f"-{arch}" if foreign else "")
     if image_exists(tag):
+        if foreign:
+            replatform(tag, arch)  # (an image built before tierlab labelled them)
         return tag
     # wheels always come from the wheelhouse; only python:3.11-slim needs the network, for apt's iproute2
     offline = base != REGISTRY_BASE
@@ -227,7 +235,60 @@ def build_tier_image(root: Path, base: str, python: str, arch: str | None = None
          "-f", str(root / "Dockerfile"), str(root)],
         timeout_s=3600,
     )  # fmt: skip
+    if foreign:
+        replatform(tag, arch)
     return tag
+
+
+# Docker's words for an architecture's variant (``docker image inspect``: Architecture, Variant)
+PLATFORM_VARIANTS = {"arm64": "v8"}
+
+
+def image_architecture(tag: str) -> str:
+    return output(["docker", "image", "inspect", "--format", "{{.Architecture}}", tag]).strip()
+
+
+def platform_config(config: Mapping[str, object], arch: str) -> dict[str, object]:
+    """An image config saying it is for linux/``arch`` (with its variant, if Docker names one)."""
+    changed = {k: v for k, v in config.items() if k != "variant"}
+    changed.update(os="linux", architecture=arch)
+    if arch in PLATFORM_VARIANTS:
+        changed["variant"] = PLATFORM_VARIANTS[arch]
+    return changed
+
+
+def replatform(tag: str, arch: str) -> None:
+    """Label image ``tag`` as linux/``arch``. Docker's legacy builder records the host's architecture on an
+    image built under emulation (and its ``docker import --platform`` does too), so an arm64 image would
+    say amd64 and a Pi would warn on every start. ``docker save``, the config's architecture rewritten,
+    ``docker load`` in the classic layout (manifest.json with the new config's digest, layers unchanged)."""
+    if image_architecture(tag) == arch:
+        return
+    say(f"labelling {tag} as linux/{arch}")
+    with tempfile.TemporaryDirectory(prefix="tierlab-replatform-") as scratch:
+        saved, loaded = Path(scratch) / "saved.tar", Path(scratch) / "loaded.tar"
+        run(["docker", "save", "-o", str(saved), tag], timeout_s=1800)
+        with tarfile.open(saved) as source, tarfile.open(loaded, "w") as target:
+            (manifest,) = json.loads(source.extractfile("manifest.json").read())  # type: ignore[union-attr]
+            config = json.loads(source.extractfile(manifest["Config"]).read())  # type: ignore[union-attr]
+            config_bytes = json.dumps(platform_config(config, arch), separators=(",", ":")).encode()
+            config_name = f"blobs/sha256/{hashlib.sha256(config_bytes).hexdigest()}"
+            for member in source.getmembers():
+                if member.isfile() and member.name in manifest["Layers"]:
+                    target.addfile(member, source.extractfile(member))
+                elif member.isdir() and any(layer.startswith(member.name + "/") for layer in manifest["Layers"]):
+                    target.addfile(member)
+            _add_bytes(target, config_name, config_bytes)
+            _add_bytes(target, "manifest.json", json.dumps([{**manifest, "Config": config_name}]).encode())
+        run(["docker", "load", "-i", str(loaded)], quiet=True, timeout_s=1800)
+    if image_architecture(tag) != arch:
+        raise ConfigError(f"{tag} still says {image_architecture(tag)} after relabelling it {arch}")
+
+
+def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
 
 
 def build_prometheus_image(root: Path, base: str) -> str:

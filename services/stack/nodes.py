@@ -141,8 +141,9 @@ def form_swarm(nodes: list[Node]) -> None:
         swarm_node.update(spec)
 
 
-def nodes_up(count: int, root: Path) -> list[Node]:
-    """Start ``count`` nodes with tierlab's images and form the swarm; returns the nodes, manager first."""
+def nodes_up(count: int, root: Path, *, join: bool = True) -> list[Node]:
+    """Start ``count`` nodes with tierlab's images and (``join``) form the swarm; returns the nodes, manager
+    first. Without ``join`` the engines stand alone, for the README's steps to be tried by hand."""
     if count < 1:
         raise ConfigError("a swarm needs at least one node")
     if node_containers():
@@ -155,7 +156,8 @@ def nodes_up(count: int, root: Path) -> list[Node]:
     for node in nodes:
         load_images(node, tags)
     say(f"{len(nodes)} node engines up with {len(tags)} images each in {time.monotonic() - started:.0f} s")
-    form_swarm(nodes)
+    if join:
+        form_swarm(nodes)
     return nodes
 
 

@@ -23,7 +23,13 @@ from services.stack.compose import (
     stack_deployment,
     writable_by_loadgen,
 )
-from services.stack.images import debootstrap_argv, host_arch, image_requirements, require_emulation
+from services.stack.images import (
+    debootstrap_argv,
+    host_arch,
+    image_requirements,
+    platform_config,
+    require_emulation,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -131,6 +137,16 @@ def test_debootstrap_base_has_python_and_tc() -> None:
     foreign = "arm64" if host_arch() != "arm64" else "amd64"
     assert f"--arch={foreign}" in debootstrap_argv(Path("/tmp/rootfs"), arch=foreign)
     assert not any(a.startswith("--arch") for a in debootstrap_argv(Path("/tmp/rootfs"), arch=host_arch()))
+
+
+def test_an_image_config_is_relabelled_for_its_architecture() -> None:
+    """What ``replatform`` writes into an image built under emulation: the architecture (and arm64's variant),
+    everything else as it was."""
+    built = {"architecture": "amd64", "os": "linux", "config": {"Env": ["A=1"]}, "rootfs": {"diff_ids": ["x"]}}
+    arm = platform_config(built, "arm64")
+    assert (arm["architecture"], arm["variant"], arm["os"]) == ("arm64", "v8", "linux")
+    assert {k: arm[k] for k in ("config", "rootfs")} == {k: built[k] for k in ("config", "rootfs")}
+    assert "variant" not in platform_config({**built, "variant": "v8"}, "amd64")
 
 
 def test_a_foreign_architecture_needs_its_emulation_registered(tmp_path: Path) -> None:
