@@ -21,9 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
-import socket
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +33,7 @@ from benchmarks.overhead import null_tier
 from loadgen.engine import Issue, RealClock, StopRule, drive
 from loadgen.records import RecordWriter
 from loadgen.spec import ScenarioSpec, StoppingSpec
-from loadgen.target import _bare_exchange
+from loadgen.target import paired_overhead
 from loadgen.telemetry import LoadgenTelemetry
 from services.contracts import codec
 from services.contracts.transport import Pool
@@ -111,29 +108,10 @@ async def client_vs_bare(port: int, pairs: int) -> dict[str, float]:
     """A prepared request through the loadgen's pool and the same bytes over a bare blocking socket, in pairs."""
     pool = Pool("127.0.0.1", port)
     head, chunks, _ = _request(pool, 0)
-    payload = head + b"".join(bytes(c) for c in chunks)
-    rng = random.Random(0)
-    client_ms: list[float] = []
-    bare_ms: list[float] = []
-    with socket.create_connection(("127.0.0.1", port)) as bare:
-        bare.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for i in range(pairs + 20):
-            await asyncio.sleep(PAIR_GAP_S)
-            _bare_exchange(bare, payload)  # wakes what the pause put to sleep: both of the pair run warm
-            for through_pool in (True, False) if rng.random() < 0.5 else (False, True):
-                began = time.perf_counter_ns()
-                if through_pool:
-                    await pool.request(head, chunks)
-                else:
-                    _bare_exchange(bare, payload)
-                if i >= 20:
-                    (client_ms if through_pool else bare_ms).append((time.perf_counter_ns() - began) / 1e6)
-    pool.close()
-    return {
-        "client_ms_p50": round(statistics.median(client_ms), 4),
-        "bare_ms_p50": round(statistics.median(bare_ms), 4),
-        "client_overhead_ms_p50": round(statistics.median(c - b for c, b in zip(client_ms, bare_ms, strict=True)), 4),
-    }
+    try:
+        return await paired_overhead(pool, ("127.0.0.1", port), head, chunks, pairs, gap_s=PAIR_GAP_S)
+    finally:
+        pool.close()
 
 
 def main() -> None:
@@ -161,13 +139,13 @@ def main() -> None:
         paired = run(client_vs_bare(port, args.pairs))
     sustained = [r for r in results if r["lag_ms_p99"] <= LAG_GOAL_MS]
     best = max(sustained, key=lambda r: r["rate_rps"]) if sustained else min(results, key=lambda r: r["rate_rps"])
-    overhead_ms = low["lag_ms_p50"] + paired["client_overhead_ms_p50"]
+    overhead_ms = low["lag_ms_p50"] + paired["overhead_ms_p50"]
     print(f"P4 capacity: {best['rate_rps']:.0f} req/s with schedule lag p99 {best['lag_ms_p99']:.3f} ms "
           f"(goal ≥ 2000 req/s at ≤ {LAG_GOAL_MS:g} ms)")  # fmt: skip
     print(f"P4 overhead per request at 100 req/s, p50 (goal on the path ≤ {OVERHEAD_GOAL_MS:g} ms):")
     print(f"  on the measured path   schedule lag {low['lag_ms_p50']:.3f} ms + HTTP client "
-          f"{paired['client_overhead_ms_p50']:.3f} ms ({paired['client_ms_p50']:.3f} vs bare socket "
-          f"{paired['bare_ms_p50']:.3f} ms) = {overhead_ms:.3f} ms")  # fmt: skip
+          f"{paired['overhead_ms_p50']:.3f} ms ({paired['client_ms_p50']:.3f} vs bare socket "
+          f"{paired['bare_socket_ms_p50']:.3f} ms) = {overhead_ms:.3f} ms")  # fmt: skip
     print(f"  off the measured path  prepare {low['prepare_ms_mean']:.3f} ms, complete (record, metrics) "
           f"{low['complete_ms_mean']:.3f} ms; CPU {low['cpu_ms_per_request']:.3f} ms per request "
           "(incl. the schedule's spin before each request)")  # fmt: skip
@@ -175,12 +153,12 @@ def main() -> None:
         "p4_max_rate_rps": best["rate_rps"] if sustained else 0.0,
         "p4_lag_ms_p99": best["lag_ms_p99"],
         "p4_overhead_ms_p50": round(overhead_ms, 4),
-        "p4_steps_ms": {"lag_p50": low["lag_ms_p50"], "client_p50": paired["client_overhead_ms_p50"],
+        "p4_steps_ms": {"lag_p50": low["lag_ms_p50"], "client_p50": paired["overhead_ms_p50"],
                         "prepare_mean": low["prepare_ms_mean"], "complete_mean": low["complete_ms_mean"],
                         "cpu_per_request": low["cpu_ms_per_request"]},
         "p4_loadgen_latency_ms_p50": low["latency_ms_p50"],
         "p4_client_ms_p50": paired["client_ms_p50"],
-        "p4_bare_latency_ms_p50": paired["bare_ms_p50"],
+        "p4_bare_latency_ms_p50": paired["bare_socket_ms_p50"],
         "p4_rates": results,
     }))  # fmt: skip
 

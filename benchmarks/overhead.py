@@ -227,23 +227,35 @@ def inprocess_stage_ms(folder: Path, feeds: dict[str, np.ndarray], threads: int,
     return total
 
 
+def _relay_request(label: str) -> tuple[np.ndarray, codec.Encoded]:
+    """The relays' input of size ``label`` and its V2 request, sent through all three tiers."""
+    x = np.random.default_rng(0).normal(size=(1, RELAY_SIZES_BYTES[label] // 4)).astype(np.float32)
+    return x, codec.encode_request({"x": x}, parameters={"placement": "M-E-C"})
+
+
+def hop_taxes_ms(
+    stack: LocalStack, model: str, encoded: codec.Encoded, requests: int, compute_ms: float
+) -> list[float]:
+    """Per request through ``stack``'s three tiers: (e2e - the stages' in-process compute) / 3 hops."""
+    e2e = round_trips_ms(stack.url("mobile"), f"/v2/models/{model}/infer", encoded, requests)
+    return [(t - compute_ms) / HOPS for t in e2e]
+
+
 def p1_hop_tax(stack: LocalStack, root: Path, models: dict[str, str], threads: int, requests: int) -> dict[str, Any]:
     """Per tensor size: the hop tax through ``stack``, and one round trip of the same body to the null tier under
     each server and over a bare socket (the floors the hop is compared with)."""
     results: dict[str, Any] = {}
     with null_tier(free_ports(1)[0], "tierlab") as null_url, null_tier(free_ports(1)[0], "uvicorn") as uvicorn_url:
         for label, model in models.items():
-            x = np.random.default_rng(0).normal(size=(1, RELAY_SIZES_BYTES[label] // 4)).astype(np.float32)
+            x, encoded = _relay_request(label)
             compute_ms = inprocess_stage_ms(root / model, {"x": x}, threads, repeats=100)
-            encoded = codec.encode_request({"x": x}, parameters={"placement": "M-E-C"})
-            e2e = round_trips_ms(stack.url("mobile"), f"/v2/models/{model}/infer", encoded, requests)
-            tax = [(t - compute_ms) / HOPS for t in e2e]
+            tax = hop_taxes_ms(stack, model, encoded, requests, compute_ms)
             null = round_trips_ms(null_url, "/", encoded, requests)
             null_uvicorn = round_trips_ms(uvicorn_url, "/", encoded, requests)
             floor = socket_floor_ms(encoded.size_bytes, requests)
             results[label] = {
-                "e2e_ms_p50": percentile(e2e, 50),
-                "e2e_ms_p99": percentile(e2e, 99),
+                "e2e_ms_p50": percentile(tax, 50) * HOPS + compute_ms,
+                "e2e_ms_p99": percentile(tax, 99) * HOPS + compute_ms,
                 "compute_ms": compute_ms,
                 "hop_tax_ms_p50": percentile(tax, 50),
                 "hop_tax_ms_p99": percentile(tax, 99),
@@ -258,13 +270,10 @@ def p1_hop_tax_only(
     stack: LocalStack, models: dict[str, str], requests: int, compute_ms: dict[str, float]
 ) -> dict[str, float]:
     """The hop tax p50 through ``stack`` (the same relays, another server), by tensor size."""
-    taxes = {}
-    for label, model in models.items():
-        x = np.random.default_rng(0).normal(size=(1, RELAY_SIZES_BYTES[label] // 4)).astype(np.float32)
-        encoded = codec.encode_request({"x": x}, parameters={"placement": "M-E-C"})
-        e2e = round_trips_ms(stack.url("mobile"), f"/v2/models/{model}/infer", encoded, requests)
-        taxes[label] = percentile([(t - compute_ms[label]) / HOPS for t in e2e], 50)
-    return taxes
+    return {
+        label: percentile(hop_taxes_ms(stack, model, _relay_request(label)[1], requests, compute_ms[label]), 50)
+        for label, model in models.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------- P2

@@ -217,40 +217,57 @@ class Stack:
 
     async def client_overhead(self, pairs: int = CLIENT_OVERHEAD_PAIRS) -> dict[str, float]:
         """The loadgen's HTTP client's own share of a round trip: ``GET /v2/health/live`` on the entry tier
-        through the client and over a bare blocking socket, in pairs (random order, each after a short pause and
-        one discarded exchange), the median of the differences. The loadgen's other work is off the measured path."""
+        through the client and over a bare socket (``paired_overhead``). The loadgen's other work is off the
+        measured path."""
         entry = urlsplit(self.urls["mobile"])
         head = f"GET /v2/health/live HTTP/1.1\r\nHost: {entry.netloc}\r\n\r\n".encode("latin-1")
-        rng = random.Random(0)
-        client_ms: list[float] = []
-        bare_ms: list[float] = []
-        with socket.create_connection((entry.hostname or "127.0.0.1", entry.port or 80), timeout=5) as bare:
-            bare.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for _ in range(pairs + CLIENT_OVERHEAD_WARMUP):
-                await asyncio.sleep(CLIENT_OVERHEAD_GAP_S)
-                _bare_exchange(bare, head)  # wakes what the pause put to sleep: both of the pair run warm
-                for through_client in (True, False) if rng.random() < 0.5 else (False, True):
-                    began_ns = time.perf_counter_ns()
-                    if through_client:
-                        await self.pool.request(head, ())
-                    else:
-                        _bare_exchange(bare, head)
-                    (client_ms if through_client else bare_ms).append((time.perf_counter_ns() - began_ns) / 1e6)
-        client, floor = client_ms[CLIENT_OVERHEAD_WARMUP:], bare_ms[CLIENT_OVERHEAD_WARMUP:]
-        return {
-            "client_ms_p50": round(statistics.median(client), 4),
-            "bare_socket_ms_p50": round(statistics.median(floor), 4),
-            "overhead_ms_p50": round(statistics.median(c - b for c, b in zip(client, floor, strict=True)), 4),
-            "pairs": pairs,
-        }
+        return await paired_overhead(self.pool, (entry.hostname or "127.0.0.1", entry.port or 80), head, (), pairs)
 
     def close(self) -> None:
         self.pool.close()
 
 
-def _bare_exchange(connection: socket.socket, head: bytes) -> None:
-    """Send ``head`` and read one whole response (head and Content-Length body) with blocking calls."""
-    connection.sendall(head)
+async def paired_overhead(
+    pool: Pool,
+    address: tuple[str, int],
+    head: bytes,
+    body: Sequence[Buffer],
+    pairs: int,
+    *,
+    gap_s: float = CLIENT_OVERHEAD_GAP_S,
+    warmup: int = CLIENT_OVERHEAD_WARMUP,
+) -> dict[str, float]:
+    """The same request through ``pool`` and over a bare blocking socket to ``address``, in pairs: random
+    order, each pair after a pause of ``gap_s`` and one discarded bare exchange (it wakes what the pause put
+    to sleep, so both of the pair run warm); the medians and the median of the differences, in ms."""
+    payload = head + b"".join(bytes(part) for part in body)
+    rng = random.Random(0)
+    client_ms: list[float] = []
+    bare_ms: list[float] = []
+    with socket.create_connection(address, timeout=5) as bare:
+        bare.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(pairs + warmup):
+            await asyncio.sleep(gap_s)
+            bare_exchange(bare, payload)
+            for through_pool in (True, False) if rng.random() < 0.5 else (False, True):
+                began_ns = time.perf_counter_ns()
+                if through_pool:
+                    await pool.request(head, body)
+                else:
+                    bare_exchange(bare, payload)
+                (client_ms if through_pool else bare_ms).append((time.perf_counter_ns() - began_ns) / 1e6)
+    client, floor = client_ms[warmup:], bare_ms[warmup:]
+    return {
+        "client_ms_p50": round(statistics.median(client), 4),
+        "bare_socket_ms_p50": round(statistics.median(floor), 4),
+        "overhead_ms_p50": round(statistics.median(c - b for c, b in zip(client, floor, strict=True)), 4),
+        "pairs": pairs,
+    }
+
+
+def bare_exchange(connection: socket.socket, request: bytes) -> None:
+    """Send ``request`` and read one whole response (head and Content-Length body) with blocking calls."""
+    connection.sendall(request)
     data = b""
     while (end := data.find(b"\r\n\r\n")) < 0:
         chunk = connection.recv(65536)
