@@ -32,6 +32,7 @@ import uvloop
 from benchmarks.overhead import null_tier
 from loadgen.engine import Issue, RealClock, StopRule, drive
 from loadgen.records import RecordWriter
+from loadgen.runner import LoadgenShare
 from loadgen.spec import ScenarioSpec, StoppingSpec
 from loadgen.target import paired_overhead
 from loadgen.telemetry import LoadgenTelemetry
@@ -61,13 +62,13 @@ async def loadgen_run(port: int, rate_rps: float, duration_s: float, folder: Pat
     n = max(50, int(rate_rps * duration_s))
     stop = StopRule(StoppingSpec(min_samples=n, max_samples=n, max_duration_s=duration_s * 10), clock.now_ns())
     lags: list[float] = []
-    prepare_ns, complete_ns = [0], [0]
+    share = LoadgenShare()
     labels = ("null@M", f"server@{rate_rps:g}rps", "none")
 
     def prepare(seq: int) -> tuple[bytes, list[Any], int]:
         began = time.perf_counter_ns()
         request = _request(pool, seq)
-        prepare_ns[0] += time.perf_counter_ns() - began
+        share.prepare_ns += time.perf_counter_ns() - began
         return request
 
     async def send(issue: Issue, started_ns: int) -> int:
@@ -81,7 +82,7 @@ async def loadgen_run(port: int, rate_rps: float, duration_s: float, folder: Pat
                   "status": reply.status, "bytes_out": size, "bytes_in": len(reply.body)}  # fmt: skip
         writer.write(record)
         telemetry.observe(labels, latency_ms=latency_ms, lag_ms=lag_ms, status=reply.status)
-        complete_ns[0] += clock.now_ns() - ended
+        share.complete_ns += clock.now_ns() - ended
         return ended
 
     cpu = time.process_time()
@@ -98,9 +99,7 @@ async def loadgen_run(port: int, rate_rps: float, duration_s: float, folder: Pat
         "lag_ms_p99": round(float(np.percentile(lags, 99)), 4),
         "latency_ms_p50": round(float(np.percentile(latencies, 50)), 4),
         "latency_ms_p99": round(float(np.percentile(latencies, 99)), 4),
-        "prepare_ms_mean": round(prepare_ns[0] / issued / 1e6, 4),
-        "complete_ms_mean": round(complete_ns[0] / issued / 1e6, 4),
-        "cpu_ms_per_request": round(cpu_s * 1e3 / issued, 4),
+        **(share.summary(issued, cpu_s) or {}),
     }
 
 

@@ -42,6 +42,7 @@ log = logging.getLogger("tierlab.server")
 MAX_HEAD_BYTES = 64 * 1024
 BODY_PIECE_BYTES = 16 << 20
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_UPGRADES = "protocol upgrades are not served here"
 _NO_BODY_STATUSES = frozenset({204, 304})
 _PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
 _ASGI = {"version": "3.0", "spec_version": "2.4"}
@@ -83,7 +84,6 @@ class _Exchange:
         self.head_complete = False
         self.method = ""
         self.keep_alive = True
-        self.content_length: int | None = None
         self.chunked = False
         self.expect_continue = False
         # body
@@ -139,8 +139,7 @@ class _Exchange:
                 raise _HeadError(400, "a Transfer-Encoding must end with chunked")
             self.chunked, self.keep_alive = True, False  # llhttp would parse past its end: one per connection
         elif lengths:
-            self.content_length = int(lengths[0])  # llhttp has rejected non-numbers and conflicting values
-            self.remaining = self.content_length
+            self.remaining = int(lengths[0])  # llhttp has rejected non-numbers and conflicting values
         self.body_done = not self.chunked and not self.remaining
         self.expect_continue = any(k == b"expect" and v.lower() == b"100-continue" for k, v in self.headers)
         self.head_only = self.method == "HEAD"
@@ -378,11 +377,11 @@ class _Connection(asyncio.BufferedProtocol):
             if not exchange.head_complete:
                 raise _HeadError(400, "incomplete request head")
             if parser.should_upgrade():
-                raise _HeadError(501, "protocol upgrades are not served here")
+                raise _HeadError(501, _NO_UPGRADES)
             exchange.read_head(parser)
             scope = exchange.scope(self.server, self.transport)
         except httptools.HttpParserUpgrade:
-            self._refuse(501, "protocol upgrades are not served here")
+            self._refuse(501, _NO_UPGRADES)
             return
         except httptools.HttpParserError as exc:
             self._refuse(400, f"malformed request head: {exc}")
