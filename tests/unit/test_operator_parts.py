@@ -28,6 +28,7 @@ from operators.data import (
 from operators.evaluate import CascadeTrace, cascade, confusion, macro_f1, miou_of, score, wilson_interval
 from operators.nets import ConvNet, ConvNetSpec
 from operators.onnxgraph import attach_exit_head, balanced_cuts, find_cuts, pool_features, split_stages
+from operators.subjects import head_tail
 from operators.training import FitSettings, fit, memory_format, parameter_groups, predict
 from operators.whitebox import narrow_blocks
 from services.contracts.manifest import max_softmax
@@ -65,6 +66,13 @@ def test_fortunes_are_read_one_entry_per_separator(tmp_path: Path) -> None:
     assert read_fortunes(tmp_path / "science") == ["E = mc^2 said he.", "Second one"]
     texts, labels = load_fortunes(tmp_path, ["science"])
     assert texts == ["E = mc^2 said he.", "Second one"] and labels.tolist() == [0, 0]
+
+
+def test_a_long_text_keeps_its_head_and_tail_and_a_short_one_is_padded() -> None:
+    encoded = head_tail([[101, *range(1, 11), 102], [101, 7, 102]], max_tokens=6, head_tokens=2, pad_id=0)
+    assert encoded["input_ids"].tolist() == [[101, 1, 8, 9, 10, 102], [101, 7, 102, 0, 0, 0]]
+    assert encoded["attention_mask"].tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+    assert encoded["input_ids"].dtype == encoded["attention_mask"].dtype == np.int64
 
 
 def test_missing_datasets_say_how_to_get_them(tmp_path: Path) -> None:
