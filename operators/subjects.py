@@ -214,8 +214,8 @@ def head_tail(token_ids: list[list[int]], max_tokens: int, head_tokens: int, pad
     here because a tokenizer truncates at one end only (``truncation_side`` is left or right)."""
     ids = np.full((len(token_ids), max_tokens), pad_id, dtype=np.int64)
     mask = np.zeros((len(token_ids), max_tokens), dtype=np.int64)
+    tail_tokens = max_tokens - head_tokens
     for row, whole in enumerate(token_ids):
-        tail_tokens = max_tokens - head_tokens
         kept = whole if len(whole) <= max_tokens else whole[:head_tokens] + whole[len(whole) - tail_tokens :]
         ids[row, : len(kept)] = kept
         mask[row, : len(kept)] = 1
