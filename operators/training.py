@@ -1,7 +1,8 @@
 """One training loop for every torch model here: classifiers, segmenters, students, QAT and pruned nets.
 
 ``fit`` runs AdamW with a one-cycle schedule over a budget of items (not epochs), so a build's cost is
-set by the settings, and reports progress through a callback. The loss is cross-entropy on the targets
+set by the settings, and reports progress through a callback. Token sequences train in length buckets, each
+batch cut to its longest text (see ``batch_indices``). The loss is cross-entropy on the targets
 — per item for classes, per pixel for segmentation — optionally blended with knowledge distillation
 from a teacher's logits (Hinton et al.: KL at temperature T, scaled by T²).
 """
@@ -9,7 +10,7 @@ from a teacher's logits (Hinton et al.: KL at temperature T, scaled by T²).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from torch.nn import functional as F
 from operators.data import Samples
 
 Progress = Callable[[int], None]  # called with the number of items just trained on
+# batches per pool sorted by length (as Hugging Face's ``group_by_length`` sorts its mega-batches)
+LENGTH_POOL_BATCHES = 50
 
 
 @dataclass(frozen=True)
@@ -62,11 +65,43 @@ def to_layout(model: nn.Module, layout: torch.memory_format) -> nn.Module:
     return moved
 
 
+def sequence_lengths(samples: Samples) -> np.ndarray | None:
+    """Tokens per item for token sequences (an ``attention_mask`` input, padded at the end); None otherwise."""
+    mask = samples.inputs.get("attention_mask")
+    return mask.sum(axis=1) if mask is not None and mask.ndim == 2 else None
+
+
+def batch_indices(samples: Samples, batch: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Each step's items, drawn with replacement. Token sequences are drawn a pool of ``LENGTH_POOL_BATCHES``
+    batches at a time, sorted by length, cut into batches and shuffled, so a batch holds texts of about one
+    length and ``_batch`` can cut it to its longest. Measured on the fortunes teacher (FULL, 1 thread, two
+    fits side by side): mean width 64 → 33.6–33.9 tokens, fit 506–510 → 267–281 s (×1.87); calibration
+    accuracy over seeds 0–2 80.59 → 81.56 % on average, evaluation 78.88 → 78.75 %."""
+    lengths = sequence_lengths(samples)
+    while lengths is None:
+        yield rng.integers(0, len(samples), batch)
+    while True:
+        pool = rng.integers(0, len(samples), batch * LENGTH_POOL_BATCHES)
+        pool = pool[np.argsort(lengths[pool], kind="stable")]
+        chunks = [pool[start : start + batch] for start in range(0, len(pool), batch)]
+        rng.shuffle(chunks)
+        yield from chunks
+
+
 def _batch(samples: Samples, index: np.ndarray | slice, layout: torch.memory_format) -> dict[str, torch.Tensor]:
-    return {
-        k: torch.from_numpy(v[index]).contiguous(memory_format=layout if v.ndim == 4 else torch.contiguous_format)
-        for k, v in samples.inputs.items()
-    }
+    """The items at ``index`` as tensors: images in ``layout``, token sequences cut to the longest of them (the
+    rest is padding, which the attention mask already hides)."""
+    lengths = sequence_lengths(samples)
+    width = int(lengths[index].max()) if lengths is not None else None
+    tensors = {}
+    for name, values in samples.inputs.items():
+        picked = values[index]
+        if width is not None and picked.ndim == 2:
+            picked = np.ascontiguousarray(picked[:, :width])
+        tensors[name] = torch.from_numpy(picked).contiguous(
+            memory_format=layout if picked.ndim == 4 else torch.contiguous_format
+        )
+    return tensors
 
 
 def parameter_groups(model: nn.Module, settings: FitSettings) -> list[dict[str, Any]]:
@@ -112,8 +147,9 @@ def fit(
     layout = memory_format(samples)
     to_layout(model, layout)
     model.train()
+    batches = batch_indices(samples, settings.batch, rng)
     for _ in range(steps):
-        index = rng.integers(0, len(samples), settings.batch)
+        index = next(batches)
         inputs = _batch(samples, index, layout)
         targets = torch.from_numpy(samples.targets[index])
         logits = call(**inputs)

@@ -13,6 +13,7 @@ import torch
 from onnx import TensorProto, helper
 from scipy.stats import binomtest
 from sklearn.metrics import f1_score
+from transformers import BertConfig, BertModel
 
 from operators import training
 from operators.data import (
@@ -26,7 +27,7 @@ from operators.data import (
     read_fortunes,
 )
 from operators.evaluate import CascadeTrace, cascade, confusion, macro_f1, miou_of, score, wilson_interval
-from operators.nets import ConvNet, ConvNetSpec
+from operators.nets import ConvNet, ConvNetSpec, TextClassifier
 from operators.onnxgraph import attach_exit_head, balanced_cuts, find_cuts, pool_features, split_stages
 from operators.subjects import head_tail
 from operators.training import FitSettings, fit, memory_format, parameter_groups, predict
@@ -243,3 +244,45 @@ def test_layer_decay_gives_each_depth_its_rate() -> None:
     assert [g["lr"] for g in groups] == [1.0, 0.5, 1.0]
     assert [len(g["params"]) for g in groups] == [2, 2, 2]
     assert len(parameter_groups(Layered(), FitSettings(items=1, lr=1.0))) == 1
+
+
+def _texts(count: int, max_tokens: int = 24) -> Samples:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, max_tokens + 1, count)
+    mask = (np.arange(max_tokens)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, rng.integers(5, 100, (count, max_tokens)), 0).astype(np.int64)
+    return Samples({"input_ids": ids, "attention_mask": mask}, rng.integers(0, 3, count))
+
+
+def test_texts_train_in_length_buckets_cut_to_their_longest_and_images_do_not() -> None:
+    samples, batch = _texts(500), 8
+    lengths = samples.inputs["attention_mask"].sum(axis=1)
+    draw = training.batch_indices(samples, batch, np.random.default_rng(1))
+    batches = [next(draw) for _ in range(2 * training.LENGTH_POOL_BATCHES)]
+    assert all(len(index) == batch and index.min() >= 0 and index.max() < len(samples) for index in batches)
+    spread = np.mean([np.ptp(lengths[index]) for index in batches])
+    unbucketed = np.mean([np.ptp(lengths[np.random.default_rng(i).integers(0, 500, batch)]) for i in range(100)])
+    assert spread < unbucketed / 4  # about one length per batch, against the whole range when drawn at random
+    assert len({int(lengths[index].max()) for index in batches}) > 5  # and the widths still vary from batch to batch
+    again = training.batch_indices(samples, batch, np.random.default_rng(1))
+    assert all(np.array_equal(next(again), index) for index in batches)  # a seed gives the same batches
+    cut = training._batch(samples, batches[0], torch.contiguous_format)
+    width = int(lengths[batches[0]].max())
+    assert {tuple(t.shape) for t in cut.values()} == {(batch, width)}
+    assert np.array_equal(cut["input_ids"].numpy(), samples.inputs["input_ids"][batches[0], :width])
+    images = _images(64)
+    image_draw = training.batch_indices(images, batch, np.random.default_rng(1))
+    assert np.array_equal(next(image_draw), np.random.default_rng(1).integers(0, 64, batch))  # as before
+
+
+def test_a_text_model_predicts_the_same_on_batches_cut_to_their_longest() -> None:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    model = TextClassifier(BertModel(config, add_pooling_layer=False), classes=3).eval()
+    samples = _texts(40)
+    full = {k: torch.from_numpy(v) for k, v in samples.inputs.items()}
+    with torch.no_grad():
+        expected = model(**full).numpy()
+    np.testing.assert_allclose(predict(model, samples, batch=16), expected, rtol=1e-4, atol=1e-5)
