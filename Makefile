@@ -126,7 +126,7 @@ bench-soak: $(STAMP) ## 10 min at 80 % of measured capacity on the stack make up
 bench-tiers: $(STAMP) ## the profile's tier order in compute time, on the stack make up started; last line is JSON
 	$(PY) -m benchmarks.tier_order
 
-bench-training: $(STAMP) ## training items/s of the vision teachers, contiguous vs channels_last; last line is JSON
+bench-training: $(STAMP) ## training items/s of the teachers by layout and precision (bfloat16); last line is JSON
 	$(PY) -m benchmarks.training
 
 test: $(STAMP) ## every test ring

@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -175,9 +176,10 @@ def _reporter() -> Iterator[Any]:
 def run_build(args: argparse.Namespace) -> int:
     from operators.build import build
     from operators.subjects import FULL, TINY
+    from operators.training import training_precision
 
-    settings = TINY if args.tiny else FULL
     try:
+        settings = replace(TINY if args.tiny else FULL, precision=training_precision())
         # side by side, the workers print their own lines: a live bar here would fight them
         with _reporter() if args.jobs == 1 else contextlib.nullcontext(_plain_reporter()) as reporter:
             result = build(
@@ -193,7 +195,7 @@ def run_build(args: argparse.Namespace) -> int:
         return 2
     print(
         f"built {len(result.built)}, up to date {len(result.skipped)}, in {result.seconds:.0f} s "
-        f"({settings.profile} settings)"
+        f"({settings.profile} settings, trained in {settings.precision})"
     )
     return 0
 

@@ -133,7 +133,9 @@ class SubjectBuild:
     def _train(self, kind: str) -> nn.Module:
         s, split, subject = self.settings, self.split, self.subject
         tune_items = subject.items(s.finetune_items)
-        finetune = FitSettings(items=tune_items, batch=subject.batch, lr=subject.lr / 10, seed=s.seed)
+        finetune = FitSettings(
+            items=tune_items, batch=subject.batch, lr=subject.lr / 10, seed=s.seed, precision=s.precision
+        )
         if kind == "teacher":
             return subject.train_teacher(split, s, self._progress("training the model", subject.items(s.train_items)))
         teacher = self.teacher()
@@ -306,7 +308,9 @@ def build(
     names = list(subjects or SUBJECTS)
     if jobs > 1 and len(names) > 1:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        reporter.step(f"building {', '.join(names)}: {jobs} at a time, {threads} thread(s) each")
+        reporter.step(
+            f"building {', '.join(names)}: {jobs} at a time, {threads} thread(s) each, trained in {settings.precision}"
+        )
         longest_first = sorted(names, key=lambda n: -SUBJECTS[n].build_cost)
         context = multiprocessing.get_context("spawn")  # no torch state forked from this process
         with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:

@@ -4,11 +4,14 @@
 set by the settings, and reports progress through a callback. Token sequences train in length buckets, each
 batch cut to its longest text (see ``batch_indices``). The loss is cross-entropy on the targets
 — per item for classes, per pixel for segmentation — optionally blended with knowledge distillation
-from a teacher's logits (Hinton et al.: KL at temperature T, scaled by T²).
+from a teacher's logits (Hinton et al.: KL at temperature T, scaled by T²). On a CPU with bfloat16 units
+the forward pass runs under bfloat16 autocast (see ``training_precision``); weights, optimizer and loss stay
+float32, and so does everything exported.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +28,8 @@ from operators.data import Samples
 Progress = Callable[[int], None]  # called with the number of items just trained on
 # batches per pool sorted by length (as Hugging Face's ``group_by_length`` sorts its mega-batches)
 LENGTH_POOL_BATCHES = 50
+PRECISIONS = ("float32", "bfloat16")
+PRECISION_ENV = "TIERLAB_TRAIN_PRECISION"
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,29 @@ class FitSettings:
     # layer-wise rate decay (discriminative fine-tuning, Howard & Ruder 2018): a model with ``layer_groups()``
     # gets lr × decay^depth per group, depth 0 at the head; 1.0 = one rate for every parameter
     layer_decay: float = 1.0
+    precision: str = "float32"  # of the forward pass: "bfloat16" runs it under autocast
+
+
+def bf16_supported() -> bool:
+    """Whether oneDNN has bfloat16 kernels for this CPU (AVX-512 BF16 or AMX). torch has no public call for
+    this; its own tests ask the same private op."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def training_precision() -> str:
+    """The precision ``make models`` trains in: ``$TIERLAB_TRAIN_PRECISION`` (float32, bfloat16 or auto, the
+    default); auto is bfloat16 where the CPU has bfloat16 units, else float32 (emulated bfloat16 is slower).
+
+    Measured side by side (1 thread, an AMD EPYC with AVX-512 BF16; ``make bench-training`` runs the same
+    steps): training items/s float32 → bfloat16, ResNet 179 → 332 (×1.85), ResNeXt 163 → 316 (×1.94), the
+    segmenter 45.2 → 82.1 (×1.82), MiniLM at 34 tokens 30.5 → 51.3 (×1.68). Builds on CPUs with and
+    without bfloat16 units train to slightly different weights; the precision is part of the build's key."""
+    chosen = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
+    if chosen == "auto":
+        return "bfloat16" if bf16_supported() else "float32"
+    if chosen not in PRECISIONS:
+        raise ValueError(f"{PRECISION_ENV}={chosen!r}: use one of auto, {', '.join(PRECISIONS)}")
+    return chosen
 
 
 def distillation_loss(
@@ -146,11 +174,13 @@ def fit(
     to_layout(model, layout)
     model.train()
     batches = batch_indices(samples, settings.batch, rng)
+    bf16 = settings.precision == "bfloat16"
     for _ in range(steps):
         index = next(batches)
         inputs = _batch(samples, index, layout)
         targets = torch.from_numpy(samples.targets[index])
-        logits = call(**inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = call(**inputs).float()
         if teacher_logits is None:
             loss = F.cross_entropy(logits, targets)
         else:

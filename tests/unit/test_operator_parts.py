@@ -227,6 +227,40 @@ def test_training_in_channels_last_learns_the_same_and_hands_back_a_contiguous_m
     assert predict(trained, samples.head(8)).flags["C_CONTIGUOUS"]
 
 
+def test_training_precision_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for has_units, auto in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(training, "bf16_supported", lambda has=has_units: has)
+        monkeypatch.delenv(training.PRECISION_ENV, raising=False)
+        assert training.training_precision() == auto
+        monkeypatch.setenv(training.PRECISION_ENV, " Auto ")
+        assert training.training_precision() == auto
+        for chosen in training.PRECISIONS:
+            monkeypatch.setenv(training.PRECISION_ENV, chosen)
+            assert training.training_precision() == chosen
+    monkeypatch.setenv(training.PRECISION_ENV, "fp16")
+    with pytest.raises(ValueError, match="TIERLAB_TRAIN_PRECISION='fp16': use one of auto, float32, bfloat16"):
+        training.training_precision()
+
+
+def test_bfloat16_training_runs_the_forward_in_bf16_learns_and_keeps_float32_weights() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 512)
+    # class 1 is brighter: learnable in a few steps at either precision
+    offset = np.where(labels == 1, 0.5, -0.5)[:, None, None, None]
+    samples = Samples({"image": (rng.normal(size=(512, 1, 28, 28)) + offset).astype(np.float32)}, labels)
+    train, held_out = samples.take(slice(0, 384)), samples.take(slice(384, 512))
+    seen: set[torch.dtype] = set()
+    torch.manual_seed(0)
+    net = ConvNet(ConvNetSpec("resnet", (8, 16), (1, 1), classes=2))
+    hook = net.stem.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+    trained = fit(net, train, FitSettings(items=384, batch=32, lr=1e-2, precision="bfloat16"))
+    hook.remove()
+    assert seen == {torch.bfloat16}  # the convolutions ran in bfloat16
+    assert {p.dtype for p in trained.parameters()} == {torch.float32}  # weights, and so the export, stay float32
+    accuracy = (predict(trained, held_out).argmax(1) == held_out.targets).mean()
+    assert accuracy > 0.9, f"bfloat16 training reached {accuracy:.2f} on a task float32 learns"
+
+
 def test_layer_decay_gives_each_depth_its_rate() -> None:
     class Layered(torch.nn.Module):
         def __init__(self) -> None:
