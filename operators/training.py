@@ -48,9 +48,10 @@ class FitSettings:
 
 
 def bf16_supported() -> bool:
-    """Whether oneDNN has bfloat16 kernels for this CPU (AVX-512 BF16 or AMX). torch has no public call for
-    this; its own tests ask the same private op."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether this CPU has bfloat16 units: x86's AVX-512 BF16 or AMX tiles. (oneDNN's own check,
+    ``torch.ops.mkldnn._is_mkldnn_bf16_supported``, also says yes on plain AVX-512, where it emulates
+    bfloat16.) torch has no public call for either; these are the ones ``torch.cpu`` keeps."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def training_precision() -> str:
