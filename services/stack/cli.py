@@ -181,7 +181,7 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     print()
     print(f"{'link':<13}{'backend':<15}{'RTT configured':>15}{'measured p50':>14}{'rate configured':>17}"
           f"{'goodput expected':>18}{'measured':>10}")  # fmt: skip
-    for m in probe_links(state["urls"], pings=args.pings):
+    for m in probe_links(state["urls"], pings=args.pings, repeats=args.probes):
         rate = m.configured.rate_mbit
         expected = m.expected_goodput_mbit
         print(
@@ -314,6 +314,7 @@ def add_commands(commands: Any) -> None:
         "fidelity", help="measure every tier's speed and every link's RTT and rate against the profiles"
     )
     fidelity.add_argument("--pings", type=int, default=60)
+    fidelity.add_argument("--probes", type=int, default=3, help="probes per link; the medians are judged")
     fidelity.add_argument("--runs", type=int, default=60, help="calibration runs per tier")
     fidelity.set_defaults(handler=cmd_fidelity)
     logs = verbs.add_parser("logs", help="the last log lines of every service")

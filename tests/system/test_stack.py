@@ -147,7 +147,7 @@ def check_stack(state: dict[str, Any], profile: str, network: str, models_dir: P
         assert status["limits"]["memory_limit_bytes"] == memory
 
     configured = network_links(network, ROOT)
-    measured = probe_links(urls, pings=60)
+    measured = probe_links(urls, pings=60, repeats=3)
     assert {m.link for m in measured} == set(configured)
     for m in measured:
         assert m.configured == configured[m.link]

@@ -84,7 +84,7 @@ def test_the_stack_across_three_swarm_nodes(swarm: list[Node]) -> None:
 
         # links across nodes: VXLAN overlays, shaped at the sending tier, within tolerance
         configured = network_links(NETWORK, ROOT)
-        measured = probe_links(urls, pings=40)
+        measured = probe_links(urls, pings=40, repeats=3)
         assert {m.link for m in measured} == set(configured)
         for m in measured:
             assert m.mtu_bytes <= OVERLAY_MTU, m  # an overlay (VXLAN below it): 1450, or less on a smaller underlay

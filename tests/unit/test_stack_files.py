@@ -12,6 +12,7 @@ import yaml
 
 from services.contracts.errors import ConfigError
 from services.contracts.specs import LINKS, TIERS, LinkMeasurementSpec, LinkSpec
+from services.contracts.transport import median_probe
 from services.stack import dashboard
 from services.stack.cli import network_links
 from services.stack.compose import (
@@ -182,6 +183,18 @@ def _measured(rtt_ms: float, goodput: float | None, **link: float) -> LinkMeasur
         bulk_bytes=1,
         goodput_mbit=goodput,
     )
+
+
+def test_repeated_link_probes_are_judged_on_their_medians() -> None:
+    link = {"delay_ms": 8, "jitter_ms": 1, "rate_mbit": 20}
+    spoilt_once = [_measured(16.5, 19.0, **link), _measured(17.64, 12.0, **link), _measured(16.4, 19.2, **link)]
+    merged = median_probe(spoilt_once)
+    assert merged.problems() == [] and merged.rtt_ms_p50 == 16.5 and merged.goodput_mbit == 19.0
+    assert merged.rtt_ms_min == 16.4 and merged.link == "mobile-edge"
+    assert "RTT p50 17.64" in spoilt_once[1].problems()[0]  # the probe CI once failed on, alone
+    really_off = [_measured(17.7, 19.0, **link), _measured(16.5, 19.0, **link), _measured(17.8, 19.0, **link)]
+    assert "RTT p50 17.70 ms, expected 16 ± 1.60" in median_probe(really_off).problems()[0]
+    assert median_probe([_measured(16.0, None, **link)]).goodput_mbit is None
 
 
 def test_link_tolerance_is_ten_percent_or_one_millisecond() -> None:
