@@ -228,7 +228,7 @@ def _tests_html(summary: dict[str, Any]) -> str:
 
 
 FIDELITY_HEAD = ("network", "when", "link", "backend", "RTT configured ms", "RTT measured p50 ms",
-                 "rate configured Mbit/s", "goodput measured Mbit/s")  # fmt: skip
+                 "of it the path's own ms", "rate configured Mbit/s", "goodput measured Mbit/s")  # fmt: skip
 SPEED_HEAD = ("network", "when", "tier", "speed configured", "threads", "host p50 ms", "tier p50 ms",
               "achieved speed", "p95/p50")  # fmt: skip
 
@@ -315,7 +315,8 @@ def _fidelity_tables(bundle: dict[str, Any]) -> tuple[str, str]:
         for when, suffix in (("before", ""), ("after", "_after")):
             for m in info.get(f"measured{suffix}") or []:
                 links.append([name, when, m["link"], m["backend"], m["configured"]["delay_ms"] * 2, m["rtt_ms_p50"],
-                              m["configured"]["rate_mbit"] or "unlimited", m["goodput_mbit"]])  # fmt: skip
+                              m.get("path_rtt_ms_p50") or "-", m["configured"]["rate_mbit"] or "unlimited",
+                              m["goodput_mbit"]])  # fmt: skip
             for m in info.get(f"speed_{when}") or []:
                 speeds.append([name, when, m["tier"], m["configured_speed"], m["threads"], m["host_ms_p50"],
                                m["tier_ms_p50"], m["achieved_speed"], m["p95_over_p50"]])  # fmt: skip

@@ -247,13 +247,15 @@ def probe_links(
 
 
 def median_probe(probes: Sequence[LinkMeasurementSpec]) -> LinkMeasurementSpec:
-    """One link's probes as one: medians of the RTT p50, p90 and goodput, the least minimum RTT."""
+    """One link's probes as one: medians of the RTT p50, p90, path RTT and goodput, the least minimum RTT."""
     goodputs = [p.goodput_mbit for p in probes if p.goodput_mbit is not None]
+    paths = [p.path_rtt_ms_p50 for p in probes if p.path_rtt_ms_p50 is not None]
     return probes[0].model_copy(
         update={
             "rtt_ms_min": min(p.rtt_ms_min for p in probes),
             "rtt_ms_p50": statistics.median(p.rtt_ms_p50 for p in probes),
             "rtt_ms_p90": statistics.median(p.rtt_ms_p90 for p in probes),
+            "path_rtt_ms_p50": statistics.median(paths) if paths else None,
             "goodput_mbit": statistics.median(goodputs) if goodputs else None,
         }
     )

@@ -179,13 +179,14 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
         return 1
     problems = print_speed_fidelity(state["urls"], runs=args.runs)
     print()
-    print(f"{'link':<13}{'backend':<15}{'RTT configured':>15}{'measured p50':>14}{'rate configured':>17}"
+    print(f"{'link':<13}{'backend':<15}{'RTT configured':>15}{'measured p50':>14}{'path':>10}{'rate configured':>17}"
           f"{'goodput expected':>18}{'measured':>10}")  # fmt: skip
     for m in probe_links(state["urls"], pings=args.pings, repeats=args.probes):
         rate = m.configured.rate_mbit
         expected = m.expected_goodput_mbit
         print(
             f"{m.link:<13}{m.backend:<15}{m.expected_rtt_ms:>12.2f} ms{m.rtt_ms_p50:>11.2f} ms"
+            f"{(f'{m.path_rtt_ms_p50:.2f} ms' if m.path_rtt_ms_p50 is not None else '-'):>10}"
             f"{(f'{rate:g} Mbit/s' if rate else 'unlimited'):>17}"
             f"{(f'{expected:.1f}' if expected else '-'):>18}{(m.goodput_mbit or 0):>10.1f}"
         )

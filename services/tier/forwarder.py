@@ -103,15 +103,17 @@ class Forwarder:
         size_bytes: int,
         *,
         timeout_s: float | None = None,
+        emulate_link: bool = True,
     ) -> tuple[Reply, int]:
-        """One POST to ``peer`` through the emulated link: (reply, elapsed ns). Raises the hop's 502/504."""
+        """One POST to ``peer`` through the emulated link: (reply, elapsed ns). Raises the hop's 502/504.
+        ``emulate_link=False`` leaves out what userspace adds (delay, rate): the path's own cost, for probes."""
         hop = hop_name(self._tier, peer)
         timeout_s = self._timeout_s if timeout_s is None else timeout_s
         if timeout_s <= 0:
             raise NextTierTimeout(f"{hop}: the caller's time budget ran out before forwarding")
         pool = self._pools[peer]
         head = pool.post_head(path, headers, size_bytes)
-        link = self._links.get(peer)
+        link = self._links.get(peer) if emulate_link else None
         started = time.perf_counter_ns()
         try:
             async with asyncio.timeout(timeout_s):

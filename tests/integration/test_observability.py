@@ -168,7 +168,7 @@ def test_probe_measures_userspace_delay_and_rate_and_follows_a_reshape(
             return LinkMeasurementSpec.model_validate(body)
 
         unshaped = probe()
-        assert unshaped.backend == "none"
+        assert unshaped.backend == "none" and unshaped.path_rtt_ms_p50 is None  # nothing to leave out
 
         code, body = json_call(f"{mobile}/tierlab/links", method="PUT",
                                body={"mobile-edge": {"delay_ms": 15, "rate_mbit": 40}})  # fmt: skip
@@ -177,6 +177,8 @@ def test_probe_measures_userspace_delay_and_rate_and_follows_a_reshape(
         assert shaped.backend == "userspace"
         assert shaped.problems() == [], shaped.problems()  # within ±10 % / ±1 ms RTT and ±10 % rate
         assert 29 < shaped.rtt_ms_p50 < 33
+        # the path's own round trip, measured between the delayed pings: loopback, far below the 30 ms added
+        assert shaped.path_rtt_ms_p50 is not None and 0 < shaped.path_rtt_ms_p50 < shaped.rtt_ms_p50 - 25
 
         code, body = json_call(f"{mobile}/tierlab/links", method="PUT", body={"mobile-edge": {"delay_ms": 2}})
         assert probe().rtt_ms_p50 < shaped.rtt_ms_p50 - 20  # 30 ms of delay gone, 4 ms left
