@@ -41,7 +41,7 @@ from operators.data import Samples, SplitData
 from operators.evaluate import BUILD_THREADS_ENV, evaluate
 from operators.nets import ConvNet
 from operators.subjects import SUBJECTS, BuildSettings, Subject
-from operators.training import FitSettings, Progress, export_onnx, predict
+from operators.training import Progress, export_onnx, predict
 from operators.variants import VARIANTS, WHITE_BOX
 from services.contracts.errors import ConfigError
 from services.contracts.manifest import (
@@ -133,9 +133,7 @@ class SubjectBuild:
     def _train(self, kind: str) -> nn.Module:
         s, split, subject = self.settings, self.split, self.subject
         tune_items = subject.items(s.finetune_items)
-        finetune = FitSettings(
-            items=tune_items, batch=subject.batch, lr=subject.lr / 10, seed=s.seed, precision=s.precision
-        )
+        finetune = subject.fit_settings(tune_items, s, subject.lr / 10)
         if kind == "teacher":
             return subject.train_teacher(split, s, self._progress("training the model", subject.items(s.train_items)))
         teacher = self.teacher()
