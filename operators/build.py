@@ -18,6 +18,7 @@ key and whose files verify is skipped. Trained torch models and their ONNX expor
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import multiprocessing
@@ -59,14 +60,38 @@ WORK_DIR = "_work"
 _NOT_IN_ARTEFACTS = {"__main__.py", "byo.py"}
 
 
+def artefact_sources() -> list[Path]:
+    """The source files that shape an artefact: the operators' modules (not ``_NOT_IN_ARTEFACTS``) and the
+    ``services.contracts`` modules they import, followed through the contracts' own imports. Found by
+    reading the import statements, so a contracts module the operators never load (the link and transport
+    specs, the device calibration) can change without rebuilding every model."""
+    package = Path(operators.__file__).parent
+    contracts = package.parent / "services" / "contracts"
+    wanted = [f for f in sorted(package.glob("*.py")) if f.name not in _NOT_IN_ARTEFACTS]
+    found: list[Path] = []
+    while wanted:
+        file = wanted.pop(0)
+        if file in found:
+            continue
+        found.append(file)
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            if isinstance(node, ast.ImportFrom) and node.module == "services.contracts":
+                names = [f"services.contracts.{a.name}" for a in node.names]  # from services.contracts import x
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                if name.startswith("services.contracts."):
+                    wanted.append(contracts / f"{name.split('.')[2]}.py")
+    return sorted(found)
+
+
 def source_hash() -> str:
-    """The operators' and contracts' source: a change there rebuilds what it made."""
+    """The hash of ``artefact_sources()``: a change there rebuilds what it made."""
     digest = hashlib.sha256()
-    roots = [Path(operators.__file__).parent, Path(operators.__file__).parent.parent / "services" / "contracts"]
-    for root in roots:
-        for file in sorted(root.glob("*.py")):
-            if file.name not in _NOT_IN_ARTEFACTS:
-                digest.update(file.read_bytes())
+    for file in artefact_sources():
+        digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
 
 

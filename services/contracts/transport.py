@@ -225,10 +225,10 @@ def probe_links(
     repeats: int = 1,
     timeout_s: float = 300.0,
 ) -> list[LinkMeasurementSpec]:
-    """Each link measured by the tier that sends over it (``POST /tierlab/probe``), ``repeats`` times in a row:
-    its RTT p50, p90 and goodput are then the medians of the probes' and its minimum RTT the least, so one
-    probe spoilt by a busy machine does not decide (CI once read a 16 ms swarm link at 17.64 ms, and 16.54 ms
-    on the next run). ConfigError if a probe fails."""
+    """Each link measured by the tier that sends over it (``POST /tierlab/probe``), ``repeats`` times in a row
+    and merged by ``median_probe`` (RTT p50, p90, the path's own RTT and goodput the medians of the probes',
+    the minimum RTT the least), so one probe spoilt by a busy machine does not decide. ConfigError if a
+    probe fails."""
     measured = []
     for sender, peer in LINK_SENDERS.values():
         probes = []

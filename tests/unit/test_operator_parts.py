@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +18,7 @@ from sklearn.metrics import f1_score
 from transformers import BertConfig, BertModel
 
 from operators import training
+from operators.build import artefact_sources
 from operators.data import (
     DatasetMissing,
     Samples,
@@ -320,3 +323,18 @@ def test_a_text_model_predicts_the_same_on_batches_cut_to_their_longest() -> Non
     with torch.no_grad():
         expected = model(**full).numpy()
     np.testing.assert_allclose(predict(model, samples, batch=16), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_build_key_covers_what_shapes_an_artefact_and_not_the_link_specs() -> None:
+    sources = artefact_sources()
+    names = {f"{f.parent.name}/{f.name}" for f in sources}
+    assert {"operators/build.py", "operators/subjects.py", "contracts/manifest.py", "contracts/variant.py"} <= names
+    assert not {"contracts/transport.py", "contracts/specs.py", "operators/byo.py", "operators/__main__.py"} & names
+    # every contracts module the artefact-making modules load when imported is in the key
+    modules = [f"operators.{f.stem}" for f in sources if f.parent.name == "operators" and f.stem != "__init__"]
+    loaded = subprocess.run(
+        [sys.executable, "-c", f"import sys, {', '.join(modules)}; print(*sorted(sys.modules))"],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout.split()  # fmt: skip
+    contracts = {m.split(".")[2] for m in loaded if m.startswith("services.contracts.")}
+    assert contracts and contracts <= {f.stem for f in sources if f.parent.name == "contracts"}
