@@ -75,12 +75,14 @@ def artefact_sources() -> list[Path]:
             continue
         found.append(file)
         for node in ast.walk(ast.parse(file.read_text(), str(file))):
-            if isinstance(node, ast.ImportFrom) and node.module == "services.contracts":
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module == "services.contracts":
                 names = [f"services.contracts.{a.name}" for a in node.names]  # from services.contracts import x
             elif isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
             else:
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                continue
             for name in names:
                 if name.startswith("services.contracts."):
                     wanted.append(contracts / f"{name.split('.')[2]}.py")
