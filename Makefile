@@ -14,7 +14,7 @@ DEPLOYMENT ?= $(DEMO)/deployment.yaml
 comma := ,
 
 .DEFAULT_GOAL := help
-.PHONY: help venv models models-tiny models-list models-for-stack up down status fidelity logs images profiles local demo bench chaos bench-resume bench-in-stack report recommend bench-loadgen bench-overhead bench-forwarding bench-soak bench-tiers bench-training swarm-nodes swarm-nodes-down test test-unit check fmt clean distclean
+.PHONY: help venv models models-tiny models-list models-for-stack up down status fidelity logs images profiles local demo bench chaos bench-resume bench-in-stack report recommend bench-loadgen bench-overhead bench-forwarding bench-soak bench-tiers bench-training bench-text-recipes swarm-nodes swarm-nodes-down test test-unit check fmt clean distclean
 
 help: ## list the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -128,6 +128,9 @@ bench-tiers: $(STAMP) ## the profile's tier order in compute time, on the stack 
 
 bench-training: $(STAMP) ## training items/s of the teachers by layout and precision (bfloat16); last line is JSON
 	$(PY) -m benchmarks.training
+
+bench-text-recipes: $(STAMP) ## fortunes teacher recipes by 5-fold cross-validation on the training split (~55 min); last line is JSON
+	$(PY) -m benchmarks.text_recipes
 
 test: $(STAMP) ## every test ring
 	$(PY) -m pytest
