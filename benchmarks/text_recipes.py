@@ -92,7 +92,9 @@ def fit_settings(seed: int, fold_items: int, train_items: int, scale: float) -> 
 
 
 def rdrop_fit(model: nn.Module, samples: Samples, settings: training.FitSettings, kl_weight: float = 1.0) -> nn.Module:
-    """``training.fit`` with R-Drop's loss: the batch through the model twice (two dropout masks)."""
+    """``training.fit`` with R-Drop's loss: the batch through the model twice (two dropout masks). Written out
+    here because ``fit`` takes no loss, and giving it one would change the build key (every model rebuilt) for
+    a recipe the build does not use."""
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     groups = training.parameter_groups(model, settings)
