@@ -129,7 +129,7 @@ bench-tiers: $(STAMP) ## the profile's tier order in compute time, on the stack 
 bench-training: $(STAMP) ## training items/s of the teachers by layout and precision (bfloat16); last line is JSON
 	$(PY) -m benchmarks.training
 
-bench-text-recipes: $(STAMP) ## fortunes teacher recipes by 5-fold cross-validation on the training split (~55 min); last line is JSON
+bench-text-recipes: $(STAMP) ## fortunes teacher recipes by 5-fold cross-validation on the training split (~1 h); last line is JSON
 	$(PY) -m benchmarks.text_recipes
 
 test: $(STAMP) ## every test ring
