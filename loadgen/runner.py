@@ -39,7 +39,8 @@ from services.contracts.calibration import measure_speeds
 from services.contracts.device import CpuThrottlingSpec
 from services.contracts.errors import BadParameter, ConfigError, failure_of
 from services.contracts.manifest import ManifestSpec, load_manifest
-from services.contracts.samples import IGNORE_LABEL, UNLABELLED, SampleSet, load_samples
+from services.contracts.samples import SampleSet, load_samples
+from services.contracts.scoring import score_item
 from services.contracts.specs import LinkName, LinkSpec, network_profile_links
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -167,22 +168,9 @@ def plan_experiment(spec: ExperimentSpec, stack: Stack, models_dir: Path) -> Pla
 
 
 def score(answer: Answer, output: str, target: np.ndarray) -> dict[str, Any]:
-    """Prediction and correctness (classification) or mean IoU over present classes (segmentation)."""
+    """Prediction and correctness (classification) or the item's IoU (segmentation), as record columns."""
     values = answer.outputs.get(output)
-    if values is None:
-        return {}
-    if target.ndim == 0:
-        prediction = int(np.argmax(values.reshape(-1)))
-        if int(target) == UNLABELLED:  # a latency-only sample library
-            return {"prediction": prediction}
-        return {"prediction": prediction, "target": int(target), "correct": prediction == int(target)}
-    scored = target != IGNORE_LABEL
-    predicted, target = np.argmax(values[0], axis=0)[scored], target[scored]
-    classes = np.union1d(np.unique(predicted), np.unique(target))
-    if not len(classes):
-        return {}
-    ious = [np.sum((predicted == c) & (target == c)) / np.sum((predicted == c) | (target == c)) for c in classes]
-    return {"score": round(float(np.mean(ious)), 5)}
+    return {} if values is None else score_item(values[0], target).columns()
 
 
 def hop_columns(parameters: dict[str, Any]) -> dict[str, Any]:

@@ -13,92 +13,62 @@ one after the other on two. The longest subjects start first.
 Reruns are incremental: every artefact is keyed by a hash of what it is made from — the operators'
 source, the settings, the dataset split, the chain — and a variant whose manifest carries the same
 key and whose files verify is skipped. Trained torch models and their ONNX exports are cached under
-``models/<subject>/_work/``.
+``models/<subject>/_work/`` by the narrower key of what trains them (``operators.trained``). Beside each
+manifest, ``outcomes.npz`` keeps what every evaluation item got (``services.contracts.scoring``).
 """
 
 from __future__ import annotations
 
-import ast
-import hashlib
 import json
 import multiprocessing
 import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
-from torch import nn
 
-import operators
-from operators import whitebox
 from operators.blackbox import BLACK_BOX, BlackBoxContext, Draft
-from operators.data import Samples, SplitData
+from operators.data import SplitData
 from operators.evaluate import BUILD_THREADS_ENV, evaluate
-from operators.nets import ConvNet
+from operators.sources import PACKAGE, hash_of, sources_of
 from operators.subjects import SUBJECTS, BuildSettings, Subject
-from operators.training import Progress, export_onnx, predict
+from operators.trained import WORK_DIR, TrainedModels, key_of
+from operators.training import Progress
 from operators.variants import VARIANTS, WHITE_BOX
 from services.contracts.errors import ConfigError
 from services.contracts.manifest import (
     MANIFEST_FILENAME,
     ManifestSpec,
+    OutcomesFileSpec,
     load_manifest,
+    sha256_file,
     verify_stage_files,
     write_manifest,
 )
 from services.contracts.samples import write_samples
+from services.contracts.scoring import write_outcomes
 from services.contracts.variant import StageModel, write_variant
 
-WORK_DIR = "_work"
 # code that shapes no artefact: the command line and the bring-your-own entry
 _NOT_IN_ARTEFACTS = {"__main__.py", "byo.py"}
 
 
 def artefact_sources() -> list[Path]:
-    """The source files that shape an artefact: the operators' modules (not ``_NOT_IN_ARTEFACTS``) and the
-    ``services.contracts`` modules they import, followed through the contracts' own imports. Found by
-    reading the import statements, so a contracts module the operators never load (the link and transport
-    specs, the device calibration) can change without rebuilding every model."""
-    package = Path(operators.__file__).parent
-    contracts = package.parent / "services" / "contracts"
-    wanted = [f for f in sorted(package.glob("*.py")) if f.name not in _NOT_IN_ARTEFACTS]
-    found: list[Path] = []
-    while wanted:
-        file = wanted.pop(0)
-        if file in found:
-            continue
-        found.append(file)
-        for node in ast.walk(ast.parse(file.read_text(), str(file))):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module == "services.contracts":
-                names = [f"services.contracts.{a.name}" for a in node.names]  # from services.contracts import x
-            elif isinstance(node, ast.ImportFrom):
-                names = [node.module or ""]
-            else:
-                continue
-            for name in names:
-                if name.startswith("services.contracts."):
-                    wanted.append(contracts / f"{name.split('.')[2]}.py")
-    return sorted(found)
+    """The source files that shape a variant: the operators' modules (not ``_NOT_IN_ARTEFACTS``) and the
+    ``services.contracts`` modules they import (``operators.sources``)."""
+    return sources_of(f for f in sorted(PACKAGE.glob("*.py")) if f.name not in _NOT_IN_ARTEFACTS)
 
 
 def source_hash() -> str:
-    """The hash of ``artefact_sources()``: a change there rebuilds what it made."""
-    digest = hashlib.sha256()
-    for file in artefact_sources():
-        digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def _key(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The hash of ``artefact_sources()``: a change there re-makes the variants (``operators.trained`` says
+    what retrains their models)."""
+    return hash_of(artefact_sources())
 
 
 @dataclass
@@ -117,90 +87,15 @@ class SubjectBuild:
     reporter: Reporter
     split: SplitData
     code: str
-    _nets: dict[str, nn.Module] = field(default_factory=dict)
-    _teacher_logits: tuple[Samples, np.ndarray] | None = None
+    trained: TrainedModels = field(init=False)
 
-    @property
-    def work(self) -> Path:
-        return self.root / self.subject.name / WORK_DIR
-
-    def base_key(self) -> str:
-        return _key(self.subject.name, self.settings.key(), self.split.record, self.code)
-
-    def example(self) -> dict[str, np.ndarray]:
-        return {k: v[:1] for k, v in self.split.train.inputs.items()}
-
-    # ------------------------------------------------------------------------------ white-box models
-
-    def teacher(self) -> nn.Module:
-        """The trained subject model, cached on disk (white-box results are cached as their ONNX)."""
-        if "teacher" not in self._nets:
-            path = self.work / f"teacher-{self.base_key()}.pt"
-            if path.exists():
-                model = torch.load(path, weights_only=False)
-            else:
-                model = self._train("teacher")
-                self.work.mkdir(parents=True, exist_ok=True)
-                torch.save(model, path)
-            self._nets["teacher"] = model.eval()
-        return self._nets["teacher"]
-
-    def teacher_logits(self) -> tuple[Samples, np.ndarray]:
-        """The training items distillation draws from (the first ``student_items``) and the teacher's logits on
-        them, computed once per build: structured pruning's recovery draws from the same (one pass over 40,000
-        items cost ResNeXt about a minute on 2 cores; each step made its own before)."""
-        if self._teacher_logits is None:
-            train = self.split.train.head(self.subject.student_items(self.settings))
-            self._teacher_logits = (train, predict(self.teacher(), train))
-        return self._teacher_logits
-
-    def _progress(self, label: str, items: int) -> Progress:
-        return self.reporter.training(f"{self.subject.name}: {label}", items)
-
-    def _train(self, kind: str) -> nn.Module:
-        s, split, subject = self.settings, self.split, self.subject
-        tune_items = subject.items(s.finetune_items)
-        finetune = subject.fit_settings(tune_items, s, subject.lr / 10)
-        if kind == "teacher":
-            return subject.train_teacher(split, s, self._progress("training the model", subject.items(s.train_items)))
-        teacher = self.teacher()
-        if kind == "qat":  # only adapting to quantization noise: a gentler rate than pruning's recovery
-            finetune = replace(finetune, lr=subject.lr / 30)
-            return whitebox.qat(
-                teacher, split.train, finetune, self._progress("quantization-aware training", tune_items)
-            )
-        if kind == "prune":
-            model, _ = whitebox.prune_unstructured(
-                teacher, split.train, finetune, self._progress("pruning", tune_items)
-            )
-            return model
-        if kind == "prune-structured":
-            if not isinstance(teacher, ConvNet):
-                raise ValueError(f"structured pruning needs a ConvNet; {subject.name} is {type(teacher).__name__}")
-            recovery = replace(
-                finetune, items=round(tune_items * subject.structured_recovery), lr=subject.lr / 3, alpha=0.5
-            )
-            train, logits = self.teacher_logits()
-            return whitebox.prune_structured(
-                teacher, train, recovery, logits, self._progress("structured pruning", recovery.items)
-            )
-        if kind == "distill":
-            train, logits = self.teacher_logits()
-            items = subject.student_items(s)
-            return subject.train_student(train, logits, s, self._progress("distilling a student", items))
-        raise ValueError(f"unknown white-box step {kind}")
-
-    def onnx_of(self, kind: str) -> onnx.ModelProto:
-        path = self.work / f"{kind}-{self.base_key()}.onnx"
-        if not path.exists():
-            model = self.teacher() if kind == "teacher" else self._train(kind)
-            export_onnx(model, self.example(), path)
-        return onnx.load(str(path))
+    def __post_init__(self) -> None:
+        self.trained = TrainedModels(self.subject, self.settings, self.split, self.root, self.reporter.training)
 
     # ---------------------------------------------------------------------------------------- variants
 
     def variant_key(self, variant: str) -> str:
-        return _key(self.base_key(), VARIANTS[variant])
+        return key_of(self.trained.key(), self.code, VARIANTS[variant])
 
     def up_to_date(self, variant: str) -> bool:
         folder = self.root / self.subject.name / variant
@@ -216,7 +111,7 @@ class SubjectBuild:
     def build_variant(self, variant: str) -> ManifestSpec:
         chain = VARIANTS[variant]
         first = chain[0] if chain[0] in WHITE_BOX else "teacher"
-        model = self.onnx_of(first)
+        model = self.trained.onnx_of(first)
         extra: dict[str, str | int | float | bool] = {"weight_sparsity": round(weight_sparsity(model), 4)}
         context = BlackBoxContext(
             self.split, self.settings.head_train_items, self.settings.calibration_items, self.settings.seed
@@ -285,8 +180,15 @@ def realise(
         (subject_folder / "cuts.json").write_text(json.dumps([c.describe() for c in draft.cuts], indent=1))
     if metric is None:
         return manifest
-    accuracy, curve = evaluate(manifest, folder, split.evaluation.head(evaluation_items), metric)
-    manifest = ManifestSpec.model_validate({**manifest.model_dump(), "accuracy": accuracy, "exit_curve": curve})
+    evaluation = evaluate(manifest, folder, split.evaluation.head(evaluation_items), metric)
+    outcomes = write_outcomes(folder, evaluation.outcomes)
+    manifest = manifest.model_copy(
+        update={
+            "accuracy": evaluation.accuracy,
+            "exit_curve": evaluation.curve,
+            "outcomes": OutcomesFileSpec(file=outcomes.name, sha256=sha256_file(outcomes)),
+        }
+    )
     write_manifest(manifest, folder)
     return manifest
 

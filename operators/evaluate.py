@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from operators.data import Samples
 from services.contracts.manifest import AccuracySpec, ExitCurvePoint, ManifestSpec, max_softmax
+from services.contracts.scoring import OfflineOutcomes, confusion, miou_of, outcomes_of
 
 BATCH = 128
 BOOTSTRAP_RESAMPLES = 1000
@@ -45,23 +46,6 @@ def macro_f1(predictions: np.ndarray, targets: np.ndarray, classes: int) -> floa
         if tp + fp + fn:
             scores.append(2 * tp / (2 * tp + fp + fn))
     return float(np.mean(scores)) if scores else 0.0
-
-
-def confusion(predictions: np.ndarray, targets: np.ndarray, classes: int) -> np.ndarray:
-    """Per-item confusion matrices (items × classes × classes), summed over pixels for segmentation."""
-    flat_p = predictions.reshape(len(predictions), -1)
-    flat_t = targets.reshape(len(targets), -1)
-    # pixels marked IGNORE_LABEL (or any value outside the classes) land in one extra bin, dropped
-    index = np.where(flat_t < classes, flat_t * classes + flat_p, classes * classes)
-    counts = np.stack([np.bincount(row, minlength=classes * classes + 1) for row in index])
-    return counts[:, : classes * classes].reshape(-1, classes, classes)
-
-
-def miou_of(matrix: np.ndarray) -> float:
-    intersection = np.diag(matrix)
-    union = matrix.sum(axis=0) + matrix.sum(axis=1) - intersection
-    present = union > 0
-    return float(np.mean(intersection[present] / union[present])) if present.any() else 0.0
 
 
 def bootstrap_interval(statistic: object, n: int, seed: int = 0) -> tuple[float, float]:
@@ -169,30 +153,38 @@ def cascade(trace_: CascadeTrace, threshold: float) -> tuple[np.ndarray, np.ndar
     return logits, answered_by
 
 
-def evaluate(
-    manifest: ManifestSpec, folder: Path, samples: Samples, metric: str
-) -> tuple[AccuracySpec, tuple[ExitCurvePoint, ...]]:
+@dataclass(frozen=True)
+class Evaluation:
+    """A variant's offline metric with its CI, its exit curve (with exit heads) and what each item got."""
+
+    accuracy: AccuracySpec
+    curve: tuple[ExitCurvePoint, ...]
+    outcomes: OfflineOutcomes
+
+
+def evaluate(manifest: ManifestSpec, folder: Path, samples: Samples, metric: str) -> Evaluation:
     """The variant's metric at its heads' thresholds, and (with exit heads) the curve over thresholds."""
     final = manifest.outputs[0].name
     traced = trace(load_stages(manifest, folder), samples, final)
     thresholds = [s.exit.threshold for s in manifest.stages if s.exit]
     threshold = thresholds[0] if thresholds else 1.0
-    logits, _ = cascade(traced, threshold)
+    logits, answered_by = cascade(traced, threshold)
     accuracy = score(logits, samples.targets, metric)
+    outcomes = outcomes_of(metric, logits, samples.targets, answered_by)
     if not traced.heads:
-        return accuracy, ()
+        return Evaluation(accuracy, (), outcomes)
     curve = []
     for t in sorted({*CURVE_THRESHOLDS, threshold}):
-        at, answered_by = cascade(traced, t)
+        at, answered_at = cascade(traced, t)
         metric_value = (
             float(np.mean(at.argmax(axis=1) == samples.targets))
             if metric == "accuracy"
             else score(at, samples.targets, metric).value
         )
         curve.append(
-            ExitCurvePoint(threshold=t, metric=metric_value, exit_rate=float(np.mean(answered_by < len(traced.heads))))
+            ExitCurvePoint(threshold=t, metric=metric_value, exit_rate=float(np.mean(answered_at < len(traced.heads))))
         )
-    return accuracy, tuple(curve)
+    return Evaluation(accuracy, tuple(curve), outcomes)
 
 
 def choose_threshold(traced: CascadeTrace, targets: np.ndarray, full_accuracy: float, tolerance: float) -> float:

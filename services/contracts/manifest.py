@@ -128,6 +128,13 @@ class AccuracySpec(FrozenSpec):
     others: dict[str, float] = Field(default_factory=dict, description="further metrics, e.g. macro_f1")
 
 
+class OutcomesFileSpec(FrozenSpec):
+    """The file of per-item offline outcomes beside the manifest (``services.contracts.scoring``)."""
+
+    file: str = Field(min_length=1, description="relative to the manifest's folder")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class ExitCurvePoint(FrozenSpec):
     """The variant's metric and how many items exit early, at one confidence threshold (evaluation split)."""
 
@@ -145,6 +152,7 @@ class ManifestSpec(FrozenSpec):
     outputs: tuple[TensorSpec, ...] = Field(min_length=1, description="the final outputs a client gets")
     accuracy: AccuracySpec | None = None
     exit_curve: tuple[ExitCurvePoint, ...] = ()
+    outcomes: OutcomesFileSpec | None = Field(default=None, description="what each evaluation item got offline")
     parameters: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
     @property
