@@ -30,7 +30,7 @@ import numpy as np
 import uvloop
 
 from benchmarks.overhead import null_tier
-from loadgen.engine import Issue, RealClock, StopRule, drive
+from loadgen.engine import Done, Issue, RealClock, StopRule, drive
 from loadgen.records import RecordWriter
 from loadgen.runner import LoadgenShare
 from loadgen.spec import ScenarioSpec, StoppingSpec
@@ -71,7 +71,7 @@ async def loadgen_run(port: int, rate_rps: float, duration_s: float, folder: Pat
         share.prepare_ns += time.perf_counter_ns() - began
         return request
 
-    async def send(issue: Issue, started_ns: int) -> int:
+    async def send(issue: Issue, started_ns: int) -> Done:
         head, chunks, size = issue.prepared
         reply = await pool.request(head, chunks)
         ended = clock.now_ns()
@@ -83,7 +83,7 @@ async def loadgen_run(port: int, rate_rps: float, duration_s: float, folder: Pat
         writer.write(record)
         telemetry.observe(labels, latency_ms=latency_ms, lag_ms=lag_ms, status=reply.status)
         share.complete_ns += clock.now_ns() - ended
-        return ended
+        return Done(ended)
 
     cpu = time.process_time()
     issued = await drive(ScenarioSpec(kind="server", rate_rps=rate_rps), send, stop, clock, seed=int(rate_rps),

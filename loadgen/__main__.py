@@ -24,6 +24,7 @@ from rich.table import Table
 from loadgen import chaos
 from loadgen.records import RecordsFull
 from loadgen.spec import SCHEMA_FILE_NAME, SPECS_DIR, SWEEP_PREFIX, json_schema, load_spec
+from services.contracts.decisions import AnswerSpec
 from services.contracts.errors import ConfigError
 
 console = Console(stderr=True)
@@ -153,6 +154,7 @@ def _report(folder: Path, *, print_table: bool) -> int:
         console.print(f"records are in {folder}; the report needs {', '.join(missing)} (the `report` extra): "
                       f"make it on the host with `python -m loadgen report {folder.name}`")  # fmt: skip
         return 0
+    from loadgen.accuracy import load_offline
     from loadgen.records import finished_runs, read_records
     from loadgen.report import write_report
     from loadgen.runner import write_json
@@ -170,11 +172,15 @@ def _report(folder: Path, *, print_table: bool) -> int:
         runs=finished_runs(folder),
         networks=bundle.get("networks"),
         slo_ms=spec.slo_ms,
+        offline=load_offline(folder),
     )
     write_json(folder / "summary.json", summary)
     path = write_report(folder, summary, records, bundle)
     if print_table:
         print_ranking(summary)
+        print_answers(
+            [AnswerSpec.model_validate(a) for a in summary["answers"]], "the answer (report.html's first screen)"
+        )
         print_faults(summary["faults"])
     console.print(f"summary: {folder / 'summary.json'}\nreport:  {path}")
     return 0
@@ -243,22 +249,35 @@ def cmd_report(args: argparse.Namespace) -> int:
     return _report(folder, print_table=args.table)
 
 
+def print_answers(answers: list[AnswerSpec], title: str) -> None:
+    """The answer table, as the report's first screen shows it."""
+    from loadgen.recommend import ANSWER_HEAD, answer_rows
+
+    table = Table(title=title, title_justify="left")
+    for column in ANSWER_HEAD:
+        table.add_column(column)
+    for row in answer_rows(answers):
+        table.add_row(*row)
+    Console(width=None if console.is_terminal else 200).print(table)
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from loadgen.recommend import explain, recommend
+    from loadgen.recommend import answer, explain
 
     folder = _folder(Path(args.results), args.folder)
     path = folder / "summary.json"
-    if not path.exists():
+    if not path.exists() or "variants" not in json.loads(path.read_text()):  # older summaries: remade
         _report(folder, print_table=False)
     summary = json.loads(path.read_text())
-    verdicts = recommend(summary, p95_ms=args.p95_ms, max_accuracy_drop=args.max_accuracy_drop,
-                         subject=args.subject, scenario=args.scenario, network=args.network)  # fmt: skip
-    if not verdicts:
+    answers = answer(summary, p95_ms=args.p95_ms, max_drop=args.max_accuracy_drop, subject=args.subject,
+                     scenario=args.scenario, network=args.network)  # fmt: skip
+    if not answers:
         raise ConfigError(f"{folder} has no runs matching the filters")
-    for verdict in verdicts:
-        for line in explain(verdict):
+    print_answers(answers, f"{folder.name}: {answers[0].constraint} (95 % confidence on accuracy)")
+    for found in answers:
+        for line in explain(found):
             print(line)
-    return 0 if all(v.chosen for v in verdicts) else 1
+    return 0 if all(a.winner for a in answers) else 1
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from loadgen.convergence import convergence
 from loadgen.spec import ScenarioSpec, StoppingSpec
-from loadgen.stats import percentile_ci
 from services.contracts.clock import sleep_until
 
 _NS = 1_000_000_000
@@ -61,8 +61,16 @@ class Issue:
     prepared: Any = None
 
 
-# the system under test: sends request ``Issue`` and returns its end time (ns) when the answer is in
-Send = Callable[[Issue, int], Awaitable[int]]
+@dataclass(frozen=True, slots=True)
+class Done:
+    """A request's end (ns) and its latency mode: the stage that answered (None when it failed)."""
+
+    ended_ns: int
+    mode: int | None = None
+
+
+# the system under test: sends request ``Issue`` and returns when the answer is in
+Send = Callable[[Issue, int], Awaitable[Done]]
 # the loadgen's own work on request ``seq`` (choose its sample, encode it): done before the request is due,
 # so the measured latency holds only what sending costs
 Prepare = Callable[[int], Any]
@@ -88,17 +96,21 @@ def open_loop_offsets_ns(scenario: ScenarioSpec, rng: np.random.Generator) -> It
 
 @dataclass
 class StopRule:
-    """Decides after each answer whether the run has enough (see ``StoppingSpec``)."""
+    """Decides after each answer whether the run has enough (see ``StoppingSpec``; ``loadgen.convergence``
+    says when a latency distribution is narrow enough, for one latency mode or several)."""
 
     spec: StoppingSpec
     started_ns: int
     until_s: float | None = None  # a fault scenario's run: exactly this long, whatever the samples say
     latencies_ms: list[float] = field(default_factory=list)
+    modes: list[int] = field(default_factory=list)
     reason: str = ""
     _next_check: int = 0
 
-    def add(self, latency_ms: float) -> None:
+    def add(self, latency_ms: float, mode: int | None = None) -> None:
+        """One answer's latency and its mode (the stage that answered; None for a failed request)."""
         self.latencies_ms.append(latency_ms)
+        self.modes.append(-1 if mode is None else mode)
 
     def done(self, now_ns: int) -> bool:
         n = len(self.latencies_ms)
@@ -111,13 +123,10 @@ class StopRule:
             self.reason = f"max_duration_s ({self.spec.max_duration_s:g} s)"
         elif n >= max(self.spec.min_samples, self._next_check):
             self._next_check = n + self.spec.check_every
-            samples = np.asarray(self.latencies_ms)
-            narrow = True
-            for q in (50.0, 95.0):
-                estimate, low, high = percentile_ci(samples, q, resamples=200, seed=n)
-                narrow &= (high - low) / 2 <= self.spec.ci_rel_width * estimate
-            if narrow:
-                self.reason = f"p50 and p95 95 % CIs within ±{self.spec.ci_rel_width:.0%}"
+            judged = convergence(np.asarray(self.latencies_ms), np.asarray(self.modes), self.spec.ci_rel_width,
+                                 resamples=200, seed=n)  # fmt: skip
+            if judged.met:
+                self.reason = judged.stop_reason()
         return bool(self.reason)
 
 
@@ -134,9 +143,10 @@ async def drive(
     """Run the scenario until ``stop`` says enough; returns how many requests were issued.
 
     ``send(issue, started_ns)`` is called with the intended time in ``issue`` and the actual start; it
-    returns the end time. Open-loop requests beyond ``max_inflight`` wait for a slot, and the wait is
-    latency (it counts from the intended time), never dropped. ``prepare(seq)``, when given, runs before a
-    request's intended time (open loop: before the wait for it; closed loop: before it is stamped due).
+    returns the end time and the answer's latency mode. Open-loop requests beyond ``max_inflight`` wait for a
+    slot, and the wait is latency (it counts from the intended time), never dropped. ``prepare(seq)``, when
+    given, runs before a request's intended time (open loop: before the wait for it; closed loop: before it is
+    stamped due).
     """
 
     def ready(seq: int) -> Any:
@@ -147,8 +157,8 @@ async def drive(
 
     async def one(issue: Issue) -> None:
         started = clock.now_ns()
-        ended = await send(issue, started)
-        stop.add((ended - issue.intended_ns) / 1e6)
+        done = await send(issue, started)
+        stop.add((done.ended_ns - issue.intended_ns) / 1e6, done.mode)
 
     if scenario.kind in ("single-stream", "offline"):
         workers = 1 if scenario.kind == "single-stream" else scenario.concurrency

@@ -1,9 +1,11 @@
 """``report.html``: one self-contained page (plotly.js inlined, opens offline) with the plots and the
 statistics of an experiment, made from ``summary.json`` and ``records.csv``.
 
-It leads with the answer: per subject, scenario and network, how many runs are VALID (and why the
-others are not) and the recommended strategy under a few stated constraints with its runner-ups
-(``loadgen.recommend``, which never picks an INVALID run). Then the plots: accuracy vs p95 with the
+It leads with the answer table (``loadgen.recommend``, the same function ``make recommend`` and
+``summary.json`` use): per subject, scenario and network, one row per stated constraint — the strategy to
+use, its p95 with CI, its accuracy drop with CI, how many runs are VALID and the INVALID reasons counted by
+kind; then the same answers in words with runner-ups, and each variant's accuracy (deployed, offline, drop
+from identity, a flag where they disagree). Then the plots: accuracy vs p95 with the
 Pareto front, latency CDFs, per-hop stacked bars (compute / queue per tier, transfer per link, the rest),
 per-tier bars like the studies' tables, the bandwidth heatmap of a sweep; the statistics (Kruskal-Wallis
 + Dunn/Holm + Cliff's δ, McNemar against identity, in words); speed and link fidelity; and last the full
@@ -19,19 +21,15 @@ from typing import Any
 
 import numpy as np
 
+from loadgen.accuracy import describe_drop
 from loadgen.chaos import FAULT_COLUMNS
-from loadgen.recommend import explain, recommend
+from loadgen.recommend import ANSWER_HEAD, answer_rows, explain, standard_answers
 from loadgen.records import by_run
 from loadgen.spec import SWEEP_PREFIX
 from loadgen.stats import pareto_front
+from services.contracts.decisions import AnswerSpec, IntervalSpec, VariantAccuracySpec
 
 REPORT_FILE = "report.html"
-# the constraints the report answers for (accuracy drop from identity, in points of the metric)
-ANSWER_CONSTRAINTS = (
-    ("fastest p95 within 1 point of identity's accuracy", 0.01),
-    ("fastest p95 within 3 points", 0.03),
-    ("fastest p95, any accuracy", 1.0),
-)
 
 
 def _figure_html(figure: Any, first: bool) -> str:
@@ -50,7 +48,8 @@ def _verdict_text(e: dict[str, Any]) -> str:
     verdict = e.get("verdict")
     if verdict is None:
         return "–"
-    return "VALID" if verdict["valid"] else "INVALID: " + "; ".join(verdict["reasons"])
+    texts = [r["text"] if isinstance(r, dict) else r for r in verdict["reasons"]]
+    return "VALID" if verdict["valid"] else "INVALID: " + "; ".join(texts)
 
 
 def _table_order(e: dict[str, Any]) -> tuple[str, str, str, float]:
@@ -100,11 +99,12 @@ def _peaks(entry: dict[str, Any]) -> str:
     return " · ".join(f"{t[0].upper()} {v:.0f}" for t, v in peaks.items() if v is not None) or "–"
 
 
-def _table(head: tuple[str, ...], rows: list[list[Any]]) -> str:
+def _table(head: tuple[str, ...], rows: list[list[Any]], *, table_id: str | None = None) -> str:
     header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(c) if not isinstance(c, str) else html.escape(c)}</td>" for c in r)
                    + "</tr>" for r in rows)  # fmt: skip
-    return f"<table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
+    identity = f' id="{table_id}"' if table_id else ""
+    return f"<table{identity}><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _error_bars(values: list[float], lows: list[float], highs: list[float]) -> dict[str, Any]:
@@ -281,32 +281,52 @@ def _faults_html(summary: dict[str, Any]) -> str:
     )
 
 
+def _answers(summary: dict[str, Any]) -> list[AnswerSpec]:
+    """The summary's answers (remade for a summary written before answers were kept in it)."""
+    if "answers" in summary:
+        return [AnswerSpec.model_validate(a) for a in summary["answers"]]
+    return standard_answers(summary)
+
+
 def _answer_html(summary: dict[str, Any]) -> str:
-    """Per group: the verdicts in one line, then the recommendation under each stated constraint."""
-    parts = []
-    by_constraint = [
-        (name, recommend(summary, p95_ms=math.inf, max_accuracy_drop=drop)) for name, drop in ANSWER_CONSTRAINTS
-    ]
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for e in summary["strategies"]:
-        if not e["network"].startswith(SWEEP_PREFIX):
-            groups.setdefault((e["subject"], e["scenario"], e["network"]), []).append(e)
-    for key, entries in groups.items():
-        invalid = [e for e in entries if not (e.get("verdict") or {"valid": True})["valid"]]
-        reasons = sorted({r.split(":")[0] for e in invalid for r in e["verdict"]["reasons"]})
-        verdicts = f"{len(entries) - len(invalid)} of {len(entries)} runs VALID" + (
-            f"; INVALID because: {'; '.join(reasons)}" if invalid else ""
-        )
-        items = []
-        for name, recommendations in by_constraint:
-            found = next(r for r in recommendations if (r.subject, r.scenario, r.network) == key)
-            lines = explain(found, runner_ups=2)
-            items.append(f"<li><b>{html.escape(name)}</b>: " + "<br>".join(html.escape(x) for x in lines) + "</li>")
-        parts.append(
-            f"<h3>{html.escape(' · '.join(key[:2]) + ' · network ' + key[2])}</h3><p>{html.escape(verdicts)}</p>"
-            f"<ul>{''.join(items)}</ul>"
-        )
-    return "\n".join(parts)
+    """The first screen: the answer table; below it the same answers in words, with runner-ups."""
+    answers = _answers(summary)
+    if not answers:
+        return '<p class="note">no run to answer from</p>'
+    words = "".join(
+        "<li>" + "<br>".join(html.escape(line) for line in explain(a, runner_ups=2)) + "</li>" for a in answers
+    )
+    return (
+        _table(ANSWER_HEAD, [list(row) for row in answer_rows(answers)], table_id="answer")
+        + '<p class="note">use: the fastest p95 among VALID runs that meet the constraint; accuracy drop from '
+        "identity (the unmodified model) in points, on the variant's requests pooled over all its runs and "
+        "paired with identity's on the same items, or on the offline evaluation of the whole split when the "
+        "runs cover fewer items, decided at 95 % confidence.</p>"
+        + f"<details><summary>The answers in words: runner-ups, undecided, ruled out</summary><ul>{words}</ul>"
+        "</details>"
+    )
+
+
+VARIANTS_HEAD = ("subject", "variant", "metric", "deployed [95 % CI] (items)", "offline [95 % CI] (items)",
+                 "offline on the deployed items", "drop from identity, points [95 % CI]",
+                 "deployment check")  # fmt: skip
+
+
+def _interval(interval: IntervalSpec | None) -> str:
+    if interval is None:
+        return "–"
+    return f"{interval.value:.3f} [{interval.low:.3f}, {interval.high:.3f}] ({interval.n:,})"
+
+
+def _variants_html(summary: dict[str, Any]) -> str:
+    """Each variant's accuracy: pooled deployed, offline, its drop from identity, and the deployment check."""
+    rows = []
+    for document in summary.get("variants") or []:
+        v = VariantAccuracySpec.model_validate(document)
+        check = v.flag or (f"agrees (p = {v.agreement_p:.2g})" if v.agreement_p is not None else "–")
+        rows.append([v.subject, v.variant, v.metric, _interval(v.deployed), _interval(v.offline),
+                     _fmt(v.offline_same_items, 3), describe_drop(v.drop) if v.drop else "–", check])  # fmt: skip
+    return _table(VARIANTS_HEAD, rows) if rows else '<p class="note">no accuracy measured (latency only)</p>'
 
 
 def _fidelity_tables(bundle: dict[str, Any]) -> tuple[str, str]:
@@ -346,6 +366,7 @@ def build_report(summary: dict[str, Any], records: list[dict[str, Any]], bundle:
         title=html.escape(summary["run_id"]),
         meta=html.escape(meta),
         answer=_answer_html(summary),
+        variants=_variants_html(summary),
         strategies=_strategy_table(entries),
         figures="\n".join(figures.sections),
         tests=_tests_html(summary),
@@ -361,7 +382,9 @@ def build_report(summary: dict[str, Any], records: list[dict[str, Any]], bundle:
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tierlab — {title}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; }}
+body {{ font-family: system-ui, sans-serif; margin: 1.5rem 2rem; color: #222; }}
+h1 {{ font-size: 1.4rem; margin: 0 0 0.25rem; }}
+table#answer td:nth-child(3) {{ font-weight: 600; }}
 table {{ border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0 1.5rem; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: left; }}
 th {{ background: #f3f3f3; }} .note {{ color: #555; font-size: 0.85rem; }}
@@ -369,9 +392,10 @@ section.figure {{ margin-bottom: 2rem; }}
 </style></head><body>
 <h1>tierlab experiment {title}</h1>
 <p class="note">{meta}</p>
-{hosts}
-<h2>The answer</h2>
 {answer}
+<h2>Accuracy of each variant</h2>
+{variants}
+{hosts}
 {faults}
 <h2>Plots</h2>
 {figures}

@@ -27,8 +27,9 @@ import numpy as np
 import uvloop
 import yaml
 
+from loadgen.accuracy import snapshot_offline
 from loadgen.chaos import FaultInjector, FaultJournal, event_dicts
-from loadgen.engine import Issue, RealClock, StopRule, drive
+from loadgen.engine import Done, Issue, RealClock, StopRule, drive
 from loadgen.loads import ModelLoads
 from loadgen.records import LOST_CAUSE, LOST_ERROR, RecordWriter, Resumed, mark_finished, resume_state
 from loadgen.spec import SWEEP_PREFIX, ExperimentSpec, ScenarioSpec, StoppingSpec
@@ -41,7 +42,7 @@ from services.contracts.errors import BadParameter, ConfigError, failure_of
 from services.contracts.manifest import ManifestSpec, load_manifest
 from services.contracts.samples import SampleSet, load_samples
 from services.contracts.scoring import score_item
-from services.contracts.specs import LinkName, LinkSpec, network_profile_links
+from services.contracts.specs import LinkName, LinkSpec, network_profile_links, placements_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,6 +92,17 @@ class LoadgenShare:
 class Plan:
     runs: list[RunPlan]
     skipped: list[str] = field(default_factory=list)
+
+
+# every placement, in a fixed order: each starts at its own share of a subject's sample order
+ALL_PLACEMENTS = tuple(placement.name for size in (1, 2, 3) for placement in placements_for(size)
+                       if size == 1 or len(placement.tiers) == size)  # fmt: skip
+
+
+def placement_offset(placement: str, samples: int) -> int:
+    """Where a placement's runs start in a subject's sample order (its share of the order)."""
+    index = ALL_PLACEMENTS.index(placement) if placement in ALL_PLACEMENTS else 0
+    return index * (samples // len(ALL_PLACEMENTS))
 
 
 def network_links(name: str) -> dict[LinkName, LinkSpec]:
@@ -187,6 +199,34 @@ def hop_columns(parameters: dict[str, Any]) -> dict[str, Any]:
     return columns
 
 
+def request_record(
+    plan: RunPlan, issue: Issue, answer: Answer, *, seq: int, sample_id: int, times_ns: tuple[int, int, int]
+) -> dict[str, Any]:
+    """One request's row (``loadgen.records.FIELDS``) but its score: its identity, its times since the run's
+    start, its status, and for an answer its hop records and exit, for a failure where and why it broke.
+    ``times_ns``: the run's start, the request's actual start, and its end."""
+    run_started_ns, started_ns, ended_ns = times_ns
+    record: dict[str, Any] = {
+        "run": plan.key, "subject": plan.subject, "strategy": plan.strategy, "variant": plan.variant,
+        "placement": plan.placement, "scenario": plan.scenario.name, "network": plan.network,
+        "seq": seq, "sample_id": sample_id,
+        "intended_ms": round((issue.intended_ns - run_started_ns) / 1e6, 4),
+        "start_ms": round((started_ns - run_started_ns) / 1e6, 4),
+        "end_ms": round((ended_ns - run_started_ns) / 1e6, 4),
+        "latency_ms": round((ended_ns - issue.intended_ns) / 1e6, 4),
+        "service_ms": round((ended_ns - started_ns) / 1e6, 4),
+        "lag_ms": round((started_ns - issue.intended_ns) / 1e6, 4),
+        "status": answer.status, "error": answer.error, "bytes_out": answer.bytes_out, "bytes_in": answer.bytes_in,
+    }  # fmt: skip
+    if answer.status == 200:
+        record.update(hop_columns(answer.parameters))
+        record["exit_stage"] = answer.parameters.get(p.EXIT_STAGE)
+        record["exited_early"] = answer.parameters.get(p.EXITED_EARLY)
+    else:
+        record["failed_hop"], record["cause"] = failure_of(answer.status, answer.error, entry="mobile")
+    return record
+
+
 def environment_bundle(stack: Stack, spec: ExperimentSpec) -> dict[str, Any]:
     def version(package: str) -> str | None:
         try:
@@ -247,6 +287,13 @@ class Experiment:
             self.orders[subject] = np.random.default_rng(self.spec.seed).permutation(n)
         return self.samples[subject]
 
+    def sample_id(self, plan: RunPlan, seq: int) -> int:
+        """The sample request ``seq`` of a run sends: the subject's seeded order, from the run's placement's own
+        place in it, so runs of one placement are paired item by item and a variant's placements together
+        cover more of the evaluation split (``loadgen.accuracy`` pools them)."""
+        order = self.orders[plan.subject]
+        return int(order[(placement_offset(plan.placement, len(order)) + seq) % len(order)])
+
     def _output(self, plan: RunPlan) -> str:
         if plan.model not in self.outputs:
             self.outputs[plan.model] = load_manifest(self.models_dir / plan.subject / plan.variant).outputs[0].name
@@ -263,13 +310,12 @@ class Experiment:
         """Drive one run; a resumed run continues its seqs, its clock and its error count, and first records
         the requests its last session sent but never saw answered. With an ``injector`` the run lasts its
         whole ``max_duration_s`` while the spec's faults are injected into it."""
-        samples, order, output = self._samples(plan.subject), self.orders[plan.subject], self._output(plan)
+        samples, output = self._samples(plan.subject), self._output(plan)
         done_before = resumed.records + [self._lost(plan, writer, seq) for seq in resumed.lost_seqs]
         for k in range(plan.warmup if not done_before else 0):
-            sample_id = int(order[k % len(order)])
             await self.stack.infer(
                 plan.model,
-                samples.item(sample_id),
+                samples.item(self.sample_id(plan, k)),
                 placement=plan.placement,
                 request_id=f"warmup-{k}",
                 timeout_s=self.spec.request_timeout_s,
@@ -282,57 +328,34 @@ class Experiment:
         )
         for record in done_before:
             if record["latency_ms"] is not None:
-                stop.add(float(record["latency_ms"]))
+                mode = record.get("exit_stage")
+                stop.add(float(record["latency_ms"]), None if mode is None else int(mode))
         first_seq = resumed.next_seq
         labels = (plan.strategy, plan.scenario.name, plan.network)
         errors = sum(1 for record in done_before if record["status"] != 200)
         share = LoadgenShare()
         prepare = self._preparer(plan, first_seq, share)
 
-        async def send(issue: Issue, started_ns: int) -> int:
+        async def send(issue: Issue, started_ns: int) -> Done:
             nonlocal errors
             seq = first_seq + issue.seq
-            sample_id = int(order[seq % len(order)])
+            sample_id = self.sample_id(plan, seq)
             writer.issued(plan.key, seq)  # before the request leaves: a kill after it shows it as lost
             sent = await self.stack.send(issue.prepared, timeout_s=self.spec.request_timeout_s)
-            ended_ns = sent.ended_ns
             answer = self.stack.answer(issue.prepared, sent)
-            latency_ms = (ended_ns - issue.intended_ns) / 1e6
-            lag_ms = (started_ns - issue.intended_ns) / 1e6
-            record: dict[str, Any] = {
-                "run": plan.key,
-                "subject": plan.subject,
-                "strategy": plan.strategy,
-                "variant": plan.variant,
-                "placement": plan.placement,
-                "scenario": plan.scenario.name,
-                "network": plan.network,
-                "seq": seq,
-                "sample_id": sample_id,
-                "intended_ms": round((issue.intended_ns - stop.started_ns) / 1e6, 4),
-                "start_ms": round((started_ns - stop.started_ns) / 1e6, 4),
-                "end_ms": round((ended_ns - stop.started_ns) / 1e6, 4),
-                "latency_ms": round(latency_ms, 4),
-                "service_ms": round((ended_ns - started_ns) / 1e6, 4),
-                "lag_ms": round(lag_ms, 4),
-                "status": answer.status,
-                "error": answer.error,
-                "bytes_out": answer.bytes_out,
-                "bytes_in": answer.bytes_in,
-            }
+            record = request_record(plan, issue, answer, seq=seq, sample_id=sample_id,
+                                    times_ns=(stop.started_ns, started_ns, sent.ended_ns))  # fmt: skip
             if answer.status == 200:
-                record.update(hop_columns(answer.parameters))
-                record["exit_stage"] = answer.parameters.get(p.EXIT_STAGE)
-                record["exited_early"] = answer.parameters.get(p.EXITED_EARLY)
                 record.update(score(answer, output, samples.targets[sample_id]))
             else:
                 errors += 1
-                record["failed_hop"], record["cause"] = failure_of(answer.status, answer.error, entry="mobile")
             writer.write(record)
-            self.telemetry.observe(labels, latency_ms=latency_ms, lag_ms=lag_ms, status=answer.status)
+            self.telemetry.observe(labels, latency_ms=record["latency_ms"], lag_ms=record["lag_ms"],
+                                   status=answer.status)  # fmt: skip
             on_sample()
-            share.complete_ns += time.perf_counter_ns() - ended_ns
-            return ended_ns
+            share.complete_ns += time.perf_counter_ns() - sent.ended_ns
+            mode = record.get("exit_stage") if answer.status == 200 else None
+            return Done(sent.ended_ns, None if mode is None else int(mode))
 
         throttling_before, _ = self._readings()
         for tier in self.stack.urls:
@@ -382,14 +405,14 @@ class Experiment:
 
     def _preparer(self, plan: RunPlan, first_seq: int, share: LoadgenShare) -> Callable[[int], PreparedRequest]:
         """What the engine calls before a request is due: its sample, encoded and framed (timed into ``share``)."""
-        samples, order = self._samples(plan.subject), self.orders[plan.subject]
+        samples = self._samples(plan.subject)
 
         def prepare(index: int) -> PreparedRequest:
             began_ns = time.perf_counter_ns()
             seq = first_seq + index
             request = self.stack.prepare(
                 plan.model,
-                samples.item(int(order[seq % len(order)])),
+                samples.item(self.sample_id(plan, seq)),
                 placement=plan.placement,
                 request_id=f"{seq}",
                 timeout_s=self.spec.request_timeout_s,
@@ -516,6 +539,9 @@ async def _execute(experiment: Experiment, plan: Plan, progress: Any) -> None:
         else environment_bundle(experiment.stack, experiment.spec)
     )
     bundle["skipped"] = plan.skipped
+    bundle["offline_missing"] = snapshot_offline(
+        experiment.models_dir, folder, {(run.subject, run.variant) for run in plan.runs}
+    )
     if "client_overhead" not in bundle:
         bundle["client_overhead"] = await experiment.stack.client_overhead()
     write_json(bundle_path, bundle)

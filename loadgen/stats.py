@@ -1,14 +1,16 @@
-"""Statistics a run's verdict rests on: percentiles with bootstrap CIs, proportions with Wilson CIs,
-Kruskal-Wallis + Dunn post-hoc (Holm) and Cliff's δ for latency, exact McNemar for paired accuracy.
+"""Statistics a run's verdict and an experiment's decisions rest on: percentiles with bootstrap CIs,
+proportions with Wilson CIs, Kruskal-Wallis + Dunn post-hoc (Holm) and Cliff's δ for latency, exact McNemar
+and Newcombe's interval for paired accuracy, paired bootstraps and t intervals for other metrics.
 
 Library tests where they exist (scipy, scikit-posthocs); by hand only Cliff's δ (a two-line statistic
-with no well-kept package) and its words (Romano et al. 2006 thresholds).
+with no well-kept package) and its words (Romano et al. 2006 thresholds), Wilson's interval (a formula) and
+Newcombe's paired-difference interval (scipy and statsmodels give McNemar's test but no interval for it).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -56,6 +58,54 @@ def wilson(successes: int, n: int) -> tuple[float, float, float]:
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = _Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
     return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def newcombe_paired(both: int, only_first: int, only_second: int, neither: int) -> tuple[float, float, float]:
+    """First proportion minus second on paired items, with Newcombe's (1998) method-10 95 % interval."""
+    n = both + only_first + only_second + neither
+    p1, p2 = (both + only_first) / n, (both + only_second) / n
+    _, l1, u1 = wilson(both + only_first, n)
+    _, l2, u2 = wilson(both + only_second, n)
+    margins = (both + only_first) * (only_second + neither) * (both + only_second) * (only_first + neither)
+    phi = (both * neither - only_first * only_second) / math.sqrt(margins) if margins else 0.0
+    delta = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    epsilon = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    theta = p1 - p2
+    return theta, theta - delta, theta + epsilon
+
+
+def bootstrap(
+    statistic: Callable[[np.ndarray], float], n: int, *, resamples: int = 2000, level: float = 0.95
+) -> tuple[float, float, float]:
+    """``statistic`` of the items ``0…n-1`` and its paired percentile-bootstrap 95 % interval (items resampled)."""
+    from scipy import stats
+
+    items = np.arange(n)
+    result = stats.bootstrap(
+        (items,), statistic, vectorized=False, n_resamples=resamples, confidence_level=level,
+        method="percentile", random_state=np.random.default_rng(0),
+    )  # fmt: skip
+    return statistic(items), float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def mean_interval(values: np.ndarray, *, level: float = 0.95) -> tuple[float, float, float]:
+    """The mean of per-item values (per-image IoU, or paired differences of them) with its t interval."""
+    from scipy import stats
+
+    mean = float(values.mean())
+    if len(values) < 2 or not np.any(values != values[0]):
+        return mean, mean, mean
+    half = float(stats.sem(values)) * float(stats.t.ppf(0.5 + level / 2, len(values) - 1))
+    return mean, mean - half, mean + half
+
+
+def paired_t_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided p of a paired t-test of ``a`` against ``b``; 1.0 when they are identical item by item."""
+    from scipy import stats
+
+    if len(a) < 2 or not np.any(a != b):
+        return 1.0
+    return float(stats.ttest_rel(a, b).pvalue)
 
 
 def cliffs_delta(a: Values, b: Values) -> float:

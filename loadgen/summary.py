@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from loadgen import stats
+from loadgen.accuracy import variant_accuracies
 from loadgen.chaos import fault_rows
+from loadgen.convergence import convergence
+from loadgen.recommend import standard_answers
 from loadgen.records import MAX_HOPS, by_run
 from loadgen.spec import SWEEP_PREFIX, SweepSpec
 from loadgen.verdict import judge
+from services.contracts.scoring import OfflineOutcomes
 
 ALPHA = 0.05
 
@@ -41,10 +46,13 @@ def _hop_breakdown(ok: list[dict[str, Any]]) -> dict[str, float]:
     return {k: round(v / len(ok), 4) for k, v in parts.items()} if ok else {}
 
 
-def summarise_run(records: list[dict[str, Any]]) -> dict[str, Any]:
+def summarise_run(records: list[dict[str, Any]], *, ci_rel_width: float = 0.05) -> dict[str, Any]:
     first = records[0]
     ok = [r for r in records if r["status"] == 200]
     latencies = [r["latency_ms"] for r in ok]
+    modes = np.array([-1 if r.get("exit_stage") is None else int(r["exit_stage"]) for r in ok], dtype=np.int64)
+    converged = convergence(np.asarray(latencies), modes, ci_rel_width)
+    exit_rate = [round(v, 4) for v in converged.exit_rate] if converged.exit_rate else None
     # a request lost in flight when the loadgen was killed has a row but no times
     timed = [r for r in records if r["end_ms"] is not None] or [{"end_ms": 0.0, "intended_ms": 0.0, "lag_ms": 0.0}]
     span_s = (max(r["end_ms"] for r in timed) - min(r["intended_ms"] for r in timed)) / 1e3
@@ -60,6 +68,7 @@ def summarise_run(records: list[dict[str, Any]]) -> dict[str, Any]:
         lag_ms_p99=round(float(np.percentile([r["lag_ms"] for r in timed], 99)), 4),
         throughput_rps=round(len(ok) / span_s, 3) if span_s > 0 else None,
         exit_rate=round(sum(1 for r in ok if r.get("exited_early")) / len(ok), 4) if ok else None,
+        convergence={"rule": converged.rule, "half_widths": converged.half_widths, "exit_rate": exit_rate},
         bytes_out_mean=round(float(np.mean([r["bytes_out"] or 0 for r in records])), 1),
         breakdown_ms=_hop_breakdown(ok),
     )
@@ -69,15 +78,9 @@ def summarise_run(records: list[dict[str, Any]]) -> dict[str, Any]:
         entry["accuracy"] = {"metric": "accuracy", "value": value, "low": low, "high": high, "n": len(judged)}
     scored = [r["score"] for r in ok if r.get("score") is not None]
     if scored:
-        mean, low, high = _mean_ci(scored)
+        mean, low, high = stats.mean_interval(np.asarray(scored))
         entry["accuracy"] = {"metric": "mIoU", "value": mean, "low": low, "high": high, "n": len(scored)}
     return entry
-
-
-def _mean_ci(values: list[float]) -> tuple[float, float, float]:
-    array = np.asarray(values)
-    boot = np.random.default_rng(0).choice(array, size=(1000, len(array))).mean(axis=1)
-    return float(array.mean()), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))
 
 
 def _paired(records: list[dict[str, Any]]) -> dict[int, bool]:
@@ -136,16 +139,20 @@ def summarise(
     runs: dict[str, dict[str, Any]] | None = None,
     networks: dict[str, dict[str, Any]] | None = None,
     slo_ms: float | None = None,
+    offline: Mapping[tuple[str, str], OfflineOutcomes] | None = None,
 ) -> dict[str, Any]:
     """Everything in ``summary.json``; ``runs`` are the ``runs.jsonl`` lines and ``networks`` the bundle's
-    fidelity per network, which the verdicts need; runs with faults get their fault table (``loadgen.chaos``)."""
+    fidelity per network, which the verdicts need; runs with faults get their fault table (``loadgen.chaos``);
+    ``offline`` the variants' offline outcomes (``loadgen.accuracy``), which accuracy decisions rest on with the
+    pooled deployed requests; ``answers`` are the recommendations under ``recommend.ANSWER_CONSTRAINTS``."""
     grouped = dict(by_run(records))
-    entries = [summarise_run(rs) for rs in grouped.values()]
+    width = {key: (info.get("requested") or {}).get("ci_rel_width") for key, info in (runs or {}).items()}
+    entries = [summarise_run(rs, ci_rel_width=width.get(key) or 0.05) for key, rs in grouped.items()]
     faults = []
     for e in entries:
         info = (runs or {}).get(e["run"]) or {}
         verdict = judge(e, info, (networks or {}).get(e["network"]))
-        e["verdict"] = {"label": verdict.label, **verdict.model_dump(mode="json")}
+        e["verdict"] = verdict.model_dump(mode="json")
         if info.get("faults"):
             end_ms = float(info.get("duration_s") or 0.0) * 1e3
             rows = fault_rows(grouped[e["run"]], info["faults"], slo_ms=slo_ms, run_end_ms=end_ms)
@@ -157,13 +164,17 @@ def summarise(
     comparisons = [
         {"subject": s, "scenario": sc, "network": n, **compare_group(es, grouped)} for (s, sc, n), es in groups.items()
     ]
-    return {
+    variants = variant_accuracies(records, offline or {}, {(e["subject"], e["variant"]) for e in entries})
+    summary: dict[str, Any] = {
         "run_id": run_id,
         "strategies": entries,
+        "variants": [v.model_dump(mode="json") for v in variants.values()],
         "comparisons": comparisons,
         "sweep": _sweep(entries, sweep),
         "faults": faults,
     }
+    summary["answers"] = [a.model_dump(mode="json") for a in standard_answers(summary)]
+    return summary
 
 
 def _sweep(entries: list[dict[str, Any]], spec: SweepSpec | None) -> dict[str, Any] | None:

@@ -2,10 +2,12 @@
 
 A run is INVALID when its numbers cannot be trusted as a measurement of the strategy on the profile:
 
-- its stopping rule gave up (``max_samples``/``max_duration_s``) before the p50's CI was as narrow as asked
-  (unless the spec fixed the sample count: ``min_samples == max_samples``). A p95 CI still wider than
-  asked is only noted: a tail needs far more samples than a median for the same width (on a 2-core host a
-  p95 from 200 samples was commonly ±30 %), its CI is in every table, and recommend compares CIs;
+- its stopping rule gave up (``max_samples``/``max_duration_s``) before its statistics were as narrow as
+  asked (unless the spec fixed the sample count: ``min_samples == max_samples``), judged by the same rule the
+  run stops by (``loadgen.convergence``): one latency mode, the p50's CI; a bimodal run (early exit), the
+  mean's and each mode's p50 CI. A p95 CI still wider than asked is only noted: a tail needs far more samples
+  than a median for the same width (on a 2-core host a p95 from 200 samples was commonly ±30 %), its CI is in
+  every table, and recommend compares CIs;
 - more than ``MAX_ERROR_RATE`` of its requests failed;
 - an open-loop run fell behind its schedule (lag p99 over ``MAX_LAG_MS_P99``) or delivered less than
   ``MIN_RATE_SHARE`` of the requested rate;
@@ -27,9 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
-
-from services.contracts.manifest import FrozenSpec
+from services.contracts.decisions import ReasonSpec, VerdictSpec
 from services.contracts.specs import placement_tiers
 
 MAX_ERROR_RATE = 0.01
@@ -38,18 +38,6 @@ MIN_RATE_SHARE = 0.9
 MAX_THROTTLED_SHARE = 0.10
 MAX_LOADGEN_CPU = 0.9
 OPEN_LOOP = ("server", "burst")
-
-
-class VerdictSpec(FrozenSpec):
-    valid: bool
-    reasons: tuple[str, ...] = Field(description="why the run is INVALID; empty when VALID")
-    notes: tuple[str, ...] = Field(description="worth knowing, not invalidating")
-    requested: dict[str, Any]
-    effective: dict[str, Any]
-
-    @property
-    def label(self) -> str:
-        return "VALID" if self.valid else "INVALID"
 
 
 def tiers_used(placement: str) -> list[str]:
@@ -67,20 +55,60 @@ def ci_half_widths(latency_ms: dict[str, Any]) -> dict[str, float]:
     return widths
 
 
-def _failures(entry: dict[str, Any], info: dict[str, Any], reasons: list[str], notes: list[str]) -> None:
+class _Findings:
+    """What a run's verdict collects: reasons (INVALID) by kind, and notes."""
+
+    def __init__(self) -> None:
+        self.reasons: list[ReasonSpec] = []
+        self.notes: list[str] = []
+
+    def reason(self, kind: str, text: str) -> None:
+        self.reasons.append(ReasonSpec(kind=kind, text=text))
+
+    def either(self, invalidates: bool, kind: str, text: str) -> None:
+        """A reason when ``invalidates``, else a note."""
+        if invalidates:
+            self.reason(kind, text)
+        else:
+            self.notes.append(text)
+
+
+def _failures(entry: dict[str, Any], info: dict[str, Any], found: _Findings) -> None:
     """Failed requests invalidate a run, unless faults were injected to cause them; a fault that could not be
     injected or recovered from does."""
     faults = info.get("faults") or []
     if entry["error_rate"] > MAX_ERROR_RATE:
         failed = f"{entry['error_rate']:.1%} of requests failed (at most {MAX_ERROR_RATE:.0%})"
-        (notes if faults else reasons).append(failed)
-    reasons += [f"{event['fault']}: {event['error']}" for event in faults if event.get("error")]
+        found.either(not faults, "errors", failed)
+    for event in faults:
+        if event.get("error"):
+            found.reason("fault not injected", f"{event['fault']}: {event['error']}")
+
+
+def _convergence(entry: dict[str, Any], stop_reason: str, asked: float | None, found: _Findings) -> None:
+    """A run that gave up before its statistics were as narrow as asked, by the rule it stops by."""
+    judged = entry.get("convergence")
+    if judged is None:  # results summarised before the rule was recorded: the p50 alone
+        widths = ci_half_widths(entry.get("latency_ms") or {})
+        judged = {"rule": "quantiles", "half_widths": widths}
+    widths = judged["half_widths"]
+    if judged["rule"] == "modes":
+        if asked is None or any(w > asked for w in widths.values()):
+            shown = ", ".join(f"{k} ±{w:.0%}" for k, w in widths.items())
+            found.reason("CI unmet (bimodal)", f"stopped at {stop_reason} with {shown} (bimodal: mean and per-mode "
+                                               f"p50), wider than the ±{asked} asked")  # fmt: skip
+        return
+    p50, p95 = widths.get("p50"), widths.get("p95")
+    if asked is None or p50 is None or p50 > asked:
+        shown = f"±{p50:.0%}" if p50 is not None else "unknown"
+        found.reason("p50 CI unmet", f"stopped at {stop_reason} with the p50 CI {shown}, wider than the ±{asked} asked")
+    elif p95 is not None and p95 > asked:
+        found.notes.append(f"p95 CI ±{p95:.0%} at {stop_reason}, wider than the ±{asked} asked: compare tails by CI")
 
 
 def judge(entry: dict[str, Any], info: dict[str, Any] | None, network: dict[str, Any] | None) -> VerdictSpec:
     """The verdict of one run from its summary ``entry``, its ``runs.jsonl`` line and its network's fidelity."""
-    reasons: list[str] = []
-    notes: list[str] = []
+    found = _Findings()
     info = info or {}
     chaos = bool(info.get("faults"))
     requested: dict[str, Any] = dict(info.get("requested") or {})
@@ -99,55 +127,51 @@ def judge(entry: dict[str, Any], info: dict[str, Any] | None, network: dict[str,
         "peak_rss_mib": {t: m.get("peak_rss_mib") for t, m in (info.get("memory_mib") or {}).items()},
     }
     if not info:
-        reasons.append("the run did not finish (no line in runs.jsonl)")
+        found.reason("unfinished", "the run did not finish (no line in runs.jsonl)")
     fixed_count = requested.get("min_samples") == requested.get("max_samples")
     ci_met = bool(stop_reason) and not str(stop_reason).startswith("max_")
     widths = ci_half_widths(entry.get("latency_ms") or {})
     effective["ci_met"] = ci_met
     effective["ci_rel_half_width"] = widths
-    asked = requested.get("ci_rel_width")
+    if entry.get("convergence"):
+        effective["convergence"] = entry["convergence"]
     if stop_reason and not ci_met and not fixed_count and not chaos:
-        p50, p95 = widths.get("p50"), widths.get("p95")
-        if asked is None or p50 is None or p50 > asked:
-            shown = f"±{p50:.0%}" if p50 is not None else "unknown"
-            reasons.append(f"stopped at {stop_reason} with the p50 CI {shown}, wider than the ±{asked} asked")
-        elif p95 is not None and p95 > asked:
-            notes.append(f"p95 CI ±{p95:.0%} at {stop_reason}, wider than the ±{asked} asked: compare tails by CI")
-    _failures(entry, info, reasons, notes)
+        _convergence(entry, str(stop_reason), requested.get("ci_rel_width"), found)
+    _failures(entry, info, found)
     if requested.get("scenario_kind") in OPEN_LOOP:
         if entry["lag_ms_p99"] > MAX_LAG_MS_P99:
-            reasons.append(
-                f"the loadgen lagged its schedule: lag p99 {entry['lag_ms_p99']:.1f} ms > {MAX_LAG_MS_P99:g}"
+            found.reason(
+                "schedule lag",
+                f"the loadgen lagged its schedule: lag p99 {entry['lag_ms_p99']:.1f} ms > {MAX_LAG_MS_P99:g}",
             )
         wanted = requested.get("rate_rps")
         got = entry.get("throughput_rps")
         if wanted and got is not None and got < MIN_RATE_SHARE * wanted and not chaos:
-            reasons.append(f"delivered {got:.1f} req/s of the {wanted:g} requested")
+            found.reason("rate not delivered", f"delivered {got:.1f} req/s of the {wanted:g} requested")
     used = [] if chaos else tiers_used(entry["placement"])  # a fault scenario's outages are its measurement
     for tier in info.get("oom_killed") or []:
         message = f"{tier} was OOM-killed during the run: the strategy does not fit its memory limit on this profile"
-        (reasons if tier in used else notes).append(message)
+        found.either(tier in used, "OOM-killed", message)
     for tier in set(info.get("unreachable") or []) - set(info.get("oom_killed") or []):
-        (reasons if tier in used else notes).append(f"{tier} stopped answering during the run")
+        found.either(tier in used, "unreachable", f"{tier} stopped answering during the run")
     if network is None:
-        notes.append("links and device speed not measured for this network (sweep cell)")
+        found.notes.append("links and device speed not measured for this network (sweep cell)")
     else:
         for when in ("before", "after"):
             for problem in network.get("problems" if when == "before" else "problems_after") or []:
-                reasons.append(f"link fidelity {when} the runs: {problem}")
+                found.reason("link fidelity", f"link fidelity {when} the runs: {problem}")
             for problem in network.get(f"speed_problems_{when}") or []:
                 if problem.split(":")[0] in used:
-                    reasons.append(f"speed fidelity {when} the runs: {problem}")
+                    found.reason("speed fidelity", f"speed fidelity {when} the runs: {problem}")
     for tier, throttling in (info.get("cpu_throttling") or {}).items():
         if tier not in used or not throttling.get("periods"):
             continue
         share = throttling["throttled_periods"] / throttling["periods"]
         if share > MAX_THROTTLED_SHARE:
             message = f"{tier} CFS-throttled in {share:.0%} of periods ({throttling['throttled_s']:.2f} s)"
-            (reasons if requested.get("scenario_kind") == "single-stream" else notes).append(message)
+            found.either(requested.get("scenario_kind") == "single-stream", "throttled", message)
     loadgen_cpu = info.get("loadgen_cpu")
     if loadgen_cpu is not None and loadgen_cpu > MAX_LOADGEN_CPU:
-        reasons.append(f"the loadgen used {loadgen_cpu:.0%} of a core: it may have been the bottleneck")
-    return VerdictSpec(
-        valid=not reasons, reasons=tuple(reasons), notes=tuple(notes), requested=requested, effective=effective
-    )
+        found.reason("loadgen CPU", f"the loadgen used {loadgen_cpu:.0%} of a core: it may have been the bottleneck")
+    return VerdictSpec(valid=not found.reasons, reasons=tuple(found.reasons), notes=tuple(found.notes),
+                       requested=requested, effective=effective)  # fmt: skip

@@ -16,8 +16,8 @@ import pytest
 from scipy import stats as scipy_stats
 
 from loadgen import stats
-from loadgen.engine import Issue, StopRule, drive, open_loop_offsets_ns
-from loadgen.recommend import explain, recommend
+from loadgen.engine import Done, Issue, StopRule, drive, open_loop_offsets_ns
+from loadgen.recommend import answer, answer_rows, explain
 from loadgen.records import RecordWriter, finished_runs, mark_finished, read_records, resume_state
 from loadgen.spec import SCHEMA_FILE_NAME, SPECS_DIR, ScenarioSpec, StoppingSpec, json_schema, load_spec
 from services.contracts.errors import ConfigError
@@ -57,10 +57,10 @@ class FakeClock:
 
 
 def fake_server(clock: FakeClock, service_ms: Any, log: list[tuple[Issue, int, int]]) -> Any:
-    async def send(issue: Issue, started_ns: int) -> int:
+    async def send(issue: Issue, started_ns: int) -> Done:
         await clock.sleep_until_ns(started_ns + int(service_ms(issue.seq) * MS))
         log.append((issue, started_ns, clock.now_ns()))
-        return clock.now_ns()
+        return Done(clock.now_ns())
 
     return send
 
@@ -255,37 +255,60 @@ def test_a_bad_spec_names_the_problem(tmp_path: Path) -> None:
         load_spec("nope")
 
 
-def _entry(strategy: str, p95: float, accuracy: float, errors: float = 0.0) -> dict[str, Any]:
+def _entry(strategy: str, p95: float, errors: float = 0.0, valid: bool = True) -> dict[str, Any]:
     variant = strategy.split("@", maxsplit=1)[0].split(".")[1]
+    verdict = {"valid": valid, "reasons": [] if valid else [{"kind": "schedule lag", "text": "lagged"}],
+               "notes": [], "requested": {}, "effective": {}}  # fmt: skip
     return {"subject": "s", "scenario": "single-stream", "network": "lan", "strategy": strategy, "variant": variant,
-            "error_rate": errors, "latency_ms": {"p50": p95 / 2, "p95": p95, "p95_low": p95 * 0.9,
-                                                  "p95_high": p95 * 1.1},
-            "accuracy": {"metric": "accuracy", "value": accuracy, "low": accuracy - 0.02,
-                         "high": accuracy + 0.02}}  # fmt: skip
+            "placement": strategy.split("@")[1], "error_rate": errors, "verdict": verdict,
+            "latency_ms": {"p50": p95 / 2, "p95": p95, "p95_low": p95 * 0.9, "p95_high": p95 * 1.1}}  # fmt: skip
 
 
-def test_recommend_honours_the_budget_and_the_accuracy_floor() -> None:
-    summary = {"strategies": [
-        _entry("s.identity@C", 30.0, 0.90), _entry("s.identity@M", 12.0, 0.90), _entry("s.sptq@M", 6.0, 0.885),
-        _entry("s.distill@M", 3.0, 0.80), _entry("s.partition2@M-E", 8.0, 0.90, errors=0.2),
-    ]}  # fmt: skip
-    (verdict,) = recommend(summary, p95_ms=15, max_accuracy_drop=0.02)
-    assert [e["strategy"] for e in verdict.chosen] == ["s.sptq@M", "s.identity@M"]
-    reasons = dict(verdict.ruled_out)
-    assert "below identity" in reasons["s.distill@M"] and "> 15 ms" in reasons["s.identity@C"]
-    assert "failed" in reasons["s.partition2@M-E"]
-    text = "\n".join(explain(verdict))
+def _variant(name: str, drop: float, half: float) -> dict[str, Any]:
+    """A variant's accuracy document with its drop from identity (offline evidence)."""
+    interval = {"value": drop, "low": drop - half, "high": drop + half, "n": 1500, "source": "offline",
+                "split_items": 1500}  # fmt: skip
+    return {"subject": "s", "variant": name, "metric": "accuracy", "deployed": None, "offline": None, "drop": interval}
+
+
+def test_recommend_honours_the_budget_and_the_accuracy_drop() -> None:
+    summary = {
+        "strategies": [_entry("s.identity@C", 30.0), _entry("s.identity@M", 12.0), _entry("s.sptq@M", 6.0),
+                       _entry("s.distill@M", 3.0), _entry("s.partition2@M-E", 8.0, errors=0.2)],
+        "variants": [_variant("sptq", 0.005, 0.01), _variant("distill", 0.10, 0.02), _variant("partition2", 0, 0)],
+    }  # fmt: skip
+    (found,) = answer(summary, p95_ms=15, max_drop=0.02)
+    assert found.winner is not None and found.winner.strategy == "s.sptq@M"
+    assert [n.strategy for n in found.runner_ups] == ["s.identity@M"]
+    reasons = {r.strategy: (r.kind, r.why) for r in found.ruled_out}
+    assert reasons["s.distill@M"][0] == "accuracy" and "beyond 2 points" in reasons["s.distill@M"][1]
+    assert "> 15 ms" in reasons["s.identity@C"][1] and reasons["s.partition2@M-E"][0] == "errors"
+    text = "\n".join(explain(found))
     assert "use s.sptq@M" in text and "runner-up s.identity@M" in text
-    (none,) = recommend(summary, p95_ms=1, max_accuracy_drop=0.0)
-    assert not none.chosen and "no VALID strategy meets" in explain(none)[0]
+    (none,) = answer(summary, p95_ms=1, max_drop=0.0)
+    assert none.winner is None and "no VALID strategy meets" in explain(none)[0]
 
 
 def test_recommend_never_picks_an_invalid_run_and_says_when_only_one_would_do() -> None:
-    fast_but_untrusted = {**_entry("s.sptq@M", 2.0, 0.90), "verdict": {"valid": False, "reasons": ["lagged"]}}
-    summary = {"strategies": [_entry("s.identity@M", 12.0, 0.90), fast_but_untrusted]}
-    (verdict,) = recommend(summary, p95_ms=15, max_accuracy_drop=0.02)
-    assert [e["strategy"] for e in verdict.chosen] == ["s.identity@M"]
-    assert dict(verdict.ruled_out)["s.sptq@M"] == "INVALID run: lagged"
-    (tight,) = recommend(summary, p95_ms=5, max_accuracy_drop=0.02)
-    assert not tight.chosen
+    summary = {"strategies": [_entry("s.identity@M", 12.0), _entry("s.sptq@M", 2.0, valid=False)],
+               "variants": [_variant("sptq", 0.0, 0.005)]}  # fmt: skip
+    (found,) = answer(summary, p95_ms=15, max_drop=0.02)
+    assert found.winner is not None and found.winner.strategy == "s.identity@M"
+    assert {r.strategy: r.why for r in found.ruled_out}["s.sptq@M"] == "INVALID run: lagged"
+    assert found.valid_runs == 1 and found.invalid_kinds == {"schedule lag": 1}
+    (tight,) = answer(summary, p95_ms=5, max_drop=0.02)
+    assert tight.winner is None
     assert "s.sptq@M would, but its run is INVALID" in "\n".join(explain(tight))
+
+
+def test_a_faster_strategy_the_data_cannot_decide_is_named_not_ruled_out() -> None:
+    summary = {"strategies": [_entry("s.identity@M", 12.0), _entry("s.dsptq@M", 4.0)],
+               "variants": [_variant("dsptq", 0.02, 0.013)]}  # fmt: skip
+    (found,) = answer(summary, p95_ms=None, max_drop=0.03)
+    assert found.winner is not None and found.winner.strategy == "s.identity@M"
+    assert [u.strategy for u in found.undecided] == ["s.dsptq@M"]
+    assert "dsptq@M" not in {r.strategy for r in found.ruled_out}
+    decision = found.undecided[0].accuracy
+    assert decision.outcome == "inconclusive" and decision.more_items and decision.more_items > 0
+    (row,) = answer_rows([found])
+    assert row[2] == "identity@M" and "faster, accuracy undecided: dsptq@M" in row[7]

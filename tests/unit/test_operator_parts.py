@@ -29,13 +29,14 @@ from operators.data import (
     make_split,
     read_fortunes,
 )
-from operators.evaluate import CascadeTrace, cascade, confusion, macro_f1, miou_of, score, wilson_interval
+from operators.evaluate import CascadeTrace, cascade, macro_f1, score, wilson_interval
 from operators.nets import ConvNet, ConvNetSpec, TextClassifier
 from operators.onnxgraph import attach_exit_head, balanced_cuts, find_cuts, pool_features, split_stages
 from operators.subjects import head_tail
 from operators.training import FitSettings, fit, memory_format, parameter_groups, predict
 from operators.whitebox import narrow_blocks
 from services.contracts.manifest import max_softmax
+from services.contracts.scoring import confusion, miou_of
 from services.demo import build_demo_mlp
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from loadgen.verdict import judge, tiers_used
+from services.contracts.decisions import VerdictSpec
 
 REQUESTED = {"scenario_kind": "single-stream", "rate_rps": None, "min_samples": 100, "max_samples": 2000,
              "max_duration_s": 60.0, "ci_rel_width": 0.05}  # fmt: skip
@@ -81,7 +82,7 @@ def test_each_rule_makes_a_run_invalid_with_its_reason(
 ) -> None:
     verdict = judge(entry, info, network)
     assert not verdict.valid and verdict.label == "INVALID"
-    assert any(reason in r for r in verdict.reasons), verdict.reasons
+    assert any(reason in r.text for r in verdict.reasons), verdict.reasons
 
 
 def test_problems_of_tiers_a_run_does_not_use_do_not_count() -> None:
@@ -116,11 +117,35 @@ def test_an_oom_killed_tier_makes_its_runs_invalid_and_is_noted_elsewhere() -> N
     }
     killed = _info(oom_killed=["edge"], unreachable=["edge"], memory_mib=memory)
     verdict = judge(_entry(placement="M-E"), killed, CLEAN_NETWORK)
-    assert not verdict.valid and verdict.reasons == (
-        "edge was OOM-killed during the run: the strategy does not fit its memory limit on this profile",
-    )
+    assert not verdict.valid and [r.text for r in verdict.reasons] == [
+        "edge was OOM-killed during the run: the strategy does not fit its memory limit on this profile"
+    ]
+    assert [r.kind for r in verdict.reasons] == ["OOM-killed"]
     assert verdict.effective["peak_rss_mib"] == {"mobile": 212.0, "edge": 180.5}
     elsewhere = judge(_entry(placement="M"), killed, CLEAN_NETWORK)  # edge was not on this run's path
     assert elsewhere.valid and any("edge was OOM-killed" in n for n in elsewhere.notes)
     silent = judge(_entry(placement="E"), _info(unreachable=["edge"]), CLEAN_NETWORK)
-    assert silent.reasons == ("edge stopped answering during the run",)
+    assert [r.text for r in silent.reasons] == ["edge stopped answering during the run"]
+
+
+def test_a_bimodal_run_is_judged_on_its_mean_and_each_modes_median() -> None:
+    """An early-exit run whose p50 sits between its two modes: its p50 CI is wide, yet the run converged by the
+    rule for two modes (mean and per-mode p50 within the width asked) and stays VALID; a mode still wide is not."""
+    wide_p50 = {"p50": 10.0, "p50_low": 7.0, "p50_high": 13.0, "p95": 20.0, "p95_low": 19.0, "p95_high": 21.0}
+    widths = {"mean": 0.03, "p50 of stage 0": 0.02, "p50 of stage 1": 0.04}
+    converged = {"rule": "modes", "half_widths": widths}
+    verdict = judge(_entry(latency_ms=wide_p50, convergence=converged), _info(stop_reason="max_samples (300)"),
+                    CLEAN_NETWORK)  # fmt: skip
+    assert verdict.valid, verdict.reasons
+    assert verdict.effective["convergence"]["rule"] == "modes"
+    unsettled = {"rule": "modes", "half_widths": {**widths, "p50 of stage 1": 0.12}}
+    verdict = judge(_entry(latency_ms=wide_p50, convergence=unsettled), _info(stop_reason="max_samples (300)"),
+                    CLEAN_NETWORK)  # fmt: skip
+    assert not verdict.valid and [r.kind for r in verdict.reasons] == ["CI unmet (bimodal)"]
+    assert "p50 of stage 1 ±12%" in verdict.reasons[0].text
+
+
+def test_verdicts_written_before_reasons_had_kinds_still_read() -> None:
+    old = {"label": "INVALID", "valid": False, "reasons": ["lagged"], "notes": [], "requested": {}, "effective": {}}
+    verdict = VerdictSpec.model_validate(old)
+    assert verdict.reasons[0].kind == "other" and verdict.reasons[0].text == "lagged" and verdict.label == "INVALID"
