@@ -51,12 +51,15 @@ OFFLINE_DIR = "offline"  # in a results folder: offline/<subject>/<variant>.npz,
 
 def snapshot_offline(models_dir: Path, folder: Path, variants: Iterable[tuple[str, str]]) -> list[str]:
     """Copy the offline outcomes of ``variants`` (and of each subject's identity) into the results folder, so
-    its summary can be remade after the models are rebuilt; returns what could not be copied, and why."""
+    its summary can be remade after the models are rebuilt (a resumed experiment keeps its first copies);
+    returns what could not be copied, and why."""
     missing = []
     wanted = set(variants) | {(subject, IDENTITY) for subject, _ in variants}
     for subject, variant in sorted(wanted):
         source = models_dir / subject / variant
         target = folder / OFFLINE_DIR / subject / f"{variant}.npz"
+        if target.exists():
+            continue
         try:
             manifest = load_manifest(source)
         except ConfigError:
@@ -138,11 +141,22 @@ def _offline(outcomes: OfflineOutcomes) -> IntervalSpec:
     return _interval(*stats.bootstrap(outcomes.metric_on, n), n)
 
 
-def _agreement(deployed: DeployedOutcomes, offline: OfflineOutcomes) -> tuple[float | None, float, float]:
-    """p of deployed vs offline outcomes on the same items, and both metrics on those items (per-item means)."""
+@dataclass(frozen=True)
+class Agreement:
+    """Deployed answers against the offline outcomes of their items: the paired test's p, how many differ, and
+    both per-item means over those answers."""
+
+    p: float | None
+    differing: int
+    checked: int
+    deployed: float
+    offline: float
+
+
+def _agreement(deployed: DeployedOutcomes, offline: OfflineOutcomes) -> Agreement:
     ids = np.array([i for i, _ in deployed.every if i < len(offline)], dtype=np.int64)
     if not len(ids):
-        return None, math.nan, math.nan
+        return Agreement(None, 0, 0, math.nan, math.nan)
     got = np.array([o for i, o in deployed.every if i < len(offline)], dtype=np.float64)
     expected = offline.per_item()[ids]
     if offline.correct is not None:
@@ -150,7 +164,8 @@ def _agreement(deployed: DeployedOutcomes, offline: OfflineOutcomes) -> tuple[fl
     else:
         keep = ~np.isnan(expected)
         p = stats.paired_t_p(got[keep], expected[keep])
-    return p, float(np.nanmean(got)), float(np.nanmean(expected))
+    differing = int(np.sum(np.abs(got - expected) > 1e-6))
+    return Agreement(p, differing, len(ids), float(np.nanmean(got)), float(np.nanmean(expected)))
 
 
 def _paired_deployed(identity: DeployedOutcomes, variant: DeployedOutcomes) -> tuple[float, float, float, int] | None:
@@ -177,19 +192,22 @@ def variant_accuracies(
         mine, theirs = deployed.get(key), offline.get(key)
         if mine is None and theirs is None:
             continue
-        p = same_items = None
-        flag = None
+        agreement = flag = None
         if mine is not None and theirs is not None:
-            p, got, same_items = _agreement(mine, theirs)
-            if p is not None and p < AGREEMENT_ALPHA:
-                flag = (f"deployed {got:.3f} vs offline {same_items:.3f} on the same {len(mine.every)} answers "
-                        f"(p = {p:.2g}): the deployment does not compute what was evaluated")  # fmt: skip
+            agreement = _agreement(mine, theirs)
+            if agreement.p is not None and agreement.p < AGREEMENT_ALPHA:
+                flag = (f"deployed {agreement.deployed:.3f} vs offline {agreement.offline:.3f} on the same "
+                        f"{agreement.checked} answers ({agreement.differing} differ, p = {agreement.p:.2g}): the "
+                        "deployment does not compute what was evaluated")  # fmt: skip
                 flagged.add(key)
+        same_items = agreement.offline if agreement is not None and agreement.checked else None
         found[key] = VariantAccuracySpec(
             subject=key[0], variant=key[1], metric=(theirs.metric if theirs else mine.metric),  # type: ignore[union-attr]
             deployed=_pooled(mine) if mine else None, offline=_offline(theirs) if theirs else None,
             offline_same_items=None if same_items is None or math.isnan(same_items) else round(same_items, 5),
-            agreement_p=p, flag=flag,
+            agreement_p=agreement.p if agreement else None, flag=flag,
+            answers_differing=agreement.differing if agreement else None,
+            answers_checked=agreement.checked if agreement else None,
         )  # fmt: skip
     for (subject, variant), spec in list(found.items()):
         if variant == IDENTITY or (subject, IDENTITY) not in found:
@@ -247,7 +265,8 @@ def decide(drop: DropSpec | None, max_drop: float) -> AccuracyDecisionSpec:
     decide), at 95 % confidence."""
     if drop is None:
         return AccuracyDecisionSpec(outcome="unscored", max_drop=max_drop, text="no accuracy measured")
-    limit = f"{max_drop * 100:g} points"
+    points = round(max_drop * 100, 6)
+    limit = f"{points:g} point{'s' * (points != 1)}"
     if drop.high <= max_drop:
         return AccuracyDecisionSpec(outcome="within", max_drop=max_drop, drop=drop,
                                     text=f"drop {describe_drop(drop)}: within {limit}")  # fmt: skip

@@ -5,10 +5,12 @@ judges by, so the two always agree on what "converged" means.
   estimate (like MLPerf's early stopping, a statement about percentiles, not the mean).
 - **modes** (a bimodal latency: an early-exit variant answers from its exit head or from its last stage, two
   clusters of times): a percentile that falls between the clusters moves with the exit rate and its CI never
-  narrows, so the rule judges what is stable instead — the mean's 95 % CI (normal approximation: the mean of a
-  mixture converges as any mean does, and its CI carries the exit rate's uncertainty weighted by the gap between
-  the modes) and each mode's own p50 CI, all within ±``width``. A mode counts when it holds at least
-  ``MIN_MODE_SHARE`` of the answers; the exit rate's CI is reported beside it.
+  narrows, so the rule judges what is stable instead — each mode's own p50 CI within ±``width`` (a mode counts
+  when it holds at least ``MIN_MODE_SHARE`` of the answers, and needs 10 of them). The mix of the modes is the
+  exit rate, a property of the items served rather than of the system: it is reported with its Wilson CI (and
+  the variant's offline exit rate over the whole split is in its manifest), not waited for. A mean was tried
+  first and does not settle either: measured on `make bench SPEC=studies`, the mean of quantized early exit on
+  M-E was still ±15 % after 300 requests, the spread of its exit rate (±6 points) times the gap between modes.
 
 Numpy only: the loadgen image runs the stopping rule without scipy.
 """
@@ -25,7 +27,6 @@ import numpy as np
 from loadgen.stats import percentile_ci, wilson
 
 MIN_MODE_SHARE = 0.05
-_Z95 = 1.959963984540054
 Rule = Literal["quantiles", "modes"]
 
 
@@ -44,13 +45,18 @@ class Convergence:
         return all(w <= self.width for w in self.half_widths.values())
 
     def widths_text(self) -> str:
-        """``p50 ±4 %, p95 ±9 %`` or ``mean ±3 %, p50 of stage 0 ±2 %, …``."""
+        """``p50 ±4 %, p95 ±9 %`` or ``p50 of stage 0 ±2 %, p50 of stage 1 ±3 %``."""
         return ", ".join(f"{name} ±{w:.0%}" for name, w in self.half_widths.items())
 
     def stop_reason(self) -> str:
         if self.rule == "quantiles":
             return f"p50 and p95 95 % CIs within ±{self.width:.0%}"
-        return f"bimodal: mean and per-mode p50 95 % CIs within ±{self.width:.0%}"
+        rate = (
+            f", exit rate {self.exit_rate[0]:.2f} [{self.exit_rate[1]:.2f}, {self.exit_rate[2]:.2f}]"
+            if self.exit_rate
+            else ""
+        )
+        return f"bimodal: each mode's p50 95 % CI within ±{self.width:.0%}{rate}"
 
 
 def _relative(estimate: float, low: float, high: float) -> float:
@@ -74,9 +80,7 @@ def convergence(
             widths[f"p{q:g}"] = round(_relative(estimate, low, high), 4)
         return Convergence("quantiles", widths, width)
     assert modes is not None
-    mean = float(latencies_ms.mean())
-    half = _Z95 * float(latencies_ms.std(ddof=1)) / math.sqrt(len(latencies_ms))
-    widths = {"mean": round(half / mean if mean > 0 else math.inf, 4)}
+    widths = {}
     for mode in significant:
         chosen = latencies_ms[modes == mode]
         if len(chosen) < 10:

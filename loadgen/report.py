@@ -318,12 +318,20 @@ def _interval(interval: IntervalSpec | None) -> str:
     return f"{interval.value:.3f} [{interval.low:.3f}, {interval.high:.3f}] ({interval.n:,})"
 
 
+def _check_text(v: VariantAccuracySpec) -> str:
+    if not v.answers_checked:
+        return "–"
+    if not v.answers_differing:
+        return f"same outcome as offline on all {v.answers_checked:,} answers"
+    return f"{v.answers_differing} of {v.answers_checked:,} answers differ from offline (p = {v.agreement_p:.2g})"
+
+
 def _variants_html(summary: dict[str, Any]) -> str:
     """Each variant's accuracy: pooled deployed, offline, its drop from identity, and the deployment check."""
     rows = []
     for document in summary.get("variants") or []:
         v = VariantAccuracySpec.model_validate(document)
-        check = v.flag or (f"agrees (p = {v.agreement_p:.2g})" if v.agreement_p is not None else "–")
+        check = v.flag or _check_text(v)
         rows.append([v.subject, v.variant, v.metric, _interval(v.deployed), _interval(v.offline),
                      _fmt(v.offline_same_items, 3), describe_drop(v.drop) if v.drop else "–", check])  # fmt: skip
     return _table(VARIANTS_HEAD, rows) if rows else '<p class="note">no accuracy measured (latency only)</p>'

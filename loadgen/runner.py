@@ -542,6 +542,8 @@ async def _execute(experiment: Experiment, plan: Plan, progress: Any) -> None:
     bundle["offline_missing"] = snapshot_offline(
         experiment.models_dir, folder, {(run.subject, run.variant) for run in plan.runs}
     )
+    for missing in bundle["offline_missing"]:
+        experiment.say(f"no offline outcomes for {missing}: its accuracy is decided on its requests alone")
     if "client_overhead" not in bundle:
         bundle["client_overhead"] = await experiment.stack.client_overhead()
     write_json(bundle_path, bundle)

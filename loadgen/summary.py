@@ -1,8 +1,11 @@
-"""From records to verdicts: per-run summaries (latency percentiles with CIs, accuracy with CI, exit rate,
-errors, per-hop means, the run's VALID/INVALID verdict from ``loadgen.verdict``) and, per group of
-comparable runs (subject × scenario × network), Kruskal-Wallis with Dunn/Holm and Cliff's δ against the
-fastest strategy, and exact McNemar against the identity variant on the same samples. Everything in
-``summary.json`` is computed here from ``records.csv``, ``runs.jsonl`` and the bundle's fidelity.
+"""From records to verdicts and answers: per-run summaries (latency percentiles with CIs, the convergence
+rule and its widths, accuracy with CI, exit rate, errors, per-hop means, the run's VALID/INVALID verdict from
+``loadgen.verdict``); per group of comparable runs (subject × scenario × network), Kruskal-Wallis with
+Dunn/Holm and Cliff's δ against the fastest strategy, and exact McNemar against the identity variant on the
+same samples; per variant, its accuracy pooled over its runs with its drop from identity
+(``loadgen.accuracy``); and the answers under the standard constraints (``loadgen.recommend``). Everything in
+``summary.json`` is computed here from ``records.csv``, ``runs.jsonl``, the bundle's fidelity and the
+offline outcomes the experiment copied.
 """
 
 from __future__ import annotations

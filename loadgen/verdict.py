@@ -4,8 +4,8 @@ A run is INVALID when its numbers cannot be trusted as a measurement of the stra
 
 - its stopping rule gave up (``max_samples``/``max_duration_s``) before its statistics were as narrow as
   asked (unless the spec fixed the sample count: ``min_samples == max_samples``), judged by the same rule the
-  run stops by (``loadgen.convergence``): one latency mode, the p50's CI; a bimodal run (early exit), the
-  mean's and each mode's p50 CI. A p95 CI still wider than asked is only noted: a tail needs far more samples
+  run stops by (``loadgen.convergence``): one latency mode, the p50's CI; a bimodal run (early exit), each
+  mode's p50 CI. A p95 CI still wider than asked is only noted: a tail needs far more samples
   than a median for the same width (on a 2-core host a p95 from 200 samples was commonly ±30 %), its CI is in
   every table, and recommend compares CIs;
 - more than ``MAX_ERROR_RATE`` of its requests failed;
@@ -95,8 +95,8 @@ def _convergence(entry: dict[str, Any], stop_reason: str, asked: float | None, f
     if judged["rule"] == "modes":
         if asked is None or any(w > asked for w in widths.values()):
             shown = ", ".join(f"{k} ±{w:.0%}" for k, w in widths.items())
-            found.reason("CI unmet (bimodal)", f"stopped at {stop_reason} with {shown} (bimodal: mean and per-mode "
-                                               f"p50), wider than the ±{asked} asked")  # fmt: skip
+            found.reason("CI unmet (bimodal)", f"stopped at {stop_reason} with {shown} (bimodal: each mode's p50), "
+                                               f"wider than the ±{asked} asked")  # fmt: skip
         return
     p50, p95 = widths.get("p50"), widths.get("p95")
     if asked is None or p50 is None or p50 > asked:

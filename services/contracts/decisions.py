@@ -88,6 +88,10 @@ class VariantAccuracySpec(FrozenSpec):
         default=None, description="the offline metric on exactly the items its requests were answered for"
     )
     agreement_p: float | None = Field(default=None, description="paired test: deployed vs offline, same items")
+    answers_differing: int | None = Field(
+        default=None, description="deployed answers whose outcome differs from the offline outcome of their item"
+    )
+    answers_checked: int | None = Field(default=None, description="deployed answers compared with offline ones")
     flag: str | None = Field(default=None, description="set when deployed and offline differ beyond the CIs")
     drop: DropSpec | None = Field(default=None, description="below identity, on the evidence decisions use")
 

@@ -130,9 +130,9 @@ def test_an_oom_killed_tier_makes_its_runs_invalid_and_is_noted_elsewhere() -> N
 
 def test_a_bimodal_run_is_judged_on_its_mean_and_each_modes_median() -> None:
     """An early-exit run whose p50 sits between its two modes: its p50 CI is wide, yet the run converged by the
-    rule for two modes (mean and per-mode p50 within the width asked) and stays VALID; a mode still wide is not."""
+    rule for two modes (each mode's p50 within the width asked) and stays VALID; a mode still wide is not."""
     wide_p50 = {"p50": 10.0, "p50_low": 7.0, "p50_high": 13.0, "p95": 20.0, "p95_low": 19.0, "p95_high": 21.0}
-    widths = {"mean": 0.03, "p50 of stage 0": 0.02, "p50 of stage 1": 0.04}
+    widths = {"p50 of stage 0": 0.02, "p50 of stage 1": 0.04}
     converged = {"rule": "modes", "half_widths": widths}
     verdict = judge(_entry(latency_ms=wide_p50, convergence=converged), _info(stop_reason="max_samples (300)"),
                     CLEAN_NETWORK)  # fmt: skip
