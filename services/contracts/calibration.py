@@ -78,9 +78,10 @@ def calibration_feeds() -> dict[str, np.ndarray]:
     return {CALIBRATION_INPUT: values.reshape(CALIBRATION_SHAPE)}
 
 
-def time_runs(options: ort.SessionOptions, runs: int, *, speed: float) -> tuple[list[float], list[float], list[float]]:
-    """Milliseconds of each of ``runs`` single-stream runs of the calibration model, each paced to ``speed``
-    (``pace``, as a tier paces every stage): the paced wall time, the run's own wall time, its thread CPU."""
+def time_runs(options: ort.SessionOptions, runs: int, *, factor: float) -> tuple[list[float], list[float], list[float]]:
+    """Milliseconds of each of ``runs`` single-stream runs of the calibration model, each paced to ``factor``
+    × its work (``pace``, as a tier paces every stage): the paced wall time, the run's own wall time, its
+    thread CPU."""
     session = calibration_session(options)
     feeds = calibration_feeds()
     for _ in range(WARMUP_RUNS):
@@ -90,20 +91,21 @@ def time_runs(options: ort.SessionOptions, runs: int, *, speed: float) -> tuple[
         started, cpu_started = time.perf_counter_ns(), time.thread_time_ns()
         session.run(None, feeds)
         ran_ns, cpu_ns = time.perf_counter_ns() - started, time.thread_time_ns() - cpu_started
-        pace(started, work_ns(ran_ns, cpu_ns, options.intra_op_num_threads), speed)
+        if factor > 1.0:
+            pace(started, work_ns(ran_ns, cpu_ns, options.intra_op_num_threads) * factor)
         wall_ms.append(round((time.perf_counter_ns() - started) / 1e6, 4))
         run_ms.append(round(ran_ns / 1e6, 4))
         cpu_ms.append(round(cpu_ns / 1e6, 4))
     return wall_ms, run_ms, cpu_ms
 
 
-def host_times_ms(threads: int, runs: int, *, allow_spinning: bool = False, speed: float = 1.0) -> list[float]:
+def host_times_ms(threads: int, runs: int, *, allow_spinning: bool = False, factor: float = 1.0) -> list[float]:
     """The host reference: the calibration model in this process, unthrottled, with a tier's thread count
     and spin setting (two spinning threads finish a run sooner than two that sleep between ops), and
-    idle between runs as long as the tier's pacing at ``speed`` is, so both start each run from the same
+    idle between runs as long as the tier's pacing at ``factor`` is, so both start each run from the same
     cache and clock state (measured here: a 2.2 ms run took 8–20 % more CPU after a 2 ms sleep than back to
     back). The reference is each run's own wall time, not the idle after it."""
-    return time_runs(session_options(threads, allow_spinning=allow_spinning), runs, speed=speed)[1]
+    return time_runs(session_options(threads, allow_spinning=allow_spinning), runs, factor=factor)[1]
 
 
 def measure_speeds(urls: Mapping[TierName, str], *, runs: int = 60, rounds: int = 6) -> list[SpeedMeasurementSpec]:
@@ -122,7 +124,7 @@ def measure_speeds(urls: Mapping[TierName, str], *, runs: int = 60, rounds: int 
             block = CalibrationTimesSpec.model_validate(body)
             tier_rounds.append(block)
             host_rounds.append(
-                host_times_ms(block.threads, per_round, allow_spinning=block.allow_spinning, speed=block.device.speed)
+                host_times_ms(block.threads, per_round, allow_spinning=block.allow_spinning, factor=block.factor)
             )
         measured.append(SpeedMeasurementSpec.of(tier_rounds, host_rounds))
     return measured

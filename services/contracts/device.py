@@ -1,8 +1,18 @@
 """Device speed: how fast a tier's device computes, how the kernel and the tier realise it, how well they did.
 
-A resource profile gives each tier a ``DeviceSpec``: ``speed`` relative to one core of the host tierlab
-runs on (0.5 = a stage takes twice as long as on the host) and the device's ``cores``. Two mechanisms
-realise it, because measurement showed neither is enough alone:
+A resource profile gives each tier a ``DeviceSpec``, one of two kinds:
+
+- a **measured device** (``model: raspberry-pi-4``): a real device fitted to published measurements of it
+  (``services.devices``). Its ``DeviceModelSpec`` holds, per thread count, the device's time ÷ this host's
+  time for each kernel class (``services.contracts.kernels``: float and int8 convolutions, depthwise, matrix
+  products, the rest), so an int8 stage and a float stage of one model slow down by the device's own factors,
+  not this host's; a stage's factor is its classes' ratios weighted by its own host time in each class
+  (:func:`stage_factor`). The device has ``cores``: that many stages compute at once, and a stage alone runs at
+  the device's multi-thread ratios (interpolated by Amdahl's law for the cores it has, :func:`ratios_at`);
+- a **relative device** (``speed: 0.5``): one factor, 1 / ``speed``, for every class: a core of this host
+  slowed uniformly (the ``laptop`` and ``paper`` profiles: the studies' tier ordering on whatever host runs).
+
+Two mechanisms realise it, because measurement showed neither is enough alone:
 
 - **Pacing in the tier** (``pace``, called by ``services.tier.runtime`` after every stage): a stage run
   that used ``c`` ns of CPU on its calling thread (of wall time, with more than one onnxruntime thread:
@@ -10,13 +20,14 @@ realise it, because measurement showed neither is enough alone:
   This is exact for stages of any length. The kernel alone is not: on a HZ=250 kernel CFS notices an
   exhausted quota only at the next 4 ms tick, so a 0.3 ms stage never throttles and a 3 ms one is slowed
   in 4 ms lumps (measured: period 10 ms / quota 1 ms gave a 3.1 ms job 40 ms, 1.3× the 31 ms asked).
-- **CFS bandwidth** (``cpu_period``/``cpu_quota`` in the compose override): the device's whole
-  capacity, ``cores × speed`` plus ``QUOTA_HEADROOM`` for tierlab's own serving work, so a tier under
-  load cannot do more work than its device could. At Docker's 100 ms period, not a fine one: the
-  kernel hands out quota in 5 ms slices (``sched_cfs_bandwidth_slice_us``) and checks it on 4 ms ticks,
+- **CFS bandwidth** (``cpu_period``/``cpu_quota`` in the compose override): a safety net, one host core
+  per compute slot plus ``QUOTA_HEADROOM`` for serving (:meth:`DeviceSpec.cfs_quota_us`), sized so paced
+  compute never meets it: the device's capacity is its compute slots, each held for the device's time.
+  An earlier cap of ``cores × speed × 1.5`` throttled a paced 200 ms stage on the ``laptop`` mobile in
+  17–45 % of its periods (its host compute, 100 ms, exceeded the 75 ms quota of a period). At Docker's
+  100 ms period, not a fine one: the kernel hands out quota in 5 ms slices and checks it on 4 ms ticks,
   so fine periods throttled even a paced single stream in lumps (measured: 2 ms period / 1 ms quota gave
-  a 3 ms job p50 6.1 ms but p95 10 ms; 20 ms period with 1.25 headroom throttled a 0.5-speed single
-  stream in 117 of 343 periods).
+  a 3 ms job p50 6.1 ms but p95 10 ms).
 
 ``SpeedMeasurementSpec`` is speed fidelity, measured like link fidelity: a fixed calibration model run
 single-stream on the tier (through the paced path every stage takes) against the same model on the host.
@@ -27,18 +38,18 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
+from services.contracts.kernels import KERNEL_CLASSES, KernelClass
 from services.contracts.manifest import FrozenSpec
 
 # the kernel's limits on cpu.cfs_period_us / cfs_quota_us (and cgroup v2's cpu.max)
 MIN_CFS_US, MAX_CFS_PERIOD_US = 1_000, 1_000_000
 DEFAULT_CFS_PERIOD_US = 100_000
-# capacity beyond cores × speed for what is not the model (HTTP, codec, forwarding): without it the
-# paced compute alone nearly fills the quota; at 1.25 a back-to-back single stream on a 0.5-speed tier was
-# still throttled in a third of its periods (measured with /tierlab/calibrate, see README)
-QUOTA_HEADROOM = 1.5
+# host cores beyond one per compute slot, for what is not the model (HTTP, codec, forwarding)
+QUOTA_HEADROOM = 0.5
 # speed fidelity: compute within ±10 % of host ÷ speed, and p95/p50 of a throttled tier at most 1.5
 SPEED_TOLERANCE_PCT = 10.0
 # pacing spins the last 0.3 ms of a wait instead of sleeping through it (a sleep wakes late)
@@ -46,34 +57,155 @@ PACE_SPIN_NS = 300_000
 MAX_P95_OVER_P50 = 1.5
 
 
-class DeviceSpec(FrozenSpec):
-    """How fast one tier's device is: relative speed of a core, and how many cores it has."""
+class DeviceSourceSpec(FrozenSpec):
+    """Where a measured device's numbers come from."""
 
-    speed: float = Field(default=1.0, ge=0.05, le=1.0, description="a device core's speed relative to a host core")
-    cores: int = Field(default=1, ge=1, le=256, description="the device's cores (onnxruntime intra-op threads)")
+    table: str = Field(description="the published table: its heading, as the source prints it")
+    url: str
+    engine: str = Field(description="the engine and version (or date) the table was measured with")
+    arithmetic: str = Field(description="what its float rows computed in (fp32, or fp16 on ARMv8.2+ cores)")
+    notes: str = ""
+
+
+class DeviceFitSpec(FrozenSpec):
+    """How well a fitted device model predicts the device's published times it was not fitted on
+    (leave-one-network-out): on the checked networks (``services.devices.fit.CHECKED``), which the tolerance
+    applies to, and on every network of the device's table."""
+
+    median_abs_err: float
+    worst_abs_err: float
+    networks: int = Field(description="distinct checked networks predicted")
+    predictions: int = Field(description="checked network × thread-count pairs predicted")
+    median_abs_err_all: float
+    worst_abs_err_all: float
+    predictions_all: int
+    tolerance_median: float = 0.15
+    tolerance_worst: float = 0.35
+
+    @property
+    def within_tolerance(self) -> bool:
+        return self.median_abs_err <= self.tolerance_median and self.worst_abs_err <= self.tolerance_worst
+
+
+class DeviceModelSpec(FrozenSpec):
+    """A measured device fitted against this host: per thread count, the device's time ÷ this host's time
+    (one onnxruntime thread) for each kernel class. Host-dependent by construction (its host side is measured
+    on the host tierlab runs on, ``services.devices``); the device data it was fitted to is not."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]*$")
+    description: str = ""
+    cores: int = Field(ge=1, le=256)
+    ratios: dict[int, dict[KernelClass, float]] = Field(
+        description="by thread count: the device's time ÷ this host's onnxruntime time, per class"
+    )
+    engine_transfer: dict[KernelClass, float] = Field(
+        default_factory=dict,
+        description="per class, this host's ncnn time ÷ its onnxruntime time for the same networks: folded into "
+        "the ratios, so a stage is paced to what the device's published engine would take",
+    )
+    serving_ratio: float = Field(gt=0, description="device ÷ host for the tier's own serving work")
+    serving_basis: str = Field(description="what the serving ratio rests on")
+    source: DeviceSourceSpec
+    fit: DeviceFitSpec
+    host: str = Field(description="the host the ratios were measured against (CPU model, engine version)")
+
+    @field_validator("ratios")
+    @classmethod
+    def _every_class(cls, ratios: dict[int, dict[KernelClass, float]]) -> dict[int, dict[KernelClass, float]]:
+        if 1 not in ratios:
+            raise ValueError("ratios need the one-thread fit")
+        for threads, by_class in ratios.items():
+            missing = [k for k in KERNEL_CLASSES if k not in by_class]
+            if missing or any(v <= 0 or not math.isfinite(v) for v in by_class.values()):
+                raise ValueError(f"{threads}-thread ratios need every class, positive and finite (missing {missing})")
+        return ratios
+
+
+def ratios_at(model: DeviceModelSpec, cores: float) -> dict[KernelClass, float]:
+    """The device's ratios when a stage has ``cores`` of it: fitted where measured, else Amdahl's law per
+    class between the one-thread fit and the nearest measured thread count (serial share from the two)."""
+    cores = max(1.0, min(cores, float(model.cores)))
+    if int(cores) == cores and int(cores) in model.ratios:
+        return dict(model.ratios[int(cores)])
+    one = model.ratios[1]
+    above = sorted(t for t in model.ratios if t > 1)
+    if not above:
+        return dict(one)
+    n = next((t for t in above if t >= cores), above[-1])
+    found: dict[KernelClass, float] = {}
+    for k in KERNEL_CLASSES:
+        speedup = one[k] / model.ratios[n][k]  # how much faster n threads ran this class
+        serial = min(1.0, max(0.0, (1 / speedup - 1 / n) / (1 - 1 / n)))
+        found[k] = one[k] * (serial + (1 - serial) / cores)
+    return found
+
+
+def stage_factor(shares: Mapping[KernelClass, float], ratios: Mapping[KernelClass, float]) -> float:
+    """Device time ÷ host time for a stage whose host time splits into ``shares`` (summing to 1)."""
+    total = sum(shares.values())
+    if total <= 0:
+        return ratios["other"]
+    return sum(share / total * ratios[k] for k, share in shares.items())
+
+
+class DeviceSpec(FrozenSpec):
+    """A tier's device: a measured one (``model``, fitted in the deployment's ``devices``) or a relative one
+    (``speed`` of a host core), with its ``cores``."""
+
+    speed: float = Field(default=1.0, ge=0.05, le=1.0, description="relative device: a core's speed vs the host's")
+    model: str | None = Field(default=None, description="measured device: its name (services/devices/profiles)")
+    cores: int = Field(default=1, ge=1, le=256, description="the device's cores: stages computing at once")
     cfs_period_us: int = Field(default=DEFAULT_CFS_PERIOD_US, ge=MIN_CFS_US, le=MAX_CFS_PERIOD_US)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DeviceSpec:
+        if self.model is not None and self.speed != 1.0:
+            raise ValueError("a device is measured (model) or relative (speed), not both")
+        return self
 
     @property
     def is_paced(self) -> bool:
-        return self.speed < 1.0
+        return self.speed < 1.0 or self.model is not None
 
-    @property
-    def capacity_cores(self) -> float:
-        """The host cores' worth of CPU the device has: what CFS lets the tier use, with headroom."""
-        return self.cores * self.speed * QUOTA_HEADROOM
+    def compute_slots(self) -> int:
+        """Stages the device computes at once: its cores (a relative device's cores are one host core's)."""
+        return self.cores if self.model is not None else 1
 
     def cfs_quota_us(self) -> int:
-        """``cpu_quota`` for ``cfs_period_us``: capacity × period, never under the kernel's 1 ms minimum."""
-        return max(MIN_CFS_US, math.ceil(round(self.capacity_cores * self.cfs_period_us, 6)))  # no float dust
+        """``cpu_quota`` for ``cfs_period_us``: a host core per compute slot (per onnxruntime thread of a
+        host-speed device) plus headroom for serving, so paced compute never meets it (module docstring)."""
+        cores = (self.compute_slots() if self.is_paced else self.cores) + QUOTA_HEADROOM
+        return max(MIN_CFS_US, math.ceil(round(cores * self.cfs_period_us, 6)))  # no float dust
 
     def threads(self, available_cores: float) -> int:
-        """onnxruntime intra-op threads: the device's cores, no more than the host gives the tier and, for a
-        paced device, no more than the whole host cores of its capacity, leaving one host core to the rest.
-        Two paced threads on this two-core host shared both cores with every other tier and the host
-        reference, and `rpi4`'s mobile (0.25, 4 cores) read 0.21–0.45 round to round in CI; on one thread
-        it reads like `laptop`'s mobile. The device's own parallelism is then not emulated."""
-        cap = min(math.floor(self.capacity_cores), math.floor(available_cores) - 1) if self.is_paced else self.cores
-        return max(1, min(self.cores, math.floor(available_cores), cap))
+        """onnxruntime intra-op threads: one for a paced device (its parallelism is modelled by its cores'
+        ratios and compute slots, never run on this host's few cores: two paced threads on a two-core host
+        shared both cores with every other tier and read 0.21–0.45 of 0.25 round to round); a host-speed
+        device's cores, no more than the host gives it."""
+        if self.is_paced:
+            return 1
+        return max(1, min(self.cores, math.floor(available_cores)))
+
+
+class DevicePacer:
+    """What a tier paces with: the device's ratios at each core count, a stage's factor from its shares."""
+
+    def __init__(self, device: DeviceSpec, model: DeviceModelSpec | None) -> None:
+        if device.model is not None and (model is None or model.name != device.model):
+            raise ValueError(f"device '{device.model}' has no fitted model in the deployment")
+        self.device, self.model = device, model
+
+    def ratios(self, cores: float) -> dict[KernelClass, float]:
+        if self.model is None:
+            return dict.fromkeys(KERNEL_CLASSES, 1.0 / self.device.speed)
+        return ratios_at(self.model, cores)
+
+    def factor(self, shares: Mapping[KernelClass, float], cores: float) -> float:
+        return stage_factor(shares, self.ratios(cores))
+
+    @property
+    def serving_ratio(self) -> float:
+        return self.model.serving_ratio if self.model is not None else 1.0 / self.device.speed
 
 
 def work_ns(ran_ns: int, cpu_ns: int, threads: int) -> int:
@@ -85,17 +217,15 @@ def work_ns(ran_ns: int, cpu_ns: int, threads: int) -> int:
     return cpu_ns if threads <= 1 else ran_ns
 
 
-def pace(started_ns: int, cpu_ns: int, speed: float) -> None:
-    """Block until ``cpu_ns / speed`` (the run's ``work_ns``) has passed since ``started_ns``: the device's
-    compute time.
+def pace(started_ns: int, device_ns: float) -> None:
+    """Block until ``device_ns`` (the run's ``work_ns`` × its stage's factor) has passed since ``started_ns``:
+    the device's compute time.
 
     Sleeps until ``PACE_SPIN_NS`` before the end, so the wait costs the tier's CPU quota next to nothing,
     then spins the rest: a sleeping thread wakes 70 µs late on average here (3 % of a 2.7 ms stage, always
     in the same direction), a spinning one on time.
     """
-    if speed >= 1.0:
-        return
-    deadline_ns = started_ns + cpu_ns / speed
+    deadline_ns = started_ns + device_ns
     remaining_ns = deadline_ns - time.perf_counter_ns()
     if remaining_ns > PACE_SPIN_NS:
         time.sleep((remaining_ns - PACE_SPIN_NS) / 1e9)
@@ -134,6 +264,7 @@ class CalibrationTimesSpec(FrozenSpec):
 
     tier: str
     device: DeviceSpec
+    factor: float = Field(default=1.0, gt=0, description="device ÷ host time the tier paces this model by")
     threads: int
     allow_spinning: bool = Field(description="the tier's onnxruntime spin setting; the host reference copies it")
     wall_ms: tuple[float, ...]
@@ -156,7 +287,8 @@ def percentile(values: list[float] | tuple[float, ...], q: float) -> float:
 
 
 class SpeedMeasurementSpec(FrozenSpec):
-    """One tier's speed fidelity: its compute time for the calibration model against the host's ÷ speed.
+    """One tier's speed fidelity: its compute time for the calibration model against the host's ÷ speed (a
+    measured device's speed for this model is 1 / its factor: the calibration model is float convolutions).
 
     Measured in rounds that alternate host and tier, so load elsewhere on the machine hits both alike;
     the achieved speed is the median over rounds of host p50 ÷ tier p50 and the jitter the median over
@@ -182,7 +314,7 @@ class SpeedMeasurementSpec(FrozenSpec):
         host_ms = [ms for block in host_rounds for ms in block]
         return cls(
             tier=tier_rounds[0].tier,
-            configured_speed=tier_rounds[0].device.speed,
+            configured_speed=round(1.0 / tier_rounds[0].factor, 6),
             threads=tier_rounds[0].threads,
             host_ms_p50=round(median(host_ms), 4),
             tier_ms_p50=round(median(tier_ms), 4),

@@ -22,7 +22,7 @@ BACKEND: Final = "backend"
 UNKNOWN_LABEL: Final = "unknown"
 
 # stage phases of the timing model (see services.contracts.pipeline)
-PHASES: Final = ("queue", "compute", "send")
+PHASES: Final = ("queue", "compute", "send", "host", "pace", "serving_charge")
 
 # metric names (prometheus-client adds _seconds/_total suffix conventions as written here)
 REQUEST_SECONDS: Final = "tierlab_request_duration_seconds"
@@ -34,7 +34,8 @@ INFLIGHT: Final = "tierlab_inflight_requests"
 CPU_LIMIT_CORES: Final = "tierlab_cpu_limit_cores"
 MEMORY_LIMIT_BYTES: Final = "tierlab_memory_limit_bytes"
 ORT_THREADS: Final = "tierlab_ort_intra_op_threads"
-DEVICE_SPEED: Final = "tierlab_device_speed"  # a device core's speed relative to a host core
+DEVICE_SPEED: Final = "tierlab_device_speed"  # a relative device core's speed vs a host core (measured devices: 0)
+OVERRAN: Final = "tierlab_emulation_overran"  # counter: stages the host alone ran longer than the device would
 CPU_PERIODS: Final = "tierlab_cpu_cfs_periods"  # cgroup cpu.stat, as read at scrape time
 CPU_THROTTLED_PERIODS: Final = "tierlab_cpu_cfs_throttled_periods"
 CPU_THROTTLED_SECONDS: Final = "tierlab_cpu_cfs_throttled_seconds"

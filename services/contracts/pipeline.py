@@ -7,8 +7,13 @@ forwards adds its own ``hop{k}`` record to the ones its next tier answered with.
 Timing model of one hop (all in milliseconds, measured with ``perf_counter_ns`` in the tier):
 
 - ``queue_ms``: body received → first local stage starts computing (decode + waiting for a compute slot);
-- ``compute_ms``: onnxruntime time of this tier's stages, exit checks included;
+- ``compute_ms``: the device's compute time for this tier's stages, exit checks included: onnxruntime's own
+  run on the host (``host_ms``) plus the pacing wait (``pace_ms``) that makes it the device's time;
+  ``overran`` when the host alone took longer than the device would have (the emulation is then slower
+  than its device, and says so);
 - ``send_ms``: forward call to the next tier (encode + link + the next tier's whole ``total_ms`` + decode);
+- ``serving_ms``: the rest of the hop on the host (decode, plan, encode: total − queue − compute − send),
+  and ``serving_charge_ms`` the wait added so a slow device's serving takes its device's time too;
 - ``total_ms``: body received → response encoded, so ``send_ms[k] - total_ms[k+1]`` is the link's transfer.
 """
 
@@ -128,6 +133,11 @@ class HopTiming:
     total_ms: float
     bytes_in: int
     bytes_out: int
+    host_ms: float = 0.0
+    pace_ms: float = 0.0
+    overran: bool = False
+    serving_ms: float = 0.0
+    serving_charge_ms: float = 0.0
 
     def to_parameters(self, index: int) -> Parameters:
         return {f"hop{index}_{name}": getattr(self, name) for name in _HOP_FIELDS}

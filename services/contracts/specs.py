@@ -17,6 +17,7 @@ from typing import Literal, get_args
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from services.contracts.device import DeviceModelSpec
 from services.contracts.errors import ConfigError
 from services.contracts.manifest import FrozenSpec, load_yaml_spec
 
@@ -170,6 +171,9 @@ class DeploymentSpec(FrozenSpec):
     models: tuple[ModelEntrySpec, ...] = Field(min_length=1)
     tiers: dict[TierName, TierEndpointSpec]
     links: dict[LinkName, LinkSpec] = Field(default_factory=dict)
+    devices: dict[str, DeviceModelSpec] = Field(
+        default_factory=dict, description="measured devices the tiers pace by, fitted against this host"
+    )
 
     @model_validator(mode="after")
     def _every_tier_has_an_endpoint(self) -> DeploymentSpec:

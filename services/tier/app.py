@@ -34,7 +34,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from services.contracts import codec
 from services.contracts.calibration import session_options
-from services.contracts.device import CalibrationRequestSpec, DeviceSpec
+from services.contracts.device import CalibrationRequestSpec, DevicePacer, DeviceSpec
 from services.contracts.errors import (
     ConfigError,
     MalformedBody,
@@ -153,6 +153,8 @@ class Tier:
                 "cpu_cores": self.cpu_cores,
             },
             "device": plane.device.model_dump(mode="json"),
+            "device_model": plane.pacer.model.model_dump(mode="json") if plane.pacer.model else None,
+            "compute_slots": plane.compute_slots,
             "host": self.host,
             "cpu_throttling": throttling.model_dump(mode="json") if (throttling := read_cpu_throttling()) else None,
             "onnxruntime": {"intra_op_threads": self.intra_op_threads, "allow_spinning": self.allow_spinning},
@@ -187,7 +189,13 @@ def build_tier(settings: TierSettings, *, run: CommandRunner = run_command) -> T
     device = settings.device or DeviceSpec(cores=limits.intra_op_threads(host_cpu_count()))
     unquoted = CgroupLimits(limits.version, None, limits.cpuset_cpu_count, limits.memory_limit_bytes)
     threads = settings.intra_op_threads or device.threads(unquoted.cpu_cores(host_cpu_count()))
-    if device.is_paced:
+    try:
+        pacer = DevicePacer(device, deployment.devices.get(device.model) if device.model else None)
+    except ValueError as exc:
+        raise ConfigError(f"{tier}: {exc} (make up fits the profile's devices into it)") from None
+    if device.model:
+        log.info("%s is a %s with %d core(s), paced by kernel class", tier, device.model, device.cores)
+    elif device.is_paced:
         log.info("%s computes at speed %g of a host core, %d core(s)", tier, device.speed, device.cores)
     spinning = settings.allow_spinning if settings.allow_spinning is not None else limits.cpu_quota_cores is None
 
@@ -211,9 +219,10 @@ def build_tier(settings: TierSettings, *, run: CommandRunner = run_command) -> T
         models,
         forwarder,
         telemetry,
-        compute_slots=settings.compute_slots,
+        compute_slots=settings.compute_slots or device.compute_slots(),
         max_queue=settings.max_queue,
         device=device,
+        pacer=pacer,
         threads=threads,
         memory=MemoryBudget(
             int(settings.memory_budget_mb * MIB) if settings.memory_budget_mb else None,

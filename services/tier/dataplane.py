@@ -24,9 +24,10 @@ import numpy as np
 import onnxruntime as ort
 
 from services.contracts import pipeline as p
-from services.contracts.calibration import session_options, time_runs
+from services.contracts.calibration import calibration_feeds, calibration_model_bytes, session_options, time_runs
+from services.contracts.clock import sleep_until
 from services.contracts.codec import InferRequest, InferResponse
-from services.contracts.device import CalibrationTimesSpec, DeviceSpec
+from services.contracts.device import CalibrationTimesSpec, DevicePacer, DeviceSpec
 from services.contracts.errors import (
     BadParameter,
     ConfigError,
@@ -36,6 +37,7 @@ from services.contracts.errors import (
     TensorMismatch,
     Unavailable,
 )
+from services.contracts.kernels import KernelClass, profile_shares
 from services.contracts.manifest import ManifestSpec, load_manifest, verify_stage_files
 from services.contracts.pipeline import HopTiming, PipelineRequest
 from services.contracts.repository import MIB, ModelState, RepositoryModelSpec, StartupModels, estimated_peak_mib
@@ -139,6 +141,7 @@ class DataPlane:
     compute_slots: int = 1
     max_queue: int = 64
     device: DeviceSpec = field(default_factory=DeviceSpec)
+    pacer: DevicePacer = field(default_factory=lambda: DevicePacer(DeviceSpec(), None))
     threads: int = 1
     memory: MemoryBudget = field(default_factory=MemoryBudget)
     sessions: dict[tuple[str, int], StageSession] = field(default_factory=dict)
@@ -149,6 +152,7 @@ class DataPlane:
     _executor: ThreadPoolExecutor = field(init=False)
     _loading: threading.Lock = field(init=False, default_factory=threading.Lock)
     _compute_pending: int = 0
+    _calibration_shares: dict[KernelClass, float] | None = None
 
     def __post_init__(self) -> None:
         self._executor = ThreadPoolExecutor(self.compute_slots, thread_name_prefix=f"{self.tier}-compute")
@@ -226,6 +230,8 @@ class DataPlane:
                 stages = {i: StageSession.load(model.manifest, model.folder, i, options) for i in entry.stages_here}
                 loaded = time.perf_counter_ns()
                 costs = {i: stage.warm(warmup_runs) for i, stage in stages.items()}
+                if self.device.is_paced:  # each stage paced by its own kernel classes
+                    stages = {i: stage.profiled(model.folder, options) for i, stage in stages.items()}
             except ConfigError as exc:
                 self.repository[name] = self._entry(model, "UNAVAILABLE", f"load failed: {exc.message}")
                 raise
@@ -368,6 +374,8 @@ class DataPlane:
         finally:
             self.telemetry.inflight_now.dec()
 
+        serving_ns = time.perf_counter_ns() - received_ns - result.queue_ns - result.compute_ns - send_ns
+        charge_ns = await self._charge_serving(serving_ns)
         hop = HopTiming(
             tier=self.tier,
             first_stage=local[0] if local else -1,
@@ -378,6 +386,11 @@ class DataPlane:
             total_ms=_ms(time.perf_counter_ns() - received_ns),
             bytes_in=bytes_in,
             bytes_out=bytes_out,
+            host_ms=_ms(result.host_ns),
+            pace_ms=_ms(result.pace_ns),
+            overran=result.overran,
+            serving_ms=_ms(max(0, serving_ns)),
+            serving_charge_ms=_ms(charge_ns),
         )
         strategy = model.strategy(placement)
         self.telemetry.record_hop(model.name, strategy, hop, exited_here=answered_here and result.exited)
@@ -391,6 +404,15 @@ class DataPlane:
         if request_id is not None:
             parameters[p.REQUEST_ID] = request_id
         return InferResponse(model.name, self._select(outputs, request), parameters, request.id, "1")
+
+    async def _charge_serving(self, serving_ns: int) -> int:
+        """Hold the answer while a slower device would still be serving (decode, plan, encode at its serving
+        ratio); returns the wait in ns."""
+        ratio = self.pacer.serving_ratio if self.device.is_paced else 1.0
+        charge_ns = round(max(0, serving_ns) * (ratio - 1.0)) if ratio > 1.0 else 0
+        if charge_ns > 0:
+            await sleep_until(time.perf_counter() + charge_ns / 1e9)
+        return charge_ns
 
     async def _compute(
         self,
@@ -406,7 +428,14 @@ class DataPlane:
         # a paced run waits out the device's compute time: never on the event loop
         if self._compute_pending == 0 and cost_us <= INLINE_COMPUTE_MAX_US and not self.device.is_paced:
             return run_stages(stages, inputs, exit_threshold, received_ns)
-        paced = functools.partial(run_stages, speed=self.device.speed, threads=self.threads)
+        # the device's cores are shared by the stages computing on it now (this one included)
+        cores = self.device.cores / min(self.compute_slots, self._compute_pending + 1)
+        paced = functools.partial(
+            run_stages,
+            factor=self.pacer.factor if self.device.is_paced else None,
+            cores=cores,
+            threads=self.threads,
+        )
         return await self._on_compute_slot(paced, stages, inputs, exit_threshold, received_ns)
 
     async def _on_compute_slot(self, work: Callable[..., _T], *args: Any) -> _T:
@@ -424,10 +453,12 @@ class DataPlane:
 
         def timed() -> CalibrationTimesSpec:
             options = session_options(self.threads, allow_spinning=allow_spinning)
-            wall_ms, _, cpu_ms = time_runs(options, runs, speed=self.device.speed)
+            factor = self.calibration_factor(options)
+            wall_ms, _, cpu_ms = time_runs(options, runs, factor=factor)
             return CalibrationTimesSpec(
                 tier=self.tier,
                 device=self.device,
+                factor=round(factor, 6),
                 threads=self.threads,
                 allow_spinning=allow_spinning,
                 wall_ms=tuple(wall_ms),
@@ -435,6 +466,14 @@ class DataPlane:
             )
 
         return await self._on_compute_slot(timed)
+
+    def calibration_factor(self, options: ort.SessionOptions) -> float:
+        """Device ÷ host time for the calibration model, single stream (its kernel classes profiled once)."""
+        if not self.device.is_paced:
+            return 1.0
+        if self._calibration_shares is None:
+            self._calibration_shares = profile_shares(calibration_model_bytes(), options, calibration_feeds())
+        return self.pacer.factor(self._calibration_shares, self.device.cores)
 
     @staticmethod
     def _answer(model: ServedModel, result: StagesResult) -> dict[str, np.ndarray]:

@@ -1,9 +1,13 @@
-"""onnxruntime sessions for the stages a tier runs: created once, checked against the manifest, warmed.
+"""onnxruntime sessions for the stages a tier runs: created once, checked against the manifest, warmed,
+and for a paced device profiled once into kernel classes.
 
 A ``StageSession`` is one submodel in one persistent ``InferenceSession`` whose thread counts come from
-the tier's device. ``run_stages`` runs a tier's consecutive stages in one call (one thread hop per
-request), checking each stage's exit head on the way, and paces the call to the device's speed: it ends
-no sooner than the CPU time its thread used divided by the speed (see ``services.contracts.device``).
+the tier's device. On a paced device its host time is split into kernel classes once, at load (onnxruntime's
+profiler, each node classed: ``services.contracts.kernels.profile_shares``), so each stage is paced by its own
+factor: an int8 stage and a float stage slow down by the device's own ratios.
+``run_stages`` runs a tier's consecutive stages in one call (one thread hop per request), checking each
+stage's exit head on the way, and paces the call to the device: it ends no sooner than each stage's host
+work times that stage's factor (see ``services.contracts.device``).
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from services.contracts.device import pace, work_ns
 from services.contracts.dtypes import NUMPY_DTYPES, ORT_TYPE_NAMES, datatype_of
 from services.contracts.errors import ConfigError, TensorMismatch
+from services.contracts.kernels import KernelClass, profile_shares
 from services.contracts.manifest import ExitSpec, ManifestSpec, StageSpec, TensorSpec, max_softmax
 
 
@@ -45,12 +50,17 @@ def _check_against_onnx(stage: StageSpec, session: ort.InferenceSession, where: 
         raise ConfigError(f"{where}: the ONNX file takes inputs the manifest does not list: {sorted(extra_inputs)}")
 
 
+# a stage's factor at the cores it has: device time ÷ host time (services.contracts.device.DevicePacer.factor)
+Factor = Callable[[Mapping[KernelClass, float], float], float]
+
+
 @dataclass(frozen=True, slots=True)
 class StageSession:
     model: str
     index: int
     spec: StageSpec
     session: ort.InferenceSession
+    shares: dict[KernelClass, float] = field(default_factory=lambda: {"other": 1.0})
 
     @classmethod
     def load(cls, manifest: ManifestSpec, folder: Path, index: int, options: ort.SessionOptions) -> StageSession:
@@ -62,6 +72,12 @@ class StageSession:
             raise ConfigError(f"{where}: onnxruntime cannot load it: {exc}") from None
         _check_against_onnx(stage, session, where)
         return cls(manifest.name, index, stage, session)
+
+    def profiled(self, folder: Path, options: ort.SessionOptions) -> StageSession:
+        """This stage with its host time split into kernel classes (for a paced device)."""
+        feeds = {spec.name: _zeros(spec) for spec in self.spec.inputs}
+        shares = profile_shares(str(folder / self.spec.file), options, feeds)
+        return StageSession(self.model, self.index, self.spec, self.session, shares)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.spec.outputs]
@@ -125,7 +141,18 @@ class StagesResult:
     last_stage: int  # the last stage that ran
     exited: bool  # answered by the exit head of ``last_stage``
     queue_ns: int  # from the caller's clock start until the first stage began
-    compute_ns: int
+    compute_ns: int  # the device's time: the host's run plus the pacing wait
+    host_ns: int = 0  # onnxruntime's own run on the host
+    device_ns: int = 0  # what the device would take (host work × each stage's factor)
+
+    @property
+    def pace_ns(self) -> int:
+        return max(0, self.compute_ns - self.host_ns)
+
+    @property
+    def overran(self) -> bool:
+        """The host alone took longer than the device would have: the emulation is slower than its device."""
+        return self.device_ns > 0 and self.host_ns > self.device_ns
 
 
 def run_stages(
@@ -134,24 +161,33 @@ def run_stages(
     exit_threshold: float | None,
     clock_start_ns: int,
     *,
-    speed: float = 1.0,
+    factor: Factor | None = None,
+    cores: float = 1.0,
     threads: int = 1,
 ) -> StagesResult:
     """Run consecutive stages, feeding each the previous one's outputs; stop at a confident exit head.
 
-    Runs in a worker thread (or inline when ``speed`` is 1 and the stages are cheap); ``clock_start_ns``
-    lets it report how long the request queued for it. With ``speed`` < 1 it is paced to the device.
+    Runs in a worker thread (or inline when the device is not paced and the stages are cheap);
+    ``clock_start_ns`` lets it report how long the request queued for it. With a ``factor`` (a paced device)
+    the call ends no sooner than each stage's work (``work_ns``) times that stage's factor at ``cores``.
     """
     started = time.perf_counter_ns()
-    cpu_started = time.thread_time_ns()
     tensors: dict[str, np.ndarray] = dict(feeds)
     last, exited = stages[-1].index, False
+    device_ns = 0.0
     for stage in stages:
+        began, cpu_began = time.perf_counter_ns(), time.thread_time_ns()
         tensors = stage.run({spec.name: tensors[spec.name] for spec in stage.spec.inputs})
+        if factor is not None:
+            work = work_ns(time.perf_counter_ns() - began, time.thread_time_ns() - cpu_began, threads)
+            device_ns += work * factor(stage.shares, cores)
         head = stage.spec.exit
         if head is not None and exit_confident(head, tensors, exit_threshold):
             last, exited = stage.index, True
             break
-    ran_ns = time.perf_counter_ns() - started
-    pace(started, work_ns(ran_ns, time.thread_time_ns() - cpu_started, threads), speed)
-    return StagesResult(tensors, last, exited, started - clock_start_ns, time.perf_counter_ns() - started)
+    host_ns = time.perf_counter_ns() - started
+    if factor is not None:
+        pace(started, device_ns)
+    return StagesResult(
+        tensors, last, exited, started - clock_start_ns, time.perf_counter_ns() - started, host_ns, round(device_ns)
+    )

@@ -31,7 +31,9 @@ class TierSettings(BaseSettings):
     max_bodies: int = Field(
         default=32, ge=1, description="request bodies read at once; beyond, 503 before a byte is read"
     )
-    compute_slots: int = Field(default=1, ge=1, description="stage runs at once (each uses all ORT threads)")
+    compute_slots: int | None = Field(
+        default=None, ge=1, description="stage runs at once; default: the device's (a measured device's cores)"
+    )
     max_queue: int = Field(default=64, ge=0, description="requests waiting for a compute slot before 503")
     forward_timeout_s: float = Field(default=30.0, gt=0, description="next tier answers within this or 504")
     device: DeviceSpec | None = Field(

@@ -38,6 +38,10 @@ class _StrategySeries:
     queue: Any
     compute: Any
     send: Any
+    host: Any
+    pace: Any
+    serving_charge: Any
+    overran: Any
     bytes_in: Any
     bytes_out: Any
     early_exits: Any
@@ -65,7 +69,7 @@ class TierTelemetry:
         )
         self.stage_seconds = Histogram(
             m.STAGE_SECONDS,
-            "Time per phase of this tier's part of a request (queue, compute, send)",
+            "Time per phase of this tier's part of a request (queue, compute = host + pace, send, serving_charge)",
             [*served, m.PHASE],
             buckets=m.LATENCY_BUCKETS_S,
             registry=r,
@@ -74,6 +78,9 @@ class TierTelemetry:
             m.BYTES, "Request bytes received (in) and forwarded (out)", [*served, m.DIRECTION], registry=r
         )
         self.early_exits = Counter(m.EARLY_EXITS, "Requests answered by an exit head on this tier", served, registry=r)
+        self.overran = Counter(
+            m.OVERRAN, "Stage runs the host alone took longer than the emulated device would have", served, registry=r
+        )
         self.errors = Counter(
             m.ERRORS, "Requests answered with an error, by status", [m.TIER, m.MODEL, m.STATUS], registry=r
         )
@@ -101,7 +108,7 @@ class TierTelemetry:
         self._by_strategy: dict[tuple[str, str], _StrategySeries] = {}
 
     def record_limits(self, limits: CgroupLimits, cpu_cores: float, threads: int, device: DeviceSpec) -> None:
-        self.device_speed.labels(self.tier).set(device.speed)
+        self.device_speed.labels(self.tier).set(0.0 if device.model else device.speed)
         self.cpu_limit.labels(self.tier).set(cpu_cores)
         self.memory_limit.labels(self.tier).set(limits.memory_limit_bytes or 0)
         self.ort_threads.labels(self.tier).set(threads)
@@ -125,6 +132,10 @@ class TierTelemetry:
                 queue=self.stage_seconds.labels(*labels, "queue"),
                 compute=self.stage_seconds.labels(*labels, "compute"),
                 send=self.stage_seconds.labels(*labels, "send"),
+                host=self.stage_seconds.labels(*labels, "host"),
+                pace=self.stage_seconds.labels(*labels, "pace"),
+                serving_charge=self.stage_seconds.labels(*labels, "serving_charge"),
+                overran=self.overran.labels(*labels),
                 bytes_in=self.bytes.labels(*labels, "in"),
                 bytes_out=self.bytes.labels(*labels, "out"),
                 early_exits=self.early_exits.labels(*labels),
@@ -139,6 +150,13 @@ class TierTelemetry:
         series.compute.observe(hop.compute_ms / _MS_PER_S)
         if hop.send_ms:
             series.send.observe(hop.send_ms / _MS_PER_S)
+        if hop.first_stage >= 0:
+            series.host.observe(hop.host_ms / _MS_PER_S)
+            series.pace.observe(hop.pace_ms / _MS_PER_S)
+        if hop.serving_charge_ms:
+            series.serving_charge.observe(hop.serving_charge_ms / _MS_PER_S)
+        if hop.overran:
+            series.overran.inc()
         series.bytes_in.inc(hop.bytes_in)
         series.bytes_out.inc(hop.bytes_out)
         if exited_here:

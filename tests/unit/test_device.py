@@ -1,5 +1,6 @@
-"""Device speed: the spec's quota arithmetic, every shipped profile consistent with it, cpu.stat parsing,
-the pacing of a run to its device speed, and speed-fidelity judgement (pure; no Docker)."""
+"""Device speed: the spec's quota and thread arithmetic, every shipped profile consistent with it and naming
+devices that exist, cpu.stat parsing, pacing to a device time, a measured device's ratios at any core count
+and a stage's factor from its kernel classes, and speed-fidelity judgement (pure; no Docker)."""
 
 from __future__ import annotations
 
@@ -16,28 +17,50 @@ from services.contracts.device import (
     QUOTA_HEADROOM,
     CalibrationTimesSpec,
     CpuThrottlingSpec,
+    DeviceFitSpec,
+    DeviceModelSpec,
+    DevicePacer,
+    DeviceSourceSpec,
     DeviceSpec,
     SpeedMeasurementSpec,
     pace,
+    ratios_at,
+    stage_factor,
 )
+from services.contracts.kernels import KERNEL_CLASSES, KernelClass
 from services.contracts.specs import TIERS
+from services.devices.profiles import known_devices
 from services.tier.limits import parse_cpu_stat, read_cpu_throttling
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_quota_is_cores_times_speed_with_headroom_never_under_the_kernel_minimum() -> None:
-    assert DeviceSpec(speed=0.5, cores=1, cfs_period_us=20_000).cfs_quota_us() == int(0.5 * QUOTA_HEADROOM * 20_000)
-    assert DeviceSpec(speed=0.25, cores=4, cfs_period_us=10_000).cfs_quota_us() == int(QUOTA_HEADROOM * 10_000)
-    assert DeviceSpec(speed=0.05, cores=1, cfs_period_us=1_000).cfs_quota_us() == 1_000  # the kernel's minimum
-    assert DeviceSpec(speed=1.0, cores=8).threads(2.0) == 2 and DeviceSpec(speed=0.5, cores=1).threads(2.0) == 1
-    # a paced device: no more threads than whole host cores of its capacity, one host core left to the rest
-    assert DeviceSpec(speed=0.25, cores=4).threads(2.0) == 1 and DeviceSpec(speed=0.5, cores=4).threads(8.0) == 3
-    assert DeviceSpec(speed=0.25, cores=6).threads(2.0) == 1 and DeviceSpec(speed=0.25, cores=6).threads(8.0) == 2
+def synthetic_device(one: dict[KernelClass, float], four: dict[KernelClass, float], cores: int = 4) -> DeviceModelSpec:
+    """A measured device with the given ratios at one and four threads (other classes 1.0)."""
+
+    def full(ratios: dict[KernelClass, float]) -> dict[KernelClass, float]:
+        return {k: ratios.get(k, 1.0) for k in KERNEL_CLASSES}
+
+    fit = DeviceFitSpec(median_abs_err=0.1, worst_abs_err=0.2, networks=6, predictions=12, median_abs_err_all=0.1,
+                        worst_abs_err_all=0.3, predictions_all=40)  # fmt: skip
+    return DeviceModelSpec(
+        name="synthetic", cores=cores, ratios={1: full(one), 4: full(four)}, serving_ratio=3.0,
+        serving_basis="test", source=DeviceSourceSpec(table="t", url="u", engine="e", arithmetic="fp32"),
+        fit=fit, host="test host",
+    )  # fmt: skip
+
+
+def test_quota_is_a_host_core_per_slot_with_headroom_and_threads_stay_one_when_paced() -> None:
+    assert DeviceSpec(speed=0.5, cores=1, cfs_period_us=20_000).cfs_quota_us() == int((1 + QUOTA_HEADROOM) * 20_000)
+    assert DeviceSpec(speed=1.0, cores=4).cfs_quota_us() == int(4.5 * 100_000)  # host speed: its threads' cores
+    assert DeviceSpec(model="raspberry-pi-4", cores=4).cfs_quota_us() == 450_000  # four stages at once
+    assert DeviceSpec(speed=0.25, cores=4).compute_slots() == 1 and DeviceSpec(model="x", cores=4).compute_slots() == 4
+    assert DeviceSpec(speed=1.0, cores=8).threads(2.0) == 2 and DeviceSpec(speed=0.5, cores=4).threads(8.0) == 1
+    assert DeviceSpec(model="x", cores=6).threads(8.0) == 1  # its parallelism is modelled, never run here
     with pytest.raises(ValidationError):
         DeviceSpec(speed=1.5)
-    with pytest.raises(ValidationError):
-        DeviceSpec(speed=0.0)
+    with pytest.raises(ValidationError, match=r"measured .* or relative"):
+        DeviceSpec(speed=0.5, model="raspberry-pi-4")
 
 
 @pytest.mark.parametrize(
@@ -52,8 +75,9 @@ def test_every_resource_profile_states_its_devices_and_realises_them(profile: st
         entry = services[tier]
         device = DeviceSpec.model_validate(json.loads(entry["environment"]["TIERLAB_DEVICE"]))
         assert entry["cpu_period"] == device.cfs_period_us, f"{profile} {tier}"
-        assert entry["cpu_quota"] == device.cfs_quota_us(), f"{profile} {tier}: quota ≠ cores × speed × headroom"
+        assert entry["cpu_quota"] == device.cfs_quota_us(), f"{profile} {tier}: quota ≠ (slots + headroom) × period"
         assert "cpus" not in entry, "cpus would override cpu_period and cpu_quota"
+        assert device.model is None or device.model in known_devices(), f"{profile} {tier}: no such device profile"
 
 
 def test_the_laptop_profile_keeps_the_studies_tier_order() -> None:
@@ -80,14 +104,31 @@ def test_cpu_stat_parses_v1_and_v2_and_differences_clamp_at_a_restart(tmp_path: 
     assert read_cpu_throttling(tmp_path / "none", proc) is None
 
 
-def test_pace_stretches_a_run_to_its_cpu_time_over_the_speed() -> None:
-    # a run that used 20 ms of CPU on a device at speed 0.5 ends no sooner than 40 ms after it began
+def test_pace_waits_out_the_device_time() -> None:
     started = time.perf_counter_ns()
-    pace(started, 20_000_000, 0.5)
+    pace(started, 40_000_000)  # the device takes 40 ms for this run
     assert time.perf_counter_ns() - started >= 40_000_000
     started = time.perf_counter_ns()
-    pace(started, 20_000_000, 1.0)  # host speed: no wait at all
+    pace(started, 0)  # no device time left: no wait at all
     assert time.perf_counter_ns() - started < 20_000_000
+
+
+def test_a_measured_devices_ratios_follow_its_thread_scaling_and_a_stage_its_classes() -> None:
+    device = synthetic_device({"conv": 8.0, "conv_int8": 10.0}, {"conv": 4.0, "conv_int8": 3.0})
+    assert ratios_at(device, 1)["conv"] == 8.0 and ratios_at(device, 4)["conv_int8"] == 3.0
+    two = ratios_at(device, 2)
+    # Amdahl between the fits: conv sped up 2× on 4 cores, so serial share 1/3 → on 2 cores 8 × (1/3 + 1/3)
+    assert two["conv"] == pytest.approx(8.0 * (1 / 3 + (2 / 3) / 2))
+    assert 3.0 < two["conv_int8"] < 10.0 and ratios_at(device, 16) == ratios_at(device, 4)  # no more than 4 cores
+    # a stage paced by its own classes: the int8 stage slows more than the float one on this device
+    assert stage_factor({"conv": 0.9, "other": 0.1}, ratios_at(device, 1)) == pytest.approx(0.9 * 8 + 0.1)
+    pacer = DevicePacer(DeviceSpec(model="synthetic", cores=4), device)
+    assert pacer.factor({"conv_int8": 1.0}, 1) / pacer.factor({"conv": 1.0}, 1) == pytest.approx(10 / 8)
+    assert pacer.serving_ratio == 3.0
+    relative = DevicePacer(DeviceSpec(speed=0.5), None)
+    assert relative.factor({"conv_int8": 1.0}, 1) == relative.factor({"conv": 1.0}, 1) == 2.0
+    with pytest.raises(ValueError, match="no fitted model"):
+        DevicePacer(DeviceSpec(model="raspberry-pi-4", cores=4), None)
 
 
 def test_the_calibration_model_is_valid_deterministic_onnx_and_runs() -> None:
@@ -104,8 +145,8 @@ def test_speed_fidelity_flags_a_tier_off_its_speed_or_too_jittery() -> None:
         device = DeviceSpec(speed=speed)
         blocks = [tuple(wall_ms[i : i + 5]) for i in range(0, len(wall_ms), 5)]
         rounds = [
-            CalibrationTimesSpec(tier="mobile", device=device, threads=1, allow_spinning=False, wall_ms=block,
-                                 cpu_ms=tuple(w * speed for w in block))
+            CalibrationTimesSpec(tier="mobile", device=device, factor=1 / speed, threads=1, allow_spinning=False,
+                                 wall_ms=block, cpu_ms=tuple(w * speed for w in block))
             for block in blocks
         ]  # fmt: skip
         return SpeedMeasurementSpec.of(rounds, [host[i : i + 5] for i in range(0, len(host), 5)])
