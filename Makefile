@@ -14,7 +14,7 @@ DEPLOYMENT ?= $(DEMO)/deployment.yaml
 comma := ,
 
 .DEFAULT_GOAL := help
-.PHONY: help venv models models-tiny models-list models-for-stack up down status fidelity logs images profiles local demo bench chaos bench-resume bench-in-stack report recommend bench-loadgen bench-overhead bench-forwarding bench-soak bench-tiers bench-training bench-text-recipes swarm-nodes swarm-nodes-down test test-unit check fmt clean distclean
+.PHONY: help venv models models-tiny models-list models-for-stack up down status fidelity fidelity-devices devices device-kit logs images profiles local demo bench chaos bench-resume bench-in-stack report recommend bench-loadgen bench-overhead bench-forwarding bench-soak bench-tiers bench-training bench-text-recipes swarm-nodes swarm-nodes-down test test-unit check fmt clean distclean
 
 help: ## list the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --progress-bar on '$(TORCH)'
-	$(PY) -m pip install --progress-bar on -e '.[operators,report,stack,dev]'
+	$(PY) -m pip install --progress-bar on -e '.[operators,report,stack,devices,dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -69,6 +69,16 @@ status: | $(STAMP) ## tiers, cgroup limits seen from inside, link backends, Prom
 
 fidelity: | $(STAMP) ## measure every link's RTT and goodput against the network profile
 	$(STACK) fidelity
+
+devices: | $(STAMP) ## the measured devices (compose/devices) and their per-class ratios fitted against this host
+	$(PY) -m services devices list
+	$(PY) -m services devices fit
+
+fidelity-devices: | $(STAMP) ## each device's leave-one-network-out error against its published times; last line is JSON
+	$(PY) -m services devices fidelity
+
+device-kit: | $(STAMP) ## write the calibration kit for a device you own into device-kit/ (see docs/device-speed.md)
+	$(PY) -m services devices kit device-kit
 
 logs: | $(STAMP) ## the last log lines of every service
 	$(STACK) logs

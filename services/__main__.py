@@ -6,6 +6,7 @@
 ``down``   stop tiers started with ``local --detach``.
 ``status`` show each tier's readiness, cgroup limits, onnxruntime threads and link backends.
 ``demo``   write the demo variants and a local deployment file, to try tiers before ``make models``.
+``devices`` the measured devices: list, fit, fidelity against their published data, the calibration kit.
 """
 
 from __future__ import annotations
@@ -197,20 +198,6 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_calibration_model(args: argparse.Namespace) -> int:
-    """Write the calibration model (to time on a real device); with --runs, time it here too."""
-    from services.contracts.calibration import calibration_model_bytes, session_options, time_runs
-    from services.contracts.device import median
-
-    path = Path(args.path)
-    path.write_bytes(calibration_model_bytes())
-    print(f"wrote {path} (input x: float32 1x1x28x28, the same bytes tierlab times on every tier)")
-    if args.runs:
-        run_ms = time_runs(session_options(args.threads, allow_spinning=False), args.runs, speed=1.0)[1]
-        print(f"here, {args.threads} thread(s), {args.runs} runs back to back: p50 {median(run_ms):.3f} ms")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m services", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -241,17 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=run_demo)
 
-    calibration = commands.add_parser(
-        "calibration-model", help="write the calibration model, to measure a real device's speed"
-    )
-    calibration.add_argument("path", nargs="?", default="calibration.onnx")
-    calibration.add_argument("--runs", type=int, default=0, help="also time it here, back to back")
-    calibration.add_argument("--threads", type=int, default=1)
-    calibration.set_defaults(handler=run_calibration_model)
-
+    from services.devices.cli import add_commands as add_device_commands
     from services.stack.cli import add_commands
 
     add_commands(commands)
+    add_device_commands(commands)
 
     args = parser.parse_args(argv)
     if args.command == "stack":
@@ -261,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "tier_args", None) and args.tier_args[0] == "--":
         args.tier_args = args.tier_args[1:]
     handler: Any = args.handler
-    return int(handler(args))
+    try:
+        return int(handler(args))
+    except ConfigError as exc:
+        print(f"tierlab: {exc.message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,10 +17,12 @@ from typing import Any
 
 import yaml
 
+from services.contracts.device import DeviceModelSpec, DeviceSpec
 from services.contracts.errors import ConfigError
 from services.contracts.specs import TIERS, DeploymentSpec, ModelEntrySpec, TierEndpointSpec, TierName
 from services.contracts.transport import CONTROL_TOKEN_FILE, json_call, new_control_token, use_stack_token
 from services.demo import DEFAULT_PORTS
+from services.devices.cli import device_models
 from services.stack.containers import PROJECT, exited
 from services.stack.docker import compose_command, output, project_root, require_engine, run, say
 from services.stack.images import ImageSet, ensure_images
@@ -85,12 +87,27 @@ def find_manifests(models_dir: Path, subjects: tuple[str, ...]) -> list[str]:
     return found
 
 
-def stack_deployment(manifests: list[str]) -> DeploymentSpec:
+def profile_devices(override: Path) -> dict[TierName, DeviceSpec]:
+    """The devices a resource profile gives its tiers (their ``TIERLAB_DEVICE``)."""
+    services = (yaml.safe_load(override.read_text()) or {}).get("services") or {}
+    found: dict[TierName, DeviceSpec] = {}
+    for tier in TIERS:
+        text = ((services.get(tier) or {}).get("environment") or {}).get("TIERLAB_DEVICE")
+        if text:
+            try:
+                found[tier] = DeviceSpec.model_validate_json(text)
+            except ValueError as exc:
+                raise ConfigError(f"{override}: {tier}'s TIERLAB_DEVICE is not a device: {exc}") from None
+    return found
+
+
+def stack_deployment(manifests: list[str], devices: dict[str, DeviceModelSpec] | None = None) -> DeploymentSpec:
     return DeploymentSpec(
         models_dir=CONTAINER_MODELS_DIR,
         models=tuple(ModelEntrySpec(manifest=m) for m in manifests),
         # `<tier>-link` resolves only on the link network two tiers share (docker-compose.yml)
         tiers={t: TierEndpointSpec(url=f"http://{t}-link:{CONTAINER_PORT}") for t in TIERS},
+        devices=devices or {},
     )
 
 
@@ -141,7 +158,10 @@ class DockerStack:
         (self.stack_dir / "targets").mkdir(parents=True, exist_ok=True)
         token_file = new_control_token(self.stack_dir)
         grafana_password = new_control_token(self.stack_dir, GRAFANA_PASSWORD_FILE)
-        deployment = stack_deployment(manifests)
+        measured = sorted({d.model for d in profile_devices(self.spec.compose_files(self.root)[1]).values() if d.model})
+        if measured:
+            say(f"fitting the measured devices {', '.join(measured)} against this host")
+        deployment = stack_deployment(manifests, device_models(measured, self.root) if measured else None)
         (self.stack_dir / "deployment.yaml").write_text(
             yaml.safe_dump(deployment.model_dump(mode="json", exclude_none=True), sort_keys=False)
         )
