@@ -173,6 +173,7 @@ def _report(folder: Path, *, print_table: bool) -> int:
         networks=bundle.get("networks"),
         slo_ms=spec.slo_ms,
         offline=load_offline(folder),
+        devices={t: info.get("device_model") for t, info in (bundle.get("tiers") or {}).items()},
     )
     write_json(folder / "summary.json", summary)
     path = write_report(folder, summary, records, bundle)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import errno
 import io
 import json
@@ -25,23 +26,14 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from services.contracts.errors import ConfigError
+from services.contracts.pipeline import HopTiming
 
 RECORDS_FILE = "records.csv"
 RUNS_FILE = "runs.jsonl"
 ISSUED_FILE = "issued.log"  # "run<TAB>seq" per request, written before it is sent: what was in flight at a crash
 SYNC_INTERVAL_S = 1.0
 MAX_HOPS = 4
-HOP_KEYS = (
-    "tier",
-    "first_stage",
-    "last_stage",
-    "queue_ms",
-    "compute_ms",
-    "send_ms",
-    "total_ms",
-    "bytes_in",
-    "bytes_out",
-)
+HOP_KEYS = tuple(f.name for f in dataclasses.fields(HopTiming))  # one column per hop record field
 FIELDS = (
     "run",
     "subject",
@@ -247,9 +239,9 @@ def _typed(row: dict[str, str]) -> dict[str, Any]:
     for key, value in row.items():
         if value == "" or value is None:
             out[key] = None
-        elif key in _NUMERIC or (key.startswith("hop") and not key.endswith("_tier")):
+        elif key in _NUMERIC or (key.startswith("hop") and not key.endswith(("_tier", "_overran"))):
             out[key] = float(value)
-        elif key in ("correct", "exited_early"):
+        elif key in ("correct", "exited_early") or key.endswith("_overran"):
             out[key] = value == "True"
         else:
             out[key] = value

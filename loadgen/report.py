@@ -28,6 +28,7 @@ from loadgen.records import by_run
 from loadgen.spec import SWEEP_PREFIX
 from loadgen.stats import pareto_front
 from services.contracts.decisions import AnswerSpec, IntervalSpec, VariantAccuracySpec
+from services.contracts.device import DeviceModelSpec
 
 REPORT_FILE = "report.html"
 
@@ -252,6 +253,27 @@ def _memory_html(bundle: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+DEVICES_HEAD = ("tier", "device", "cores", "fitted to", "float arithmetic", "checked networks: median |error|",
+                "worst", "every network: median · worst", "against host")  # fmt: skip
+
+
+def _devices_html(bundle: dict[str, Any]) -> str:
+    """Each tier's device: measured (what it is fitted to, how well it predicts its own data) or relative."""
+    rows = []
+    for tier, info in (bundle.get("tiers") or {}).items():
+        device, model = info.get("device") or {}, info.get("device_model")
+        if model:
+            m = DeviceModelSpec.model_validate(model)
+            fit = m.fit
+            rows.append([tier, m.name, m.cores, m.source.table, m.source.arithmetic, f"{fit.median_abs_err:.1%}",
+                         f"{fit.worst_abs_err:.1%}" + ("" if fit.within_tolerance else " (outside tolerance)"),
+                         f"{fit.median_abs_err_all:.1%} · {fit.worst_abs_err_all:.1%}", m.host])  # fmt: skip
+        elif device:
+            rows.append([tier, f"relative: speed {device.get('speed', 1):g} of a host core", device.get("cores"),
+                         "–", "–", "–", "–", "–", "–"])  # fmt: skip
+    return _table(DEVICES_HEAD, rows) if rows else ""
+
+
 HOSTS_HEAD = ("tier", "node", "CPU", "CPUs", "kernel", "arch")
 
 
@@ -383,6 +405,7 @@ def build_report(summary: dict[str, Any], records: list[dict[str, Any]], bundle:
         memory=_memory_html(bundle),
         faults=_faults_html(summary),
         hosts=_hosts_html(bundle),
+        devices=_devices_html(bundle),
         client=_client_overhead_html(bundle),
     )
 
@@ -409,6 +432,8 @@ section.figure {{ margin-bottom: 2rem; }}
 {figures}
 <h2>Statistics</h2>
 {tests}
+<h2>Devices (measured ones fitted to their published times, checked leave-one-network-out)</h2>
+{devices}
 <h2>Device speed fidelity (the calibration model on each tier vs the host)</h2>
 {speeds}
 <h2>Link fidelity (measured through the request path)</h2>

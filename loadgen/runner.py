@@ -186,16 +186,14 @@ def score(answer: Answer, output: str, target: np.ndarray) -> dict[str, Any]:
 
 
 def hop_columns(parameters: dict[str, Any]) -> dict[str, Any]:
+    """An answer's hop records as record columns (``hop{k}_<field>``), or the error that they are malformed."""
     try:
         hops = p.hops_from_parameters(parameters)
     except BadParameter as exc:
         return {"error": f"bad hop records: {exc.message}"}
     columns: dict[str, Any] = {"hops": len(hops)}
     for i, hop in enumerate(hops):
-        for key, value in (
-            hop.__dict__.items() if hasattr(hop, "__dict__") else ((k, getattr(hop, k)) for k in hop.__slots__)
-        ):
-            columns[f"hop{i}_{key}"] = value
+        columns.update(hop.to_parameters(i))
     return columns
 
 
@@ -255,7 +253,8 @@ def environment_bundle(stack: Stack, spec: ExperimentSpec) -> dict[str, Any]:
         "seed": spec.seed,
         "stack": {k: stack.state.get(k) for k in ("runtime", "profile", "network", "images", "subjects", "nodes")},
         "tiers": {
-            t: {k: status.get(k) for k in ("limits", "onnxruntime", "device", "host")} for t, status in statuses.items()
+            t: {k: status.get(k) for k in ("limits", "onnxruntime", "device", "device_model", "host")}
+            for t, status in statuses.items()
         },
         "networks": {},
     }

@@ -31,22 +31,45 @@ ALPHA = 0.05
 
 
 def _hop_breakdown(ok: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean ms per request: compute and queue by tier, transfer by link, and what is left (client, codec)."""
+    """Mean ms per request: compute by tier (the host's run and the pacing wait that makes it the device's),
+    queue by tier, the serving wait a slow device is charged, transfer by link, and what is left (client,
+    codec)."""
     parts: dict[str, float] = defaultdict(float)
     for r in ok:
         hops = int(r.get("hops") or 0)
         accounted = 0.0
         for i in range(min(hops, MAX_HOPS)):
             tier = r[f"hop{i}_tier"]
-            parts[f"compute {tier}"] += r[f"hop{i}_compute_ms"] or 0.0
+            compute, host = r[f"hop{i}_compute_ms"] or 0.0, r.get(f"hop{i}_host_ms")
+            if host is None:  # records written before hops carried host and pacing time
+                parts[f"compute {tier}"] += compute
+            else:
+                parts[f"compute {tier} (host)"] += host
+                parts[f"pacing {tier}"] += max(0.0, compute - host)
+            charge = r.get(f"hop{i}_serving_charge_ms") or 0.0
+            parts[f"serving charge {tier}"] += charge
             parts[f"queue {tier}"] += r[f"hop{i}_queue_ms"] or 0.0
-            accounted += (r[f"hop{i}_compute_ms"] or 0.0) + (r[f"hop{i}_queue_ms"] or 0.0)
+            accounted += compute + charge + (r[f"hop{i}_queue_ms"] or 0.0)
             if i + 1 < hops:
                 transfer = (r[f"hop{i}_send_ms"] or 0.0) - (r[f"hop{i + 1}_total_ms"] or 0.0)
                 parts[f"transfer {tier}→{r[f'hop{i + 1}_tier']}"] += transfer
                 accounted += transfer
         parts["client + serving overhead"] += r["latency_ms"] - accounted
     return {k: round(v / len(ok), 4) for k, v in parts.items()} if ok else {}
+
+
+def _emulation(ok: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per tier: its hops that computed, and how many of them the host alone ran longer than the device would
+    have (``overran``: the emulation was slower than its device there)."""
+    found: dict[str, dict[str, int]] = {}
+    for r in ok:
+        for i in range(min(int(r.get("hops") or 0), MAX_HOPS)):
+            if r.get(f"hop{i}_first_stage") is None or r[f"hop{i}_first_stage"] < 0:
+                continue  # a relay computes nothing
+            counts = found.setdefault(r[f"hop{i}_tier"], {"hops": 0, "overran": 0})
+            counts["hops"] += 1
+            counts["overran"] += bool(r.get(f"hop{i}_overran"))
+    return found
 
 
 def summarise_run(records: list[dict[str, Any]], *, ci_rel_width: float = 0.05) -> dict[str, Any]:
@@ -72,6 +95,7 @@ def summarise_run(records: list[dict[str, Any]], *, ci_rel_width: float = 0.05) 
         throughput_rps=round(len(ok) / span_s, 3) if span_s > 0 else None,
         exit_rate=round(sum(1 for r in ok if r.get("exited_early")) / len(ok), 4) if ok else None,
         convergence={"rule": converged.rule, "half_widths": converged.half_widths, "exit_rate": exit_rate},
+        emulation=_emulation(ok),
         bytes_out_mean=round(float(np.mean([r["bytes_out"] or 0 for r in records])), 1),
         breakdown_ms=_hop_breakdown(ok),
     )
@@ -143,6 +167,7 @@ def summarise(
     networks: dict[str, dict[str, Any]] | None = None,
     slo_ms: float | None = None,
     offline: Mapping[tuple[str, str], OfflineOutcomes] | None = None,
+    devices: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything in ``summary.json``; ``runs`` are the ``runs.jsonl`` lines and ``networks`` the bundle's
     fidelity per network, which the verdicts need; runs with faults get their fault table (``loadgen.chaos``);
@@ -154,7 +179,7 @@ def summarise(
     faults = []
     for e in entries:
         info = (runs or {}).get(e["run"]) or {}
-        verdict = judge(e, info, (networks or {}).get(e["network"]))
+        verdict = judge(e, info, (networks or {}).get(e["network"]), devices)
         e["verdict"] = verdict.model_dump(mode="json")
         if info.get("faults"):
             end_ms = float(info.get("duration_s") or 0.0) * 1e3

@@ -16,7 +16,12 @@ A run is INVALID when its numbers cannot be trusted as a measurement of the stra
 - single-stream, a tier it used was CFS-throttled in more than ``MAX_THROTTLED_SHARE`` of the periods
   (throttling under load is the device being busy, and is only noted);
 - the loadgen itself used more than ``MAX_LOADGEN_CPU`` of a core (it may have been the bottleneck);
-- a tier it used was OOM-killed (Docker's ``OOMKilled``) or stopped answering during the run.
+- a tier it used was OOM-killed (Docker's ``OOMKilled``) or stopped answering during the run;
+- on a tier it used, the host alone ran longer than the device would have in more than ``MAX_OVERRAN_SHARE``
+  of the hops that computed there (the emulated device was slower than its profile: a host too slow for it).
+
+A tier whose measured device predicts its own published times outside tolerance (``services.devices.fit``)
+is noted: the run measures the emulated device faithfully, the emulated device is the doubtful part.
 
 The effective values include each tier's peak resident memory during the run.
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.contracts.decisions import ReasonSpec, VerdictSpec
+from services.contracts.device import DeviceModelSpec
 from services.contracts.specs import placement_tiers
 
 MAX_ERROR_RATE = 0.01
@@ -37,6 +43,7 @@ MAX_LAG_MS_P99 = 5.0
 MIN_RATE_SHARE = 0.9
 MAX_THROTTLED_SHARE = 0.10
 MAX_LOADGEN_CPU = 0.9
+MAX_OVERRAN_SHARE = 0.10
 OPEN_LOOP = ("server", "burst")
 
 
@@ -106,8 +113,33 @@ def _convergence(entry: dict[str, Any], stop_reason: str, asked: float | None, f
         found.notes.append(f"p95 CI ±{p95:.0%} at {stop_reason}, wider than the ±{asked} asked: compare tails by CI")
 
 
-def judge(entry: dict[str, Any], info: dict[str, Any] | None, network: dict[str, Any] | None) -> VerdictSpec:
-    """The verdict of one run from its summary ``entry``, its ``runs.jsonl`` line and its network's fidelity."""
+def _emulation_gaps(entry: dict[str, Any], used: list[str], devices: dict[str, Any], found: _Findings) -> None:
+    """Where the emulation could not be its device: the host overran the device time, or the device model
+    itself is outside its tolerance against its published data."""
+    for tier, counts in (entry.get("emulation") or {}).items():
+        share = counts["overran"] / counts["hops"] if counts.get("hops") else 0.0
+        if tier in used and share > MAX_OVERRAN_SHARE:
+            text = f"{tier}: the host alone took longer than the device would in {share:.0%} of its hops"
+            found.reason("host slower than device", text)
+    for tier in used:
+        if not devices.get(tier):
+            continue
+        model = DeviceModelSpec.model_validate(devices[tier])
+        if not model.fit.within_tolerance:
+            found.notes.append(
+                f"{tier} is the measured device {model.name}, whose model predicts its own published times at "
+                f"median {model.fit.median_abs_err:.0%}, worst {model.fit.worst_abs_err:.0%}: outside tolerance"
+            )
+
+
+def judge(
+    entry: dict[str, Any],
+    info: dict[str, Any] | None,
+    network: dict[str, Any] | None,
+    devices: dict[str, Any] | None = None,
+) -> VerdictSpec:
+    """The verdict of one run from its summary ``entry``, its ``runs.jsonl`` line, its network's fidelity and
+    the measured devices of its tiers (``bundle.json``: ``tiers.<tier>.device_model``)."""
     found = _Findings()
     info = info or {}
     chaos = bool(info.get("faults"))
@@ -170,6 +202,7 @@ def judge(entry: dict[str, Any], info: dict[str, Any] | None, network: dict[str,
         if share > MAX_THROTTLED_SHARE:
             message = f"{tier} CFS-throttled in {share:.0%} of periods ({throttling['throttled_s']:.2f} s)"
             found.either(requested.get("scenario_kind") == "single-stream", "throttled", message)
+    _emulation_gaps(entry, used, devices or {}, found)
     loadgen_cpu = info.get("loadgen_cpu")
     if loadgen_cpu is not None and loadgen_cpu > MAX_LOADGEN_CPU:
         found.reason("loadgen CPU", f"the loadgen used {loadgen_cpu:.0%} of a core: it may have been the bottleneck")
