@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from services.contracts.calibration import measure_speeds
+from services.contracts.device import DeviceModelSpec
 from services.contracts.errors import ConfigError
 from services.contracts.repository import loaded_summary
 from services.contracts.specs import (
@@ -137,8 +138,10 @@ def print_status(state: dict[str, Any]) -> int:
             f"CFS throttled in {throttling['throttled_periods']} of {throttling['periods']} periods "
             f"({throttling['throttled_s']:.2f} s)" if throttling else "no CFS statistics"
         )  # fmt: skip
+        model = status.get("device_model")
+        what = f"device {model['name']} (measured)" if model else f"device speed {device['speed']:g} of a host core"
         print(
-            f"         device speed {device['speed']:g} of a host core, {device['cores']} core(s), "
+            f"         {what}, {device['cores']} core(s), {status.get('compute_slots', 1)} compute slot(s), "
             f"CFS period {device['cfs_period_us'] / 1000:g} ms; {throttled}"
         )
         for link in status["links"]:
@@ -197,17 +200,46 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
 
 
 def print_speed_fidelity(urls: dict[TierName, str], *, runs: int) -> list[str]:
-    """Each tier's calibration model against the host's ÷ its speed, as a table; the problems found."""
-    print(f"{'tier':<8}{'speed':>6}{'threads':>8}{'host p50':>11}{'expected':>11}{'measured p50':>14}"
+    """Each tier's calibration model against the host's ÷ its speed, as a table (the pacing check), then
+    each measured device's leave-one-network-out error against its published times; the pacing problems."""
+    print(f"{'tier':<8}{'speed':>7}{'threads':>8}{'host p50':>11}{'expected':>11}{'measured p50':>14}"
           f"{'achieved speed':>16}{'p95/p50':>9}")  # fmt: skip
     problems: list[str] = []
-    for m in measure_speeds(urls, runs=runs):
+    measured = measure_speeds(urls, runs=runs)
+    for m in measured:
         print(
-            f"{m.tier:<8}{m.configured_speed:>6g}{m.threads:>8}{m.host_ms_p50:>8.2f} ms{m.expected_ms:>8.2f} ms"
+            f"{m.tier:<8}{m.configured_speed:>7.3g}{m.threads:>8}{m.host_ms_p50:>8.2f} ms{m.expected_ms:>8.2f} ms"
             f"{m.tier_ms_p50:>11.2f} ms{m.achieved_speed:>16.2f}{m.p95_over_p50:>9.2f}"
         )
         problems += m.problems()
+    for m in measured:
+        if gap := m.gap():
+            print(f"  emulation gap: {gap}")
+    print_device_fits(urls)
     return problems
+
+
+def print_device_fits(urls: dict[TierName, str]) -> None:
+    """The measured devices the tiers run as: how well each predicts its own published times when a network
+    is left out of its fit (``make fidelity-devices`` shows every prediction)."""
+    rows = []
+    for tier, url in urls.items():
+        code, status = json_call(f"{url}/tierlab/status")
+        model = status.get("device_model") if code == 200 else None
+        if model:
+            rows.append((tier, DeviceModelSpec.model_validate(model)))
+    if not rows:
+        return
+    print("measured devices (speed above: this calibration model's factor), leave-one-network-out against their "
+          "published times:")  # fmt: skip
+    for tier, model in rows:
+        fit = model.fit
+        verdict = "within tolerance" if fit.within_tolerance else "OUTSIDE tolerance"
+        print(
+            f"  {tier:<6} {model.name:<18} median |error| {fit.median_abs_err:.1%}, worst {fit.worst_abs_err:.1%} "
+            f"over {fit.networks} networks ({verdict}: ≤ {fit.tolerance_median:.0%}, ≤ {fit.tolerance_worst:.0%}); "
+            f"{model.source.table}, {model.source.arithmetic}"
+        )
 
 
 def cmd_loadgen(args: argparse.Namespace) -> int:

@@ -163,5 +163,12 @@ def test_speed_fidelity_flags_a_tier_off_its_speed_or_too_jittery() -> None:
     # one round spoilt by a burst on the tier's side only: the median over rounds shrugs it off
     burst = measured([6.0] * 5 + [10.0] * 5 + [6.0] * 10, 0.5)
     assert burst.problems() == []
+    # a measured device faster than one host core on this model: the tier runs at host speed, a gap, not a fault
+    faster = [CalibrationTimesSpec(tier="edge", device=DeviceSpec(model="jetson", cores=6), factor=0.5, threads=1,
+                                   allow_spinning=False, wall_ms=(3.0,) * 5, cpu_ms=(3.0,) * 5)] * 4  # fmt: skip
+    at_host_speed = SpeedMeasurementSpec.of(faster, [[3.0] * 5] * 4)
+    assert at_host_speed.configured_speed == 2.0 and at_host_speed.expected_ms == 3.0
+    assert at_host_speed.problems() == [] and "2.00× one core of this host" in (at_host_speed.gap() or "")
+    assert good.gap() is None
     with pytest.raises(ValueError, match="as many host rounds"):
         SpeedMeasurementSpec.of([], [])
