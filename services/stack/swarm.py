@@ -149,7 +149,7 @@ def _stack_folder_files(service: dict[str, Any], stack_dir: Path, files: SwarmFi
 # compose keys Swarm takes in another form (deploy.*, host-mode ports, absolute mounts) or not at all
 _RENDERED_APART = frozenset(
     {"cpu_period", "cpu_quota", "mem_limit", "memswap_limit", "pids_limit", "restart", "profiles", "depends_on",
-     "extra_hosts", "ports", "volumes", "networks", "healthcheck"}
+     "extra_hosts", "ports", "volumes", "networks", "healthcheck", "tmpfs"}
 )  # fmt: skip
 
 
@@ -176,7 +176,8 @@ def render_service(
     }
     if service.get("ports"):
         out["ports"] = [_port(p) for p in service["ports"]]
-    volumes, configs = [], []
+    volumes: list[str | dict[str, str]] = []
+    configs: list[dict[str, Any]] = []
     for volume in (_absolute(v, root) for v in service.get("volumes") or []):
         source, target = volume.split(":")[:2]
         if target == STACK_MOUNT and name in TIERS:
@@ -185,6 +186,9 @@ def render_service(
             configs.append({"source": files.add(Path(source)), "target": target, "mode": 0o444})
         else:
             volumes.append(volume)
+    # a read-only task's scratch space (onnxruntime's profiler writes there): Swarm ignores `tmpfs:`
+    tmpfs = service.get("tmpfs") or []
+    volumes += [{"type": "tmpfs", "target": t} for t in ([tmpfs] if isinstance(tmpfs, str) else tmpfs)]
     if volumes:
         out["volumes"] = volumes
     if configs:

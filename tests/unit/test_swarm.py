@@ -52,7 +52,9 @@ def test_every_profile_renders_its_limits_as_swarm_resources(profile: str) -> No
         assert got["environment"]["TIERLAB_DEVICE"] == want["environment"]["TIERLAB_DEVICE"]
         assert got["environment"]["TIERLAB_NODE_HOSTNAME"] == "{{.Node.Hostname}}"
         assert got["ports"] == [{"target": 8000, "published": HOST_PORTS[tier], "protocol": "tcp", "mode": "host"}]
-        assert got["volumes"] == ["/srv/models:/models:ro"]  # variables taken from the environment given
+        # variables taken from the environment given; the read-only task's /tmp as a tmpfs mount Swarm honours
+        assert got["volumes"] == ["/srv/models:/models:ro", {"type": "tmpfs", "target": "/tmp"}]
+        assert "tmpfs" not in got
         # what a tier reads from the stack folder travels with the stack, to whichever node runs it
         assert got["configs"][0]["target"] == "/etc/tierlab/deployment.yaml"
         assert got["secrets"][0]["target"] == "control-token"
