@@ -64,13 +64,13 @@ def run_tier(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"tierlab tier {settings.tier}: {exc.message}", file=sys.stderr)
         return 2
-    # idle tier-to-tier connections are kept well past uvicorn's 5 s default
-    keep_alive_s, graceful_s = 75.0, 5.0
+    graceful_s = 5.0
+    app = create_app(tier)
     if settings.http_server == "uvicorn":
         import uvicorn
 
         uvicorn.run(
-            create_app(tier),
+            app,
             host=settings.host,
             port=settings.port,
             loop="uvloop",
@@ -78,14 +78,15 @@ def run_tier(args: argparse.Namespace) -> int:
             access_log=False,
             log_level=settings.log_level,
             timeout_graceful_shutdown=int(graceful_s),
-            timeout_keep_alive=int(keep_alive_s),
+            timeout_keep_alive=int(settings.keep_alive_s),
         )
         return 0
     from services.tier import server
 
+    http = server.Server(app, settings.host, settings.port, app.server_limits, graceful_s, budget=app.budget)
+    tier.http_server = http  # re-shaped links update its limits
     try:
-        server.run(create_app(tier), host=settings.host, port=settings.port, keep_alive_s=keep_alive_s,
-                   graceful_s=graceful_s)  # fmt: skip
+        server.serve(http)
     except (RuntimeError, OSError) as exc:
         print(f"tierlab tier {settings.tier}: {exc}", file=sys.stderr)
         return 3

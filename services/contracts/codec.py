@@ -298,9 +298,21 @@ def _load_header(model: type[_M], raw: memoryview, what: str) -> _M:
         raise MalformedBody(f"{what} JSON header: {where}: {first['msg']}{more}") from None
 
 
+# decoding a JSON document of tensors holds up to this many times its size at the peak: a Python object per
+# element (~80 bytes for a float) against as few as 4 bytes of text ("0.0,": 20.0x); measured, for the shortest
+# elements of each kind, in tests/unit/test_codec.py. A tier charges a decode this much of its body budget.
+JSON_DECODE_PEAK_FACTOR = 24
+
+# numpy's arrays address their elements with signed 64-bit sizes: a shape whose dimensions multiply past
+# that cannot be made, even with a zero among them
+_MAX_ELEMENTS = 2**62
+
+
 def _element_count(entry: TensorEntry) -> int:
     if any(d < 0 for d in entry.shape):
         raise TensorMismatch(f"tensor '{entry.name}': shape {entry.shape} has a negative dimension")
+    if math.prod(max(d, 1) for d in entry.shape) > _MAX_ELEMENTS:
+        raise TensorMismatch(f"tensor '{entry.name}': shape {entry.shape} is larger than any array can be")
     return math.prod(entry.shape)
 
 

@@ -39,7 +39,6 @@ from services.contracts.errors import (
     ConfigError,
     MalformedBody,
     PayloadTooLarge,
-    RequestTimeout,
     TierlabError,
     Unauthorized,
     Unavailable,
@@ -79,6 +78,7 @@ from services.tier.links import (
     run_command,
 )
 from services.tier.probe import SINK_PATH, probe_link
+from services.tier.server import BodyBudget, Server, ServerLimits
 from services.tier.settings import TierSettings
 from services.tier.telemetry import TierTelemetry, label_for
 
@@ -106,7 +106,31 @@ class Tier:
     run: CommandRunner
     control_token: str | None = None
     host: dict[str, str | int | None] = field(default_factory=host_facts)  # the machine it runs on
+    http_server: Server | None = None  # tierlab's own server, when it serves this tier (its limits follow links)
     _reshaping: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def server_limits(self) -> ServerLimits:
+        """The HTTP server's limits from the settings: the body budget a share of the memory limit, and the
+        minimum body rate under half the slowest link's, so a tensor an emulated link delivers at its
+        configured rate is never cut off."""
+        settings = self.settings
+        memory = self.limits.memory_limit_bytes
+        budget_bytes = (
+            int(settings.body_budget_mb * MIB) if settings.body_budget_mb
+            else min(DEFAULT_BODY_BUDGET_BYTES, memory // 4) if memory else DEFAULT_BODY_BUDGET_BYTES
+        )  # fmt: skip
+        rates = [s.spec.rate_mbit * 1e6 / 8 for s in self.links if s.spec.rate_mbit]
+        return ServerLimits(
+            max_connections=settings.max_connections,
+            max_connections_per_peer=settings.max_connections_per_peer,
+            keep_alive_s=settings.keep_alive_s,
+            head_timeout_s=settings.head_timeout_s,
+            body_min_rate_bytes_s=min([settings.body_min_rate_bytes_s, *(r / 2 for r in rates)]),
+            body_grace_s=settings.body_grace_s,
+            body_idle_s=settings.body_idle_s,
+            send_timeout_s=settings.send_timeout_s,
+            body_budget_bytes=budget_bytes,
+        )
 
     def reshape(self, specs: Mapping[LinkName, LinkSpec]) -> list[LinkState]:
         """Apply new conditions to this tier's links (links not named keep theirs); no restart needed.
@@ -123,6 +147,8 @@ class Tier:
                 raise
         self.dataplane.forwarder.set_links({s.peer: UserspaceLink.for_state(s) for s in self.links})
         self.dataplane.telemetry.record_links(self.links)
+        if self.http_server is not None:
+            self.http_server.limits = self.server_limits()  # a slower link lowers the minimum body rate
         for state in self.links:
             log.info("%s link %s now %s %s", self.settings.tier, state.link, state.backend.value, state.note)
         return self.links
@@ -257,6 +283,8 @@ def unexpected_error(exc: Exception, model: str | None, plane: DataPlane) -> tup
 
 CONTROL_BODY_CAP_BYTES = 64 * 1024  # link specs, probe and load requests are a few hundred bytes
 OFF_LOOP_DECODE_BYTES = 256 * 1024  # JSON, or BYTES elements, beyond this are decoded on a worker thread
+DEFAULT_BODY_BUDGET_BYTES = 256 * MIB
+
 _INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/[^/]+)?/infer$")
 
 
@@ -273,9 +301,10 @@ class TierApp:
         self.fastapi = fastapi
         self.plane = tier.dataplane
         self.cap_bytes = tier.settings.max_body_bytes
-        self.body_deadline_s = tier.settings.body_deadline_s
-        self.max_bodies = tier.settings.max_bodies
-        self.bodies_now = 0
+        self.max_json_bytes = tier.settings.max_json_bytes
+        self.server_limits = tier.server_limits()
+        # request bodies and their decoding: shared with tierlab's server, which charges the bodies
+        self.budget = BodyBudget(self.server_limits.body_budget_bytes, self.server_limits.body_budget_peer_share)
         self.control_token = tier.control_token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -292,8 +321,7 @@ class TierApp:
                 # control routes take small JSON bodies: read here, capped and in time, then handed to FastAPI
                 headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
                 try:
-                    cap = CONTROL_BODY_CAP_BYTES
-                    body = await self._read_body_in_time(headers.get("content-length"), receive, cap)
+                    body = await self._read_body(headers.get("content-length"), receive, CONTROL_BODY_CAP_BYTES)
                 except _Disconnected:
                     return
                 except TierlabError as exc:
@@ -320,16 +348,15 @@ class TierApp:
         try:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             self.plane.admit(name)  # not ready, no such model, no room: said before a byte of the body is read
-            body = await self._read_body_in_time(headers.get("content-length"), receive, self.cap_bytes)
-            received_ns = time.perf_counter_ns()
             header_length = codec.parse_header_length(headers.get(_HEADER_LENGTH_KEY))
+            declared = headers.get("content-length")
+            if header_length is not None or (declared or "").isdigit():
+                self._check_json_size(header_length if header_length is not None else int(declared or 0))
+            body = await self._read_body(declared, receive, self.cap_bytes)
+            received_ns = time.perf_counter_ns()
             json_bytes = len(body) if header_length is None else header_length
-            # parsing a big JSON document, or splitting many BYTES elements, would freeze every other request
-            many_elements = len(body) > OFF_LOOP_DECODE_BYTES and b'"BYTES"' in body[: header_length or 0]
-            if json_bytes > OFF_LOOP_DECODE_BYTES or many_elements:
-                decoded = await asyncio.to_thread(codec.decode_request, body, header_length)
-            else:
-                decoded = codec.decode_request(body, header_length)
+            self._check_json_size(json_bytes)  # (a chunked body declares no length)
+            decoded = await self._decode(body, header_length, json_bytes, scope)
             answer = await self._unless_gone(
                 self.plane.infer(name, decoded, received_ns=received_ns, bytes_in=len(body)), receive
             )
@@ -380,19 +407,31 @@ class TierApp:
             gone.remove_done_callback(on_gone)
             gone.cancel()
 
-    async def _read_body_in_time(self, declared: str | None, receive: Receive, cap_bytes: int) -> bytes:
-        """The body, within the body deadline, with at most ``max_bodies`` being read at once."""
-        if self.bodies_now >= self.max_bodies:
-            raise Unavailable(f"{self.tier.settings.tier} is receiving {self.bodies_now} request bodies "
-                              f"(limit {self.max_bodies}); retry later")  # fmt: skip
-        self.bodies_now += 1
+    def _check_json_size(self, json_bytes: int) -> None:
+        if json_bytes > self.max_json_bytes:
+            raise PayloadTooLarge(
+                f"a JSON document of {json_bytes} bytes exceeds this tier's cap of {self.max_json_bytes} bytes "
+                f"(JSON tensors decode at up to {codec.JSON_DECODE_PEAK_FACTOR}× their size): send the tensors as "
+                f"binary data (the V2 binary extension, header {_HEADER_LENGTH_KEY}), as tierlab's own hops do"
+            )
+
+    async def _decode(
+        self, body: bytes, header_length: int | None, json_bytes: int, scope: Scope
+    ) -> codec.InferRequest:
+        """The request decoded, its JSON's decoding charged to the body budget while it runs (503 when the
+        budget has no room); a big document, or many BYTES elements, on a worker thread."""
+        charge = codec.JSON_DECODE_PEAK_FACTOR * json_bytes
+        peer = str((scope.get("client") or ("-",))[0])
+        if not self.budget.try_charge(peer, charge):
+            raise Unavailable(self.budget.refusal(charge))
         try:
-            async with asyncio.timeout(self.body_deadline_s):
-                return await self._read_body(declared, receive, cap_bytes)
-        except TimeoutError:
-            raise RequestTimeout(f"the request body did not arrive within {self.body_deadline_s:g} s") from None
+            # parsing a big JSON document, or splitting many BYTES elements, would freeze every other request
+            many_elements = len(body) > OFF_LOOP_DECODE_BYTES and b'"BYTES"' in body[: header_length or 0]
+            if json_bytes > OFF_LOOP_DECODE_BYTES or many_elements:
+                return await asyncio.to_thread(codec.decode_request, body, header_length)
+            return codec.decode_request(body, header_length)
         finally:
-            self.bodies_now -= 1
+            self.budget.release(peer, charge)
 
     @staticmethod
     async def _read_body(declared: str | None, receive: Receive, cap_bytes: int) -> bytes:

@@ -10,6 +10,7 @@ relays the answer with its own hop record added.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
@@ -439,13 +440,31 @@ class DataPlane:
         return await self._on_compute_slot(paced, stages, inputs, exit_threshold, received_ns)
 
     async def _on_compute_slot(self, work: Callable[..., _T], *args: Any) -> _T:
-        """Run ``work`` on a compute slot (a worker thread), or 503 when slots and queue are full."""
+        """Run ``work`` on a compute slot (a worker thread), or 503 when slots and queue are full. The slot
+        is held until the work has ended, even when the caller stops waiting (a client that went away):
+        a worker still computing is a slot in use."""
         self._check_room()
         self._compute_pending += 1
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
-        finally:
+            running = self._executor.submit(work, *args)
+        except BaseException:
             self._compute_pending -= 1
+            raise
+        running.add_done_callback(lambda _: self._slot_freed(loop))
+        result = asyncio.wrap_future(running, loop=loop)
+        # a caller that stopped waiting leaves nobody to read the work's outcome: read it here
+        result.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return await asyncio.shield(result)
+
+    def _slot_freed(self, loop: asyncio.AbstractEventLoop) -> None:
+        """(on the worker thread) the work has ended: its slot is free, counted on the event loop"""
+
+        def freed() -> None:
+            self._compute_pending -= 1
+
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nothing is counted any more
+            loop.call_soon_threadsafe(freed)
 
     async def calibrate(self, runs: int, *, allow_spinning: bool) -> CalibrationTimesSpec:
         """Time the calibration model single-stream on a compute slot, paced like every stage, with the

@@ -1,5 +1,5 @@
 """tierlab's HTTP/1.1 server: a lean ASGI server on asyncio that receives each request body straight into one
-buffer sized by its Content-Length.
+buffer, grown as the body arrives.
 
 Why tierlab has its own: a hop carries tensors of up to megabytes, and the server's body path was most of the
 hop tax. One round trip of a 1 MiB body to a null ASGI app (``make bench-overhead``, client in another process,
@@ -7,29 +7,54 @@ p50 on this machine): a bare socket 0.28–0.33 ms, this server 0.41 ms, granian
 (uvloop + httptools) 1.21–1.66 ms. uvicorn appends each piece the parser hands it to one ``bytes`` and pauses
 reading every 64 KiB until the app has taken it; an ``asyncio.Protocol`` that only collects ``data_received``
 pieces and joins them still took 1.2–1.4 ms. Here an ``asyncio.BufferedProtocol`` hands the event loop the
-request's own ``bytearray`` to read into: the kernel's copy is the only one, and the app gets that buffer.
+request's own ``bytearray`` to read into: the kernel's copy is the only one (bar a growth step), and the app
+gets that buffer.
 
-What it does: ASGI 3 (``http`` and ``lifespan``); HTTP/1.1 keep-alive, pipelined requests answered in order;
-Content-Length bodies (in pieces of at most ``BODY_PIECE_BYTES``, each read only when the app asks for it, so
-the app can refuse a body before a byte of it is read) and chunked bodies (parsed by ``httptools``; such a
-connection closes after its response); ``Expect: 100-continue``; HEAD; responses of a known length, or chunked
-when the app streams without one; an idle timeout (between requests, and for a head that does not arrive);
-heads capped at ``MAX_HEAD_BYTES`` (431); graceful shutdown. Heads are parsed by ``httptools`` (llhttp, the
-parser uvicorn uses), which rejects malformed and ambiguous framing (400). Not: TLS, HTTP/2, upgrades.
+What it does: ASGI 3 (``http`` and ``lifespan``); HTTP/1.1 and 1.0, keep-alive as RFC 9112 §9 says
+(``Connection: close`` and any 1.0 request end the connection after their response), pipelined
+requests answered in order; Content-Length bodies (in pieces of at most ``BODY_PIECE_BYTES``, each read only
+when the app asks for it, so the app can refuse a body before a byte of it is read) and chunked bodies (parsed
+by ``httptools``; such a connection closes after its response); ``Expect: 100-continue``; HEAD; responses of
+a known length, or chunked (close-delimited to a 1.0 client) when the app streams without one; graceful
+shutdown. Heads are parsed by ``httptools`` (llhttp, the parser uvicorn uses), which rejects malformed and
+ambiguous framing (400); a 1.1 request without exactly one Host is 400, a transfer coding other than chunked
+501, upgrades 501. Not: TLS, HTTP/2, upgrades.
+
+What a hostile client can make it hold (``ServerLimits``, the way nginx and Kestrel bound the same things):
+
+- **connections**: at most ``max_connections``, ``max_connections_per_peer`` from one address; beyond, a 503
+  and a close. An idle connection holds no buffer; a head at most ``MAX_HEAD_BYTES``.
+- **time**: the idle time between requests (``keep_alive_s``), a head from its first byte to its end
+  (``head_timeout_s``, 408), a body that stops (``body_idle_s``) or arrives slower than
+  ``body_min_rate_bytes_s`` once ``body_grace_s`` has passed (Kestrel's 240 B/s after 5 s; 408), a client that
+  reads nothing of its response for ``send_timeout_s`` (closed). A body is never cut for its total time: an
+  emulated 1 Mbit/s link takes 13 s for a 1.6 MB tensor and must be served.
+- **memory**: a body's buffer is allocated as bytes arrive (what the socket has ready, growing eightfold,
+  so at most 16× what has arrived, or 64 KiB), charged to a ``BodyBudget`` shared with the app's decoding,
+  whose total and per-peer share are limits; beyond them the request gets 503.
+- **closing**: after refusing a request whose body it has not read, the server half-closes and drains up to
+  ``linger_bytes`` for ``linger_s`` (nginx's lingering close), so a client still sending reads the answer
+  instead of a reset.
 
 Bodies reach the app as ``bytearray`` (ASGI says ``bytes``; a bytearray is one copy fewer, and every reader
-here — numpy, ``json``, Starlette's ``Request`` — takes either).
+here — numpy, ``json``, Starlette's ``Request`` — takes either). The app learns its connection's peer from the
+ASGI ``client``; an app that decodes bodies shares the server's ``BodyBudget`` (``run(…, budget=)``).
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import http
 import logging
+import re
 import signal
+import termios
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any, cast
 from urllib.parse import unquote
@@ -40,8 +65,22 @@ import uvloop
 log = logging.getLogger("tierlab.server")
 
 MAX_HEAD_BYTES = 64 * 1024
+FIRST_HEAD_BYTES = 8 * 1024  # a connection's head buffer starts here and doubles up to MAX_HEAD_BYTES
 BODY_PIECE_BYTES = 16 << 20
+FIRST_BODY_BYTES = 64 * 1024  # a body buffer's first allocation (or what the socket has ready, if more)
+GROWTH = 8  # a body buffer grows at least this many times over when full: a 1 MiB body is copied once, 130 kB
+CHECK_EVERY_S = 0.5  # how often a body's progress is checked
+_SCRATCH = bytearray(64 * 1024)  # what a lingering close drains into (the bytes are thrown away)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# the end of a head; a bare LF ends it too, so that it is answered (400) rather than waited on
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+# a head as RFC 9112 §2–§5 and RFC 9110 §5.5–§5.6 write it: request-line, field lines (token ":" OWS value
+# OWS, visible characters, obs-text, spaces and tabs), CRLF line ends. llhttp accepts more (double spaces,
+# control characters, leading empty lines); what it accepts beyond this is refused, as h11 refuses it.
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_HEAD = re.compile(
+    _TOKEN + rb" [\x21-\x7e]+ HTTP/[0-9]\.[0-9]\r\n(?:" + _TOKEN + rb":[\t \x21-\x7e\x80-\xff]*\r\n)*\r\n"
+)
 _NO_UPGRADES = "protocol upgrades are not served here"
 _NO_BODY_STATUSES = frozenset({204, 304})
 _PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
@@ -51,6 +90,67 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
+
+
+class BodyBudget:
+    """Bytes of request bodies, and of what decoding them takes, that a server holds at once: ``total_bytes``
+    in all, ``peer_share`` of it for one peer address. The server charges body buffers as they grow and
+    releases them when their exchange ends; an app charges its decoding (``try_charge``/``release``)."""
+
+    def __init__(self, total_bytes: int, peer_share: float = 0.5) -> None:
+        self.total_bytes = total_bytes
+        self.peer_bytes = max(1, int(total_bytes * peer_share))
+        self.held_bytes = 0
+        self.peak_bytes = 0
+        self.refused = 0
+        self.by_peer: dict[str, int] = {}
+
+    def try_charge(self, peer: str, nbytes: int) -> bool:
+        """Charge ``nbytes`` to ``peer``, or False (nothing charged) when it would pass a limit."""
+        held = self.by_peer.get(peer, 0)
+        if self.held_bytes + nbytes > self.total_bytes or held + nbytes > self.peer_bytes:
+            self.refused += 1
+            return False
+        self.by_peer[peer] = held + nbytes
+        self.held_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+        return True
+
+    def release(self, peer: str, nbytes: int) -> None:
+        left = self.by_peer.get(peer, 0) - nbytes
+        if left > 0:
+            self.by_peer[peer] = left
+        else:
+            self.by_peer.pop(peer, None)
+        self.held_bytes -= nbytes
+
+    def refusal(self, nbytes: int) -> str:
+        return (f"the request needs {nbytes} bytes more than the tier's budget for request bodies has left "
+                f"({self.total_bytes} bytes in all, {self.peer_bytes} per client address); retry later")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one connection, and all of them, may hold (see the module's notes)."""
+
+    max_connections: int = 512
+    max_connections_per_peer: int = 256
+    keep_alive_s: float = 75.0
+    head_timeout_s: float = 10.0
+    body_min_rate_bytes_s: float = 240.0
+    body_grace_s: float = 5.0
+    body_idle_s: float = 30.0
+    send_timeout_s: float = 30.0
+    linger_s: float = 2.0
+    linger_bytes: int = 4 << 20
+    body_budget_bytes: int = 256 << 20
+    body_budget_peer_share: float = 0.5
+
+    @property
+    def memory_bound_bytes(self) -> int:
+        """The most request data hostile clients can make the server hold: full heads on every connection,
+        and the body budget."""
+        return self.max_connections * MAX_HEAD_BYTES + self.body_budget_bytes
 
 
 class _HeadError(Exception):
@@ -79,10 +179,12 @@ class _Exchange:
 
     def __init__(self, connection: _Connection) -> None:
         self.connection = connection
+        self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_complete = False
         self.method = ""
+        self.http_version = "1.1"
         self.keep_alive = True
         self.chunked = False
         self.expect_continue = False
@@ -92,13 +194,15 @@ class _Exchange:
         self.body_given = False  # the app has had the last http.request message
         self.chunks: list[bytes] = []
         self.chunk_waiter: asyncio.Future[None] | None = None
+        self.failure: tuple[int, str] | None = None  # the server's answer when the body broke a limit
+        self.charged_bytes = 0  # what this exchange holds of the body budget
         # response
         self.started = False
         self.head_written = False
         self.complete = False
         self.status = 200
         self.response_headers: list[tuple[bytes, bytes]] = []
-        self.streaming = False  # a chunked response
+        self.streaming = False  # a chunked (or, to a 1.0 client, close-delimited) response
         self.head_only = False
 
     # ------------------------------------------------------------------ httptools callbacks
@@ -111,10 +215,19 @@ class _Exchange:
             self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        self.head_complete = True
+        if not self.head_complete:
+            self.head_complete = True
+            # read here: llhttp forgets a bodiless request's keep-alive once its message completes
+            self.http_version = self.parser.get_http_version()
+            # 1.0's optional keep-alive is not offered (nor by h11): a 1.0 request's connection ends with it
+            self.keep_alive = self.parser.should_keep_alive() and self.http_version == "1.1"
+            self.method = self.parser.get_method().decode("latin-1")
 
     def on_body(self, body: bytes) -> None:
-        if not self.body_done:
+        if not self.body_done and self.failure is None:
+            if not self.connection.charge(self, len(body)):
+                return
+            self.connection.body_progress(len(body))
             self.chunks.append(body)
             self._wake()
 
@@ -127,21 +240,35 @@ class _Exchange:
         if self.chunk_waiter is not None and not self.chunk_waiter.done():
             self.chunk_waiter.set_result(None)
 
+    def fail(self, status: int, reason: str) -> None:
+        """The body broke a limit: the app sees a disconnect, the client gets ``status``."""
+        if self.failure is None:
+            self.failure = (status, reason)
+            self.keep_alive = False
+            self._wake()
+
     # ------------------------------------------------------------------ the head
-    def read_head(self, parser: httptools.HttpRequestParser) -> None:
+    def read_head(self) -> None:
         """Framing and options from the parsed head; _HeadError for what this server does not take."""
-        self.method = parser.get_method().decode("latin-1")
-        self.keep_alive = parser.should_keep_alive()
+        if self.http_version not in ("1.0", "1.1"):
+            raise _HeadError(505, f"HTTP/{self.http_version} is not served here: HTTP/1.1 or 1.0")
+        hosts = sum(1 for k, _ in self.headers if k == b"host")
+        if hosts > 1 or (hosts == 0 and self.http_version == "1.1"):
+            raise _HeadError(400, "an HTTP/1.1 request needs exactly one Host header (RFC 9112 §3.2)")
         lengths = [v for k, v in self.headers if k == b"content-length"]
-        encodings = b",".join(v for k, v in self.headers if k == b"transfer-encoding").lower()
+        encodings = [v.strip().lower() for k, v in self.headers if k == b"transfer-encoding"]
         if encodings:
-            if encodings.replace(b" ", b"").split(b",")[-1] != b"chunked":
-                raise _HeadError(400, "a Transfer-Encoding must end with chunked")
+            if encodings != [b"chunked"]:
+                raise _HeadError(501, "the only transfer coding served is chunked, in one Transfer-Encoding header")
+            if self.http_version != "1.1":
+                raise _HeadError(400, "Transfer-Encoding in an HTTP/1.0 request (RFC 9112 §6.1)")
             self.chunked, self.keep_alive = True, False  # llhttp would parse past its end: one per connection
         elif lengths:
             self.remaining = int(lengths[0])  # llhttp has rejected non-numbers and conflicting values
         self.body_done = not self.chunked and not self.remaining
-        self.expect_continue = any(k == b"expect" and v.lower() == b"100-continue" for k, v in self.headers)
+        self.expect_continue = self.http_version == "1.1" and any(
+            k == b"expect" and v.lower() == b"100-continue" for k, v in self.headers
+        )
         self.head_only = self.method == "HEAD"
 
     def scope(self, server: Server, transport: asyncio.Transport) -> dict[str, Any]:
@@ -153,9 +280,9 @@ class _Exchange:
         return {
             "type": "http",
             "asgi": _ASGI,
-            "http_version": "1.1",
+            "http_version": self.http_version,
             "server": tuple(transport.get_extra_info("sockname")[:2]),
-            "client": tuple(transport.get_extra_info("peername")[:2]),
+            "client": (self.connection.peer, self.connection.peer_port),
             "scheme": "http",
             "method": self.method,
             "root_path": "",
@@ -169,7 +296,9 @@ class _Exchange:
     # ------------------------------------------------------------------ ASGI receive
     async def receive(self) -> Message:
         connection = self.connection
-        if self.body_given or connection.closed:
+        if self.body_given or connection.closed or self.failure is not None:
+            if self.failure is not None and not self.body_given:
+                return {"type": "http.disconnect"}
             # shielded: an app that cancels this wait (it stopped listening) must not cancel the connection's future
             await asyncio.shield(connection.disconnected)
             return {"type": "http.disconnect"}
@@ -181,7 +310,7 @@ class _Exchange:
         if self.body_done:
             self.body_given = True  # a request without a body still gets its (empty) http.request
             return {"type": "http.request", "body": b"", "more_body": False}
-        piece = await connection.read_piece(min(self.remaining, BODY_PIECE_BYTES))
+        piece = await connection.read_piece(self, min(self.remaining, BODY_PIECE_BYTES))
         if piece is None:
             return {"type": "http.disconnect"}
         self.remaining -= len(piece)
@@ -191,11 +320,13 @@ class _Exchange:
 
     async def _receive_chunks(self) -> Message:
         connection = self.connection
-        while not self.chunks and not self.body_done and not connection.closed:
+        connection.body_started()
+        while not self.chunks and not self.body_done and not connection.closed and self.failure is None:
             self.chunk_waiter = connection.loop.create_future()
             connection.resume()
             await self.chunk_waiter
-        if connection.closed and not self.body_done:
+        connection.body_stopped()
+        if self.failure is not None or ((connection.closed or connection.eof) and not self.body_done):
             return {"type": "http.disconnect"}
         if not self.body_done:
             connection.pause()  # what the client sends next is parsed when the app asks for it
@@ -230,7 +361,7 @@ class _Exchange:
             self.head_written = True
         if self.head_only or self.status in _NO_BODY_STATUSES:
             pass
-        elif self.streaming:
+        elif self.streaming and self.http_version == "1.1":
             if body:
                 parts += [b"%x\r\n" % len(body), body, b"\r\n"]
             if not more:
@@ -249,7 +380,10 @@ class _Exchange:
         if b"content-length" not in names and b"transfer-encoding" not in names:
             if more:
                 self.streaming = True
-                headers = [*headers, (b"transfer-encoding", b"chunked")]
+                if self.http_version == "1.1":
+                    headers = [*headers, (b"transfer-encoding", b"chunked")]
+                else:
+                    self.keep_alive = False  # a 1.0 client reads a body of unknown length to the close
             elif self.status not in _NO_BODY_STATUSES:
                 headers = [*headers, (b"content-length", b"%d" % body_bytes)]
         if not self.keep_alive or self.connection.server.stopping or not self.body_done:
@@ -264,63 +398,144 @@ class _Exchange:
 
 class _Connection(asyncio.BufferedProtocol):
     """One client connection. Heads (and chunked bodies, and pipelined bytes) land in ``buffer``; a
-    Content-Length body lands in the piece ``read_piece`` allocates, the only copy made of it."""
+    Content-Length body lands in the piece ``read_piece`` grows as it arrives, the only copy made of it."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray(MAX_HEAD_BYTES)
-        self.view = memoryview(self.buffer)
+        self.peer, self.peer_port = "", 0
+        self.buffer = bytearray()  # allocated when the first byte comes
         self.filled = 0  # bytes in buffer not parsed yet
         self.scanned = 0  # where the search for the end of the head resumes
-        self.piece: memoryview | None = None  # the body piece being read into
+        self.piece: bytearray | None = None  # the body piece being read into
         self.piece_filled = 0
+        self.piece_size = 0  # what the piece will hold when whole
         self.piece_waiter: asyncio.Future[bool] | None = None
+        self.piece_result: bytearray | None = None
         self.exchange: _Exchange | None = None
         self.parser: httptools.HttpRequestParser | None = None
         self.task: asyncio.Task[None] | None = None
         self.closed = False
+        self.eof = False
         self.paused = False
+        self.lingering = False
+        self.linger_left = 0
         self.disconnected: asyncio.Future[None] = self.loop.create_future()
         self.writable = asyncio.Event()
         self.writable.set()
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        # a body's progress: bytes and reading time (only while the app waits for it), and the last byte's time
+        self.body_bytes = 0
+        self.body_read_s = 0.0
+        self.body_reading_since: float | None = None
+        self.body_last_byte = 0.0
+        self.counted = False
 
     # ------------------------------------------------------------------ asyncio.BufferedProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
-        self.server.connections.add(self)
-        self._arm_idle_timer()
+        peer = self.transport.get_extra_info("peername") or ("", 0)
+        self.peer, self.peer_port = str(peer[0]), int(peer[1]) if len(peer) > 1 else 0
+        server = self.server
+        peers = server.peer_connections.get(self.peer, 0)
+        server.refused.add(self)  # until it is counted (a refused one is closed by the server's stop too)
+        if len(server.connections) >= self.limits.max_connections:
+            self._refuse(503, f"the tier has {len(server.connections)} connections open (limit "
+                              f"{self.limits.max_connections}); retry later")  # fmt: skip
+            return
+        if peers >= self.limits.max_connections_per_peer:
+            self._refuse(503, f"{self.peer} has {peers} connections open to this tier (limit "
+                              f"{self.limits.max_connections_per_peer} per address); retry later")  # fmt: skip
+            return
+        self.counted = True
+        server.refused.discard(self)
+        server.connections.add(self)
+        server.peer_connections[self.peer] = peers + 1
+        self._arm(self.limits.keep_alive_s, self._idle)
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self.lingering:
+            return memoryview(_SCRATCH)
         if self.piece is not None:
-            return self.piece[self.piece_filled :]
-        return self.view[self.filled :]
+            if self.piece_filled == len(self.piece):
+                self._grow_piece()
+            if self.piece is not None:
+                return memoryview(self.piece)[self.piece_filled :]
+            # refused: what arrives lands in the head buffer (bounded; it pauses when full) until the close
+        if self.filled == len(self.buffer):
+            self._grow_buffer()
+        return memoryview(self.buffer)[self.filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.piece is not None:
-            self.piece_filled += nbytes
-            if self.piece_filled == len(self.piece):
-                self._piece_done(True)
-            return
-        self.filled += nbytes
-        self._advance()
+        try:
+            if self.lingering:
+                self.linger_left -= nbytes
+                if self.linger_left <= 0:
+                    self.close()
+                return
+            if self.piece is not None:
+                self.piece_filled += nbytes
+                self.body_progress(nbytes)
+                if self.piece_filled == self.piece_size:
+                    self._piece_done(True)
+                return
+            if self.exchange is None and self.filled == 0 and nbytes:
+                self._arm(self.limits.head_timeout_s, self._head_late)  # a head started: it has this long
+            self.filled += nbytes
+            self._advance()
+        except Exception:  # a bug, not a client's fault: say so, answer what can be answered, close
+            log.exception("reading from %s failed", self.peer)
+            self._refuse(500, "Internal Server Error")
 
     def eof_received(self) -> bool:
-        return False  # a client that stops sending is gone: close
+        """The client has sent everything (a half-close): answer what it sent whole, then close."""
+        self.eof = True
+        if self.lingering:
+            self.close()
+            return False
+        # an app listening for the client to go away learns it now (the tier cancels a forward, as uvicorn
+        # would); one that answers anyway still has its answer written: the client may be reading
+        if not self.disconnected.done():
+            self.disconnected.set_result(None)
+        exchange = self.exchange
+        if exchange is not None:
+            if exchange.body_done and exchange.failure is None:
+                return True
+            self.close()  # a body cut short never comes whole: the client is gone
+            exchange._wake()
+            self._piece_done(False)
+            return False
+        if self.filled:
+            self._advance()
+        if self.exchange is None:
+            self.close()
+            return False
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.server.connections.discard(self)
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
+        self.server.refused.discard(self)
+        if self.counted:
+            self.counted = False
+            self.server.connections.discard(self)
+            left = self.server.peer_connections.get(self.peer, 1) - 1
+            if left > 0:
+                self.server.peer_connections[self.peer] = left
+            else:
+                self.server.peer_connections.pop(self.peer, None)
+        self._disarm()
         if not self.disconnected.done():
             self.disconnected.set_result(None)
         self._piece_done(False)
         if self.exchange is not None:
             self.exchange._wake()
+            self._release(self.exchange)
         self.writable.set()
+
+    @property
+    def limits(self) -> ServerLimits:
+        return self.server.limits  # replaced as a whole when a tier's links are re-shaped
 
     def pause_writing(self) -> None:
         self.writable.clear()
@@ -335,9 +550,20 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.pause_reading()
 
     def resume(self) -> None:
-        if self.paused and not self.closed and self.transport is not None:
+        """Read again, unless pipelined bytes already fill the head buffer (they wait for this response)."""
+        full = self.piece is None and not self.lingering and self.filled >= MAX_HEAD_BYTES
+        if self.paused and not self.closed and not full and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
+
+    def _grow_buffer(self) -> None:
+        size = min(MAX_HEAD_BYTES, max(FIRST_HEAD_BYTES, 2 * len(self.buffer)))
+        if size <= len(self.buffer):  # full of pipelined bytes behind a request in flight: wait for it
+            self.pause()
+            size = len(self.buffer) + FIRST_HEAD_BYTES  # (the loop may ask once more before the pause holds)
+        grown = bytearray(size)
+        grown[: self.filled] = memoryview(self.buffer)[: self.filled]
+        self.buffer = grown
 
     def _consume(self, count: int) -> None:
         """Drop the first ``count`` buffered bytes."""
@@ -351,34 +577,43 @@ class _Connection(asyncio.BufferedProtocol):
         exchange = self.exchange
         if exchange is not None:
             if exchange.chunked and not exchange.body_done and self.parser is not None:
-                data = bytes(self.view[: self.filled])
+                data = bytes(memoryview(self.buffer)[: self.filled])
                 self.filled = 0
                 try:
                     self.parser.feed_data(data)
+                except httptools.HttpParserUpgrade:
+                    if not exchange.body_done:
+                        exchange.fail(400, "malformed chunked body")
                 except httptools.HttpParserError:
-                    self._fail_exchange(400, "malformed chunked body")
-            elif self.filled == len(self.buffer):
+                    exchange.fail(400, "malformed chunked body")
+            elif self.filled >= MAX_HEAD_BYTES:
                 self.pause()  # pipelined bytes fill the buffer: wait for this response
             return
-        end = self.buffer.find(b"\r\n\r\n", max(0, self.scanned - 3), self.filled)
-        if end < 0:
+        found = _HEAD_END.search(self.buffer, max(0, self.scanned - 3), self.filled)
+        if found is None:
             self.scanned = self.filled
-            if self.filled == len(self.buffer):
+            if self.filled >= MAX_HEAD_BYTES:
                 self._refuse(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+            elif self.eof:
+                self.close()  # half a head and then nothing: there is no request to answer
             return
-        self._start(end + 4)
+        self._start(found.end())
 
     def _start(self, head_bytes: int) -> None:
         assert self.transport is not None
         exchange = _Exchange(self)
-        parser = httptools.HttpRequestParser(exchange)
+        parser = exchange.parser
+        head = bytes(memoryview(self.buffer)[:head_bytes])
+        if _HEAD.fullmatch(head) is None:
+            self._refuse(400, "malformed request head (RFC 9112: request-line, field lines, CRLF line ends)")
+            return
         try:
-            parser.feed_data(bytes(self.view[:head_bytes]))
+            parser.feed_data(head)
             if not exchange.head_complete:
                 raise _HeadError(400, "incomplete request head")
             if parser.should_upgrade():
                 raise _HeadError(501, _NO_UPGRADES)
-            exchange.read_head(parser)
+            exchange.read_head()
             scope = exchange.scope(self.server, self.transport)
         except httptools.HttpParserUpgrade:
             self._refuse(501, _NO_UPGRADES)
@@ -390,43 +625,132 @@ class _Connection(asyncio.BufferedProtocol):
             self._refuse(exc.status, str(exc))
             return
         self._consume(head_bytes)
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
+        self._disarm()
         self.exchange, self.parser = exchange, parser if exchange.chunked else None
+        self.body_bytes, self.body_read_s, self.body_reading_since = 0, 0.0, None
         if not exchange.body_done:
             self.pause()  # the body is read when the app asks for it
             if exchange.chunked and self.filled:
                 self._advance()  # what came with the head goes to the chunked body's parser
         self.task = self.loop.create_task(self._run(exchange, scope))
 
-    async def read_piece(self, size_bytes: int) -> bytearray | None:
-        """The next ``size_bytes`` of a Content-Length body, read straight into a new buffer (None: the client
-        went away first)."""
-        piece = bytearray(size_bytes)
+    async def read_piece(self, exchange: _Exchange, size_bytes: int) -> bytearray | None:
+        """The next ``size_bytes`` of a Content-Length body, read straight into a buffer grown as it arrives
+        (None: the client went away first, or the body broke a limit and the exchange carries the answer)."""
         taken = min(self.filled, size_bytes)
+        piece = bytearray(memoryview(self.buffer)[:taken]) if taken else bytearray()
         if taken:
-            piece[:taken] = self.view[:taken]
             self._consume(taken)
-        if taken < size_bytes:
-            self.piece, self.piece_filled = memoryview(piece), taken
-            self.piece_waiter = self.loop.create_future()
-            self.resume()
-            if not await self.piece_waiter:
+            if not self.charge(exchange, taken):
                 return None
-        exchange = self.exchange
-        if exchange is not None and exchange.remaining > size_bytes:
+        if taken < size_bytes:
+            if self.eof or self.closed:
+                self.close()  # the rest of the body cannot come
+                return None
+            self.piece, self.piece_filled, self.piece_size = piece, taken, size_bytes
+            self.piece_waiter = self.loop.create_future()
+            self.body_started()
+            self.resume()
+            whole = await self.piece_waiter
+            self.body_stopped()
+            if not whole or self.piece_result is None:
+                return None
+            piece, self.piece_result = self.piece_result, None
+        if exchange.remaining > size_bytes:
             self.pause()  # the next piece is read when the app asks for it
         else:
             self.resume()  # the body is done: keep reading, for pipelined requests and to notice a disconnect
         return piece
 
+    def _grow_piece(self) -> None:
+        """More room in the body piece: what the socket has ready, at least ``GROWTH`` times the room it had,
+        and all of it once that is half its size (few copies: each growth copies what arrived so far)."""
+        assert self.piece is not None and self.exchange is not None
+        size = len(self.piece)
+        grown = max(FIRST_BODY_BYTES, GROWTH * size, self.piece_filled + self._ready_bytes())
+        grown = self.piece_size if 2 * grown >= self.piece_size else grown
+        if not self.charge(self.exchange, grown - size):
+            self._piece_done(False)
+            return
+        if size == 0:
+            self.piece = bytearray(grown)
+        else:
+            bigger = bytearray(grown)
+            bigger[: self.piece_filled] = memoryview(self.piece)[: self.piece_filled]
+            self.piece = bigger
+
+    def _ready_bytes(self) -> int:
+        """Bytes the kernel holds for this socket now (FIONREAD), 0 if it cannot say."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return 0
+        ready = array.array("i", [0])
+        try:
+            fcntl.ioctl(sock.fileno(), termios.FIONREAD, ready, True)
+        except OSError:
+            return 0
+        return int(ready[0])
+
     def _piece_done(self, complete: bool) -> None:
         if self.piece is not None:
-            self.piece.release()
+            self.piece_result = self.piece if complete else None
             self.piece = None
         waiter, self.piece_waiter = self.piece_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(complete)
+
+    # ------------------------------------------------------------------ a body's limits
+    def charge(self, exchange: _Exchange, nbytes: int) -> bool:
+        """Charge a body's growth to the budget; on refusal the exchange fails with 503."""
+        if nbytes <= 0:
+            return True
+        budget = self.server.budget
+        assert budget is not None
+        if not budget.try_charge(self.peer, nbytes):
+            exchange.fail(503, budget.refusal(nbytes))
+            return False
+        exchange.charged_bytes += nbytes
+        return True
+
+    def _release(self, exchange: _Exchange) -> None:
+        if exchange.charged_bytes and self.server.budget is not None:
+            self.server.budget.release(self.peer, exchange.charged_bytes)
+            exchange.charged_bytes = 0
+
+    def body_started(self) -> None:
+        now = self.loop.time()
+        self.body_reading_since = now
+        self.body_last_byte = now
+        self._arm(CHECK_EVERY_S, self._check_body)
+
+    def body_stopped(self) -> None:
+        if self.body_reading_since is not None:
+            self.body_read_s += self.loop.time() - self.body_reading_since
+            self.body_reading_since = None
+        self._disarm()
+
+    def body_progress(self, nbytes: int) -> None:
+        self.body_bytes += nbytes
+        self.body_last_byte = self.loop.time()
+
+    def _check_body(self) -> None:
+        """A body that stopped, or that arrives slower than the minimum rate once its grace has passed: 408."""
+        exchange, since = self.exchange, self.body_reading_since
+        if exchange is None or since is None or self.closed:
+            return
+        now = self.loop.time()
+        reading_s = self.body_read_s + now - since
+        limits = self.limits
+        if now - self.body_last_byte >= limits.body_idle_s:
+            reason = f"the request body stopped arriving for {limits.body_idle_s:g} s"
+        elif reading_s >= limits.body_grace_s and self.body_bytes < limits.body_min_rate_bytes_s * reading_s:
+            reason = (f"the request body arrived at {self.body_bytes / reading_s:.0f} bytes/s, under the minimum "
+                      f"of {limits.body_min_rate_bytes_s:g} bytes/s")  # fmt: skip
+        else:
+            self._arm(CHECK_EVERY_S, self._check_body)
+            return
+        exchange.fail(408, reason)
+        self._piece_done(False)
 
     # ------------------------------------------------------------------ writing
     def write(self, parts: list[bytes | bytearray | memoryview]) -> None:
@@ -434,19 +758,45 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.writelines(parts)
 
     async def drained(self) -> None:
+        """Wait until the client has read enough of the response; one that reads nothing for the send
+        timeout is closed."""
         if not self.writable.is_set():
-            await self.writable.wait()
+            try:
+                async with asyncio.timeout(self.limits.send_timeout_s):
+                    await self.writable.wait()
+            except TimeoutError:
+                log.info("%s read nothing of its response for %g s: closed", self.peer, self.limits.send_timeout_s)
+                self.abort()
 
     def response_done(self, exchange: _Exchange) -> None:
         """The last byte of the response is written: the next pipelined request, or the end."""
-        if not exchange.keep_alive or self.closed:
-            self.close()
+        self._release(exchange)
+        if self.closed:
+            return
+        if not exchange.keep_alive:
+            client_done = exchange.body_done and not self.filled and not exchange.chunked
+            if self.eof or (client_done and not self._may_send_more(exchange)):
+                self.close()
+            else:
+                self.linger()  # it may still be sending (a body we did not read, pipelined requests)
             return
         self.exchange = self.parser = None
-        self._arm_idle_timer()
+        if self.filled:  # part of the next head is here already: it has the head's time
+            self._arm(self.limits.head_timeout_s, self._head_late)
+        else:
+            self._arm(self.limits.keep_alive_s, self._idle)
         self.resume()
         if self.filled:
             self._advance()
+        elif self.eof:
+            self.close()
+
+    @staticmethod
+    def _may_send_more(exchange: _Exchange) -> bool:
+        """Whether a client may still be sending after this exchange: not when it asked to close."""
+        return exchange.http_version == "1.1" and not any(
+            k == b"connection" and b"close" in v.lower() for k, v in exchange.headers
+        )
 
     # ------------------------------------------------------------------ the app
     async def _run(self, exchange: _Exchange, scope: dict[str, Any]) -> None:
@@ -460,9 +810,14 @@ class _Connection(asyncio.BufferedProtocol):
                 self.close()
             return
         if not exchange.complete:
-            if not exchange.started:
-                log.error("the app answered nothing to %s %s", scope["method"], scope["path"])
-                await self._plain(exchange, 500, "Internal Server Error")
+            if exchange.failure is not None and not exchange.started:
+                await self._plain(exchange, *exchange.failure)
+            elif not exchange.started:
+                if not self.closed:
+                    log.error("the app answered nothing to %s %s", scope["method"], scope["path"])
+                    await self._plain(exchange, 500, "Internal Server Error")
+                else:
+                    self._release(exchange)
             else:
                 self.close()  # a response cut short cannot be completed
 
@@ -474,33 +829,52 @@ class _Connection(asyncio.BufferedProtocol):
         await exchange.send({"type": "http.response.start", "status": status, "headers": headers})
         await exchange.send({"type": "http.response.body", "body": body})
 
-    def _fail_exchange(self, status: int, reason: str) -> None:
-        exchange = self.exchange
-        if exchange is not None and not exchange.started:
-            exchange.body_done, exchange.keep_alive = True, False
-            self.loop.create_task(self._plain(exchange, status, reason))
-        else:
-            self.close()
-
     def _refuse(self, status: int, reason: str) -> None:
-        """Answer a head this server cannot take, then close."""
+        """Answer what this server cannot take (a head, a connection beyond the limits), then close."""
+        if self.closed:
+            return
         body = reason.encode()
         head = (
             b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
             b"connection: close\r\n\r\n" % (status, _PHRASES.get(status, "").encode("latin-1"), len(body))
         )
         self.write([head, body])
-        self.close()
+        self.linger()
 
     # ------------------------------------------------------------------ lifetime
-    def _arm_idle_timer(self) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-        self.idle_timer = self.loop.call_later(self.server.keep_alive_s, self._idle)
+    def _arm(self, seconds: float, then: Callable[[], None]) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(seconds, then)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def _idle(self) -> None:
-        if self.exchange is None:
+        if self.exchange is None and not self.filled:
             self.close()
+
+    def _head_late(self) -> None:
+        if self.exchange is None and not self.closed:
+            self._refuse(408, f"the request head did not arrive within {self.limits.head_timeout_s:g} s")
+
+    def linger(self) -> None:
+        """Half-close after the answer and drain what the client still sends, for a while, then close: a
+        client that is still sending reads the answer instead of a reset (nginx's lingering close)."""
+        if self.closed or self.transport is None:
+            return
+        if self.eof or not self.transport.can_write_eof():
+            self.close()
+            return
+        self.transport.write_eof()
+        self.lingering = True
+        self.linger_left = self.limits.linger_bytes
+        self._piece_done(False)
+        self._arm(self.limits.linger_s, self.close)
+        self.paused = True  # resume whatever the state
+        self.resume()
 
     def shutdown(self) -> None:
         """Close now if idle; otherwise after the response in flight."""
@@ -510,7 +884,14 @@ class _Connection(asyncio.BufferedProtocol):
     def close(self) -> None:
         if not self.closed and self.transport is not None:
             self.closed = True
+            self._disarm()
             self.transport.close()
+
+    def abort(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self._disarm()
+            self.transport.abort()
 
 
 class _Lifespan:
@@ -556,23 +937,30 @@ class _Lifespan:
             await self.task
 
 
+@dataclass
 class Server:
-    """Serve ``app`` on ``host:port`` until SIGTERM or SIGINT (or :meth:`stop`)."""
+    """Serve ``app`` on ``host:port`` within ``limits`` until SIGTERM or SIGINT (or :meth:`stop`)."""
 
-    def __init__(
-        self, app: ASGIApp, *, host: str, port: int, keep_alive_s: float = 75.0, graceful_s: float = 5.0
-    ) -> None:
-        self.app = app
-        self.host, self.port = host, port
-        self.keep_alive_s = keep_alive_s
-        self.graceful_s = graceful_s
-        self.state: dict[str, Any] = {}
+    app: ASGIApp
+    host: str
+    port: int
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    graceful_s: float = 5.0
+    state: dict[str, Any] = field(default_factory=dict)
+    address: tuple[str, int] | None = None  # where it listens, once it does
+
+    budget: BodyBudget | None = None  # default: one sized by ``limits``
+
+    def __post_init__(self) -> None:
         self.connections: set[_Connection] = set()
+        self.refused: set[_Connection] = set()  # beyond the caps: answered 503, closing
+        self.peer_connections: dict[str, int] = {}
+        if self.budget is None:
+            self.budget = BodyBudget(self.limits.body_budget_bytes, self.limits.body_budget_peer_share)
         self.date = _Date()
         self.stopping = False
         self._stop: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop
-        self.address: tuple[str, int] | None = None  # where it listens, once it does
 
     def stop(self) -> None:
         """Stop (call it on the server's loop: ``loop.call_soon_threadsafe(server.stop)`` from elsewhere)."""
@@ -603,13 +991,18 @@ class Server:
             deadline = self.loop.time() + self.graceful_s
             while any(c.exchange is not None for c in self.connections) and self.loop.time() < deadline:
                 await asyncio.sleep(0.05)
-            for connection in list(self.connections):
+            for connection in [*self.connections, *self.refused]:
                 if connection.task is not None and not connection.task.done():
                     connection.task.cancel()
                 connection.close()
             await lifespan.shutdown()
 
 
-def run(app: ASGIApp, *, host: str, port: int, keep_alive_s: float = 75.0, graceful_s: float = 5.0) -> None:
-    """Serve ``app`` on uvloop until SIGTERM or SIGINT; raises RuntimeError when the app's startup fails."""
-    uvloop.run(Server(app, host=host, port=port, keep_alive_s=keep_alive_s, graceful_s=graceful_s).serve())
+def serve(server: Server) -> None:
+    """Serve on uvloop until SIGTERM or SIGINT; raises RuntimeError when the app's startup fails."""
+    uvloop.run(server.serve())
+
+
+def run(app: ASGIApp, *, host: str, port: int, limits: ServerLimits | None = None) -> None:
+    """Serve ``app`` with its own budget (the null tier of the benchmarks)."""
+    serve(Server(app, host=host, port=port, limits=limits or ServerLimits()))

@@ -27,10 +27,25 @@ class TierSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     max_body_mb: float = Field(default=64.0, gt=0, description="larger request bodies get 413")
-    body_deadline_s: float = Field(default=10.0, gt=0, description="a request body must arrive within this or 408")
-    max_bodies: int = Field(
-        default=32, ge=1, description="request bodies read at once; beyond, 503 before a byte is read"
+    max_json_mb: float = Field(
+        default=8.0, gt=0, description="larger JSON documents (tensors as JSON) get 413: send binary tensors"
     )
+    body_budget_mb: float | None = Field(
+        default=None,
+        gt=0,
+        description="request bodies and their decoding held at once, beyond which 503; default: a quarter of "
+        "the tier's memory limit, at most 256 MiB",
+    )
+    max_connections: int = Field(default=512, ge=1, description="open connections; beyond, 503 and close")
+    max_connections_per_peer: int = Field(default=256, ge=1, description="open connections from one address")
+    keep_alive_s: float = Field(default=75.0, gt=0, description="an idle connection is closed after this")
+    head_timeout_s: float = Field(default=10.0, gt=0, description="a request head must arrive within this or 408")
+    body_min_rate_bytes_s: float = Field(
+        default=240.0, gt=0, description="a body arriving slower than this once its grace has passed gets 408"
+    )
+    body_grace_s: float = Field(default=5.0, gt=0, description="how long a body may arrive at any rate")
+    body_idle_s: float = Field(default=30.0, gt=0, description="a body with no byte for this long gets 408")
+    send_timeout_s: float = Field(default=30.0, gt=0, description="a client reading nothing for this is closed")
     compute_slots: int | None = Field(
         default=None, ge=1, description="stage runs at once; default: the device's (a measured device's cores)"
     )
@@ -71,6 +86,10 @@ class TierSettings(BaseSettings):
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * _MIB)
+
+    @property
+    def max_json_bytes(self) -> int:
+        return int(self.max_json_mb * _MIB)
 
     @property
     def startup(self) -> StartupModels:

@@ -48,6 +48,9 @@ class Recorder:
             return
         if path == "/fail":
             raise RuntimeError("the app broke")
+        if path == "/big":  # more than any socket buffer holds: a client that reads nothing blocks the send
+            await self._answer(send, 200, bytes(8 << 20))
+            return
         if path == "/stream":
             await send({"type": "http.response.start", "status": 200, "headers": []})
             for part in (b"one,", b"two,", b"three"):

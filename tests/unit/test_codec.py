@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -306,3 +307,30 @@ def test_header_length_must_be_an_integer() -> None:
 def test_datatype_of_rejects_what_v2_cannot_carry() -> None:
     with pytest.raises(TypeError, match="no Open Inference Protocol datatype"):
         datatype_of(np.zeros(1, dtype=np.complex64))
+
+
+@pytest.mark.parametrize(
+    ("datatype", "element"), [("FP32", "0.0"), ("FP32", "1e0"), ("FP64", "0.5"), ("INT32", "7"), ("INT64", "1000"),
+                              ("BOOL", "true"), ("UINT8", "0")],
+)  # fmt: skip
+def test_json_decoding_peaks_within_the_factor_a_tier_charges_for_it(datatype: str, element: str) -> None:
+    """The shortest text each kind of element can have, a million of them: the decode's peak allocation
+    stays within ``JSON_DECODE_PEAK_FACTOR`` × the document (what the body budget is charged)."""
+    count = 1_000_000
+    data = "[" + ",".join([element] * count) + "]"
+    document = (f'{{"inputs":[{{"name":"x","datatype":"{datatype}","shape":[{count}],"data":{data}}}]}}').encode()
+    tracemalloc.start()
+    try:
+        codec.decode_request(document, None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= codec.JSON_DECODE_PEAK_FACTOR * len(document), peak / len(document)
+
+
+@pytest.mark.parametrize("shape", [[0, 2**63], [2**40, 2**40, 0], [-1, 2]])
+def test_a_shape_no_array_can_have_is_the_clients_error(shape: list[int]) -> None:
+    header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": shape,
+                                     "parameters": {"binary_data_size": 0}}]}).encode()  # fmt: skip
+    with pytest.raises(TensorMismatch):
+        codec.decode_request(header, len(header))

@@ -251,7 +251,7 @@ def test_a_bad_spec_names_the_problem(tmp_path: Path) -> None:
     path.write_text("name: bad\nselections: [{subject: x}]\nscenarios: [{kind: server}]\n")
     with pytest.raises(ConfigError, match="rate_rps"):
         load_spec(str(path))
-    with pytest.raises(ConfigError, match="built-in specs: chaos, default, quick"):
+    with pytest.raises(ConfigError, match="built-in specs: chaos, default, devices, quick"):
         load_spec("nope")
 
 
