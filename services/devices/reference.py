@@ -199,7 +199,7 @@ class PreparedNetwork:
     ncnn_shares: dict[KernelClass, float]
     ort_run: Callable[[], None] | None = None
     ort_shares: dict[KernelClass, float] | None = None
-    keep: Any = None  # what the runs need alive (sessions, temporary files)
+    keep: Any = None  # what the runs need alive (networks, sessions)
 
 
 def prepare_network(name: str, threads: int = 1) -> PreparedNetwork:
@@ -255,15 +255,15 @@ def _prepare_onnxruntime(name: str, prepared: PreparedNetwork) -> None:
     shape = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)
     feeds = {model.graph.input[0].name: np.random.default_rng(0).random(shape, dtype=np.float32)}
     options = session_options(1, allow_spinning=False)
-    folder = tempfile.TemporaryDirectory(prefix="tierlab-reference-")
-    path = Path(folder.name) / f"{name}.onnx"
-    onnx.save(model, str(path))
-    if name.endswith("_int8"):
-        path = onnxnets.quantize_int8(path, Path(folder.name) / "int8.onnx", shape)
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="tierlab-reference-") as folder:  # the session holds the model
+        path = Path(folder) / f"{name}.onnx"
+        onnx.save(model, str(path))
+        if name.endswith("_int8"):
+            path = onnxnets.quantize_int8(path, Path(folder) / "int8.onnx", shape)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        prepared.ort_shares = profile_shares(str(path), options, feeds)
     prepared.ort_run = lambda: session.run(None, feeds)
-    prepared.ort_shares = profile_shares(str(path), options, feeds)
-    prepared.keep.extend([folder, session])
+    prepared.keep.append(session)
 
 
 def time_networks(names: list[str], threads: int = 1, say: Callable[[str], None] = print) -> dict[str, NetworkTimeSpec]:
