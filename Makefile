@@ -14,7 +14,7 @@ DEPLOYMENT ?= $(DEMO)/deployment.yaml
 comma := ,
 
 .DEFAULT_GOAL := help
-.PHONY: help venv models models-tiny models-list models-for-stack up down status fidelity fidelity-devices devices device-kit logs images profiles local demo bench chaos bench-resume bench-in-stack report recommend bench-loadgen bench-overhead bench-forwarding bench-soak bench-tiers bench-training bench-text-recipes swarm-nodes swarm-nodes-down test test-unit check fmt clean distclean
+.PHONY: help venv models models-tiny models-list models-for-stack up down status fidelity fidelity-devices devices device-kit logs images profiles local demo bench chaos bench-resume bench-in-stack report recommend bench-loadgen bench-overhead bench-forwarding bench-soak bench-hostile bench-tiers bench-training bench-text-recipes swarm-nodes swarm-nodes-down test test-unit check fmt clean distclean
 
 help: ## list the commands
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -132,6 +132,9 @@ bench-forwarding: $(STAMP) ## tier-to-tier HTTP clients compared against a null 
 
 bench-soak: $(STAMP) ## 10 min at 80 % of measured capacity on the stack make up started: RSS slope, errors, p99 drift; last line is JSON
 	$(PY) -m benchmarks.soak
+
+bench-hostile: $(STAMP) ## 200 hostile connections against the mobile tier (with the stack up): memory, legitimate success and p99; last line is JSON
+	$(PY) -m benchmarks.hostile
 
 bench-tiers: $(STAMP) ## the profile's tier order in compute time, on the stack make up started; last line is JSON
 	$(PY) -m benchmarks.tier_order

@@ -186,8 +186,27 @@ class Tier:
             "onnxruntime": {"intra_op_threads": self.intra_op_threads, "allow_spinning": self.allow_spinning},
             "links": [state.describe() for state in self.links],
             "memory": self.memory_now(),
+            "server": self.server_now(),
             "models": {entry.name: entry.model_dump(mode="json") for entry in plane.index()},
         }
+
+    def server_now(self) -> dict[str, Any]:
+        """The HTTP server's limits and, under tierlab's own server, what it holds now: connections, the
+        body budget's use and its peak."""
+        server = self.http_server
+        limits = server.limits if server is not None else self.server_limits()
+        found: dict[str, Any] = {
+            "http_server": self.settings.http_server,
+            "max_connections": limits.max_connections,
+            "max_connections_per_peer": limits.max_connections_per_peer,
+            "body_budget_bytes": limits.body_budget_bytes,
+            "body_min_rate_bytes_s": limits.body_min_rate_bytes_s,
+            "memory_bound_bytes": limits.memory_bound_bytes,
+        }
+        if server is not None and server.budget is not None:
+            found.update(connections=len(server.connections), budget_held_bytes=server.budget.held_bytes,
+                         budget_peak_bytes=server.budget.peak_bytes, budget_refusals=server.budget.refused)  # fmt: skip
+        return found
 
 
 def link_targets(tier: TierName, deployment: DeploymentSpec, specs: Mapping[LinkName, LinkSpec]) -> list[LinkTarget]:

@@ -24,10 +24,13 @@ What a hostile client can make it hold (``ServerLimits``, the way nginx and Kest
 
 - **connections**: at most ``max_connections``, ``max_connections_per_peer`` from one address; beyond, a 503
   and a close. An idle connection holds no buffer; a head at most ``MAX_HEAD_BYTES``.
+- **work**: a pipelined request starts once the answers before it have been sent (bar
+  ``PIPELINE_UNSENT_BYTES``): a client that pipelines requests and reads nothing has one answer made for it,
+  not as many as the kernel's buffers hold (a burst of them delays everyone's requests).
 - **time**: the idle time between requests (``keep_alive_s``), a head from its first byte to its end
   (``head_timeout_s``, 408), a body that stops (``body_idle_s``) or arrives slower than
   ``body_min_rate_bytes_s`` once ``body_grace_s`` has passed (Kestrel's 240 B/s after 5 s; 408), a client that
-  reads nothing of its response for ``send_timeout_s`` (closed). A body is never cut for its total time: an
+  reads nothing of its response for ``send_timeout_s`` (reset). A body is never cut for its total time: an
   emulated 1 Mbit/s link takes 13 s for a 1.6 MB tensor and must be served.
 - **memory**: a body's buffer is allocated as bytes arrive (what the socket has ready, growing eightfold,
   so at most 16× what has arrived, or 64 KiB), charged to a ``BodyBudget`` shared with the app's decoding,
@@ -51,6 +54,8 @@ import http
 import logging
 import re
 import signal
+import socket
+import struct
 import termios
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -70,6 +75,9 @@ BODY_PIECE_BYTES = 16 << 20
 FIRST_BODY_BYTES = 64 * 1024  # a body buffer's first allocation (or what the socket has ready, if more)
 GROWTH = 8  # a body buffer grows at least this many times over when full: a 1 MiB body is copied once, 130 kB
 CHECK_EVERY_S = 0.5  # how often a body's progress is checked
+PIPELINE_UNSENT_BYTES = 16 * 1024  # a pipelined request starts once the answers before it are sent but this
+PIPELINE_CHECK_S = 0.01  # how often a pipelined request checks whether its client has read the answers before it
+_SIOCOUTQNSD = 0x894B  # Linux: bytes in a TCP socket's send queue not yet sent
 _SCRATCH = bytearray(64 * 1024)  # what a lingering close drains into (the bytes are thrown away)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # the end of a head; a bare LF ends it too, so that it is answered (400) rather than waited on
@@ -528,6 +536,7 @@ class _Connection(asyncio.BufferedProtocol):
         if not self.disconnected.done():
             self.disconnected.set_result(None)
         self._piece_done(False)
+        self.buffer, self.filled = bytearray(), 0  # now, not when the collector breaks this protocol's cycles
         if self.exchange is not None:
             self.exchange._wake()
             self._release(self.exchange)
@@ -777,19 +786,50 @@ class _Connection(asyncio.BufferedProtocol):
             client_done = exchange.body_done and not self.filled and not exchange.chunked
             if self.eof or (client_done and not self._may_send_more(exchange)):
                 self.close()
+            elif exchange.remaining > self.limits.linger_bytes:
+                self.close()  # more unread body than a lingering close drains: it would end in a reset anyway
             else:
                 self.linger()  # it may still be sending (a body we did not read, pipelined requests)
             return
         self.exchange = self.parser = None
-        if self.filled:  # part of the next head is here already: it has the head's time
-            self._arm(self.limits.head_timeout_s, self._head_late)
-        else:
-            self._arm(self.limits.keep_alive_s, self._idle)
+        if self.filled:  # a pipelined request is here already
+            self.pause()
+            self._start_pipelined(self.loop.time())
+            return
+        self._arm(self.limits.keep_alive_s, self._idle)
         self.resume()
-        if self.filled:
-            self._advance()
-        elif self.eof:
+        if self.eof:
             self.close()
+
+    def _start_pipelined(self, since: float) -> None:
+        """The next pipelined request once the answers before it have left this host (at most
+        ``PIPELINE_UNSENT_BYTES`` unsent): a client that reads nothing gets no more work done for it, and is
+        closed after ``send_timeout_s``. Reading waits meanwhile; the head then has the head's time."""
+        if self.closed or self.exchange is not None:
+            return
+        if self._unsent_bytes() > PIPELINE_UNSENT_BYTES:
+            if self.loop.time() - since >= self.limits.send_timeout_s:
+                log.info("%s read nothing of its responses for %g s: closed", self.peer, self.limits.send_timeout_s)
+                self.abort()
+            else:
+                self._arm(PIPELINE_CHECK_S, lambda: self._start_pipelined(since))
+            return
+        self._arm(self.limits.head_timeout_s, self._head_late)
+        self.resume()
+        self._advance()
+
+    def _unsent_bytes(self) -> int:
+        """Response bytes not yet sent: the transport's buffer and the kernel's unsent queue (SIOCOUTQNSD)."""
+        if self.transport is None:
+            return 0
+        unsent = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            queued = array.array("i", [0])
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, queued, True)
+                unsent += int(queued[0])
+        return unsent
 
     @staticmethod
     def _may_send_more(exchange: _Exchange) -> bool:
@@ -870,6 +910,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         self.transport.write_eof()
         self.lingering = True
+        self.buffer, self.filled = bytearray(), 0  # nothing more is parsed
         self.linger_left = self.limits.linger_bytes
         self._piece_done(False)
         self._arm(self.limits.linger_s, self.close)
@@ -888,9 +929,15 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.close()
 
     def abort(self) -> None:
+        """End a connection whose client reads nothing with a reset: a close would queue a FIN behind the
+        answers it will never read, and the kernel would keep them (and the client its connection)."""
         if not self.closed and self.transport is not None:
             self.closed = True
             self._disarm()
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.transport.abort()
 
 

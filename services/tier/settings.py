@@ -45,7 +45,7 @@ class TierSettings(BaseSettings):
     )
     body_grace_s: float = Field(default=5.0, gt=0, description="how long a body may arrive at any rate")
     body_idle_s: float = Field(default=30.0, gt=0, description="a body with no byte for this long gets 408")
-    send_timeout_s: float = Field(default=30.0, gt=0, description="a client reading nothing for this is closed")
+    send_timeout_s: float = Field(default=30.0, gt=0, description="a client reading nothing for this is reset")
     compute_slots: int | None = Field(
         default=None, ge=1, description="stage runs at once; default: the device's (a measured device's cores)"
     )

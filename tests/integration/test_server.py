@@ -67,6 +67,9 @@ class Recorder:
             body += message["body"]
             more = message.get("more_body", False)
         self.bodies.append(bytes(body))
+        if path == "/medium":  # more than a few answers' worth of a pipelining client's socket buffers
+            await self._answer(send, 200, bytes(100_000))
+            return
         if path == "/slow":
             await asyncio.sleep(0.5)
             self.finished.append(path)

@@ -23,6 +23,7 @@ from services.tier.server import MAX_HEAD_BYTES, ServerLimits
 from tests.integration.test_server import Recorder, Running, read_response, start
 
 MIB = 1 << 20
+TCP_ESTABLISHED = 1  # tcpi_state, the first byte of Linux's struct tcp_info
 
 
 def rss_bytes() -> int:
@@ -199,6 +200,30 @@ def test_a_client_that_reads_nothing_is_closed_after_the_send_timeout(errors: li
         assert wait_until(lambda: len(served.server.connections) == 1)
         assert wait_until(lambda: not served.server.connections, 5.0), "the connection is still held"
         sock.close()
+
+
+def test_a_client_that_pipelines_and_reads_nothing_gets_one_answer_made_not_a_buffer_full(
+    errors: list[logging.LogRecord],
+) -> None:
+    """Before: each pipelined request was answered as soon as the one before it was in the kernel's send
+    buffer, so a client that read nothing had the server make answers until megabytes of buffers were full
+    (thirty /metrics renders per connection at the tier, a burst that delayed every other client)."""
+    with serving(send_timeout_s=1.0) as served, served.raw() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /medium HTTP/1.1\r\nHost: t\r\n\r\n" * 100)
+        assert wait_until(lambda: len(served.app.bodies) >= 1)
+        time.sleep(0.5)
+        assert len(served.app.bodies) <= 2, f"{len(served.app.bodies)} answers made for a client reading none"
+        assert wait_until(lambda: not served.server.connections, 5.0), "the connection is still held"
+        # a reset, not a FIN queued behind answers that will never be read (the client would never see it)
+        assert wait_until(lambda: sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_ESTABLISHED)
+
+
+def test_a_pipelining_client_that_reads_gets_every_answer(errors: list[logging.LogRecord]) -> None:
+    with serving() as served, served.raw() as sock:
+        sock.sendall(b"GET /medium HTTP/1.1\r\nHost: t\r\n\r\n" * 50)
+        for _ in range(50):
+            assert len(read_response(sock)[1]) == 100_000
 
 
 # ------------------------------------------------------------------------------------------------ closing
