@@ -151,10 +151,11 @@ test: $(STAMP) ## every test ring
 test-unit: $(STAMP) ## the unit ring only
 	$(PY) -m pytest tests/unit
 
-check: $(STAMP) ## lint, format check and types
+check: $(STAMP) ## lint, format check, types and the import rules between tierlab's parts
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy services operators loadgen benchmarks tests
+	$(VENV)/bin/lint-imports --no-cache
 
 fmt: $(STAMP) ## format the code
 	$(VENV)/bin/ruff check --fix .

@@ -1,7 +1,7 @@
 """Fault scenarios: inject the spec's faults into a run while its load goes on, and read what they did.
 
 ``FaultInjector`` runs beside the load (``loadgen.engine.drive``) on the same event loop: at each fault's
-``at_s`` it acts through the stack's runtime (``services.stack.runtime``: kill, pause, limits) or the tiers'
+``at_s`` it acts through the stack's runtime (``services.contracts.runtime``: kill, pause, limits) or the tiers'
 link control (a cut is 100 % loss, see ``services.tier.links``), clears the fault after ``duration_s``, and
 brings the stack back as an orchestrator would: a killed tier is started again, its links re-shaped and
 the run's variants loaded again. Each fault's timeline (injected, cleared, tier ready; ms since the run's
@@ -31,8 +31,8 @@ from loadgen.records import append_json_line
 from loadgen.spec import FaultSpec
 from loadgen.target import Stack
 from services.contracts.errors import ConfigError
+from services.contracts.runtime import TierLimits, TierRuntime
 from services.contracts.specs import LinkName, LinkSpec, TierName
-from services.stack.runtime import Runtime, TierLimits
 
 JOURNAL_FILE = "faults.jsonl"  # each fault's injection and clearing, fsynced: what a killed loadgen left in force
 RECOVERED_WITHIN = 0.10  # latency p50 back within 10 % of before
@@ -86,7 +86,7 @@ class FaultJournal:
                                      "tier": fault.tier, "link": fault.link, **undo})  # fmt: skip
 
 
-def clear_left_in_force(folder: Path, stack: Stack, runtime: Runtime) -> list[str]:
+def clear_left_in_force(folder: Path, stack: Stack, runtime: TierRuntime) -> list[str]:
     """Undo every fault ``faults.jsonl`` shows injected and never cleared (the loadgen died mid-fault);
     returns what was done, for the log."""
     path = folder / JOURNAL_FILE
@@ -129,7 +129,7 @@ class FaultInjector:
         self,
         faults: list[FaultSpec],
         stack: Stack,
-        runtime: Runtime,
+        runtime: TierRuntime,
         loads: ModelLoads,
         links: dict[LinkName, LinkSpec],
         *,

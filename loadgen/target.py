@@ -26,10 +26,10 @@ from services.contracts import pipeline as p
 from services.contracts.codec import Buffer
 from services.contracts.errors import ConfigError, MalformedBody, hop_name
 from services.contracts.repository import RepositoryModelSpec
+from services.contracts.runtime import TierRuntime, Unsupported, runtime_for
 from services.contracts.specs import TIERS, LinkMeasurementSpec, LinkName, LinkSpec, TierName
 from services.contracts.transport import Pool, Reply, probe_links, use_stack_token
 from services.contracts.transport import json_call as control
-from services.stack.runtime import Runtime, runtime_for
 
 STATE_FILE = Path(".local/stack.json")
 CLIENT_OVERHEAD_PAIRS = 200
@@ -109,11 +109,15 @@ class Stack:
         control(f"{self.urls[tier]}/tierlab/memory/reset-peak", method="POST", body={})
 
     def oom_killed(self) -> list[TierName]:
-        """The tiers the kernel's OOM killer stopped, where the runtime can tell (Docker's OOMKilled)."""
-        return self.runtime_control().oom_killed()
+        """The tiers the kernel's OOM killer stopped, where the runtime can tell (Docker's OOMKilled); none
+        where no runtime is installed (the in-stack loadgen)."""
+        try:
+            return self.runtime_control().oom_killed()
+        except Unsupported:
+            return []
 
-    def runtime_control(self) -> Runtime:
-        """The stack's runtime (kill, pause, limits …) for fault scenarios; see ``services.stack.runtime``."""
+    def runtime_control(self) -> TierRuntime:
+        """The stack's runtime (kill, pause, limits …) for fault scenarios (``services.contracts.runtime``)."""
         return runtime_for(self.state, self.state_file)
 
     def served_placements(self, model: str) -> list[str] | None:

@@ -19,6 +19,7 @@ from services.contracts.calibration import measure_speeds
 from services.contracts.device import DeviceModelSpec
 from services.contracts.errors import ConfigError
 from services.contracts.repository import loaded_summary
+from services.contracts.runtime import runtime_for
 from services.contracts.specs import (
     TIERS,
     LinkName,
@@ -39,7 +40,7 @@ from services.stack.compose import (
     state_path,
 )
 from services.stack.docker import output, project_root, run, say
-from services.stack.runtime import RUNTIMES, runtime_for
+from services.stack.runtime import RUNTIMES
 
 
 def network_links(name: str, root: Path) -> dict[LinkName, LinkSpec]:

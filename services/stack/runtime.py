@@ -1,12 +1,9 @@
-"""The stack's runtime: one interface over where the tiers run — Docker containers or local processes.
+"""The stack's runtimes: where the tiers run — local processes, Docker containers or Swarm services.
 
-``make up/down/status`` and the loadgen's fault scenarios go through it, never around it::
-
-    runtime = runtime_for(state, state_file)       # what `make up` recorded in .local/stack.json
-    runtime.kill("edge"); runtime.start("edge")    # SIGKILL, then start it again as an orchestrator would
-    runtime.pause("edge"); runtime.resume("edge")  # freeze (cgroup freezer / SIGSTOP) and thaw
-    runtime.set_limits("edge", cpu_cores=0.2)      # squeeze its CPU (a CFS quota) or memory limit
-    runtime.limits("edge")                         # read back what the runtime applied
+Each implements ``services.contracts.runtime.TierRuntime`` (kill, pause, limits … as the loadgen's fault
+scenarios use them, through ``services.contracts.runtime.runtime_for``, which finds them as the
+``tierlab.runtimes`` entry points in ``pyproject.toml``) and adds ``up``: ``make up/down/status`` and the
+loadgen go through them, never around them.
 
 ``DockerRuntime`` talks to the engine through the Docker SDK (containers found by their compose project and
 service labels); ``LocalRuntime`` signals the tier processes by the pids in the state file and starts a
@@ -24,11 +21,11 @@ import signal
 import subprocess
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from services.contracts.errors import ConfigError
+from services.contracts.runtime import TierLimits, TierProcess, TierRun, TierRuntime, Unsupported
 from services.contracts.specs import TIERS, TierName, network_profile_links
 from services.contracts.transport import json_call, new_control_token, use_stack_token
 from services.demo import local_deployment, write_deployment
@@ -54,35 +51,12 @@ from services.stack.containers import (
 from services.stack.docker import project_root
 from services.stack.swarm import ENGINE_LABEL, STACK, SwarmStack, engine_client
 
-TierRun = Literal["running", "paused", "exited", "missing"]
 _POLL_INTERVAL_S = 0.1
 
 
-class Unsupported(ConfigError):
-    """The runtime cannot do this (e.g. a CPU limit on a local process); the message says what can."""
-
-
-@dataclass(frozen=True, slots=True)
-class TierProcess:
-    """One tier as its runtime sees it (not as it answers: that is its ``/tierlab/status``)."""
-
-    tier: TierName
-    run: TierRun
-    oom_killed: bool = False
-    exit_code: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TierLimits:
-    """The CPU and memory limits the runtime applies to a tier; None = unlimited."""
-
-    cpu_cores: float | None
-    memory_bytes: int | None
-    memory_swap_bytes: int | None = None  # memory + swap, where the runtime sets it apart (Docker)
-
-
 class Runtime(ABC):
-    """Up, down, status and the faults a chaos scenario injects, for one way of running the tiers."""
+    """Up, down, status and the faults a chaos scenario injects, for one way of running the tiers: a
+    ``services.contracts.runtime.TierRuntime`` that also brings the stack up and down."""
 
     name: str
 
@@ -485,9 +459,6 @@ class SwarmRuntime(DockerRuntime):
 RUNTIMES: dict[str, type[Runtime]] = {"local": LocalRuntime, "docker": DockerRuntime, "swarm": SwarmRuntime}
 
 
-def runtime_for(state: dict[str, Any], state_file: Path | None = None) -> Runtime:
-    """The runtime that brought up the stack ``state`` describes (``.local/stack.json``)."""
-    kind = str(state.get("runtime"))
-    if kind not in RUNTIMES:
-        raise ConfigError(f"unknown runtime {kind!r} in the stack's state (known: {', '.join(RUNTIMES)})")
-    return RUNTIMES[kind](state, state_file)
+def as_tier_runtime(runtime: Runtime) -> TierRuntime:
+    """A runtime as its contract (the type checker proves every runtime here keeps it)."""
+    return runtime

@@ -35,13 +35,13 @@ from services.contracts.calibration import measure_speeds
 from services.contracts.device import MAX_P95_OVER_P50, SPEED_TOLERANCE_PCT
 from services.contracts.errors import ConfigError
 from services.contracts.repository import MIB
+from services.contracts.runtime import TierLimits, runtime_for
 from services.contracts.specs import LINKS, TIERS, TierName
 from services.contracts.transport import json_call, probe_links
 from services.demo import build_demo_mlp
 from services.stack.cli import network_links, print_status
 from services.stack.compose import DockerStack, StackSpec, leftovers, override_file, read_state
 from services.stack.docker import output, require_engine
-from services.stack.runtime import TierLimits, runtime_for
 from tests.conftest import infer_over_http
 
 pytestmark = pytest.mark.docker

@@ -21,13 +21,13 @@ import onnxruntime as ort
 import pytest
 
 from loadgen.target import Stack
+from services.contracts.runtime import runtime_for
 from services.contracts.specs import TIERS
 from services.contracts.transport import json_call, probe_links
 from services.demo import build_demo_mlp
 from services.stack.cli import network_links
 from services.stack.compose import StackSpec, read_state, state_path
 from services.stack.nodes import Node, nodes_down, nodes_up
-from services.stack.runtime import runtime_for
 from services.stack.swarm import OVERLAY_MTU, SwarmStack
 from tests.conftest import infer_over_http
 from tests.system.test_stack import profile_limits, require_docker_and_no_stack

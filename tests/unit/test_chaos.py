@@ -14,7 +14,8 @@ from loadgen.chaos import RECOVERY_WINDOW, FaultJournal, clear_left_in_force, fa
 from loadgen.spec import ExperimentSpec, FaultSpec
 from loadgen.target import Stack
 from services.contracts.errors import failure_of
-from services.stack.runtime import LocalRuntime, TierLimits, Unsupported, process_run, wait_gone
+from services.contracts.runtime import TierLimits, Unsupported
+from services.stack.runtime import LocalRuntime, process_run, wait_gone
 
 BASE: dict[str, Any] = {
     "name": "chaos-test",
