@@ -94,7 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from loadgen.chaos import clear_left_in_force
     from loadgen.runner import Experiment, execute, plan_experiment, start_folder
     from loadgen.target import Stack
-    from loadgen.telemetry import LoadgenTelemetry, docker_bridge_address
+    from loadgen.telemetry import LoadgenTelemetry
 
     results = Path(args.results)
     if args.resume:
@@ -118,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("nothing to run: no selected strategy is served by the stack")
     telemetry = LoadgenTelemetry()
     # on the host beside a Docker stack: listen on docker0, where Prometheus reaches host.docker.internal
-    bridge = docker_bridge_address() if stack.runtime == "docker" and args.metrics_bind is None else None
+    bridge = stack.metrics_bind() if args.metrics_bind is None else None
     targets = Path(args.targets_dir) if args.targets_dir else (Path(args.state).parent / "stack" / "targets")
     url = telemetry.serve(args.metrics_bind or bridge or "127.0.0.1", args.metrics_port,
                           targets if (bridge or args.targets_dir) else None,

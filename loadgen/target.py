@@ -116,6 +116,13 @@ class Stack:
         except Unsupported:
             return []
 
+    def metrics_bind(self) -> str | None:
+        """Where a loadgen on this host listens for the stack's Prometheus; None where it cannot reach us."""
+        try:
+            return self.runtime_control().metrics_bind()
+        except Unsupported:
+            return None
+
     def runtime_control(self) -> TierRuntime:
         """The stack's runtime (kill, pause, limits …) for fault scenarios (``services.contracts.runtime``)."""
         return runtime_for(self.state, self.state_file)

@@ -5,8 +5,6 @@ loadgen writes on start and removes at the end (``dashboards/prometheus.yml``, j
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +13,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from services.contracts import metrics as m
 
 LATENCY = "tierlab_loadgen_latency_seconds"
-
-
-def docker_bridge_address() -> str | None:
-    """The host's address on docker0, which containers reach as ``host.docker.internal`` (host-gateway)."""
-    try:
-        text = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", "docker0"], capture_output=True,
-                              text=True, timeout=5, check=False).stdout  # fmt: skip
-    except OSError:
-        return None
-    match = re.search(r"inet (\d+\.\d+\.\d+\.\d+)", text)
-    return match.group(1) if match else None
 
 
 class LoadgenTelemetry:

@@ -88,6 +88,10 @@ class TierRuntime(Protocol):
     def down(self) -> list[str]:
         """Stop every tier and whatever else the runtime started; returns what was stopped."""
 
+    def metrics_bind(self) -> str | None:
+        """The address a loadgen on this host listens on so that the stack's Prometheus scrapes it (as
+        ``host.docker.internal``); None where the stack's Prometheus cannot reach this host."""
+
     def oom_killed(self) -> list[TierName]:
         """The tiers the kernel's OOM killer stopped; none where this process cannot ask."""
 

@@ -19,7 +19,6 @@ from services.contracts.calibration import measure_speeds
 from services.contracts.device import DeviceModelSpec
 from services.contracts.errors import ConfigError
 from services.contracts.repository import loaded_summary
-from services.contracts.runtime import runtime_for
 from services.contracts.specs import (
     TIERS,
     LinkName,
@@ -30,17 +29,15 @@ from services.contracts.specs import (
 from services.contracts.transport import json_call, probe_links
 from services.stack.compose import (
     DEFAULT_SUBJECTS,
-    DockerStack,
     StackSpec,
     available,
     compose_available,
-    leftovers,
     override_file,
     read_state,
     state_path,
 )
 from services.stack.docker import output, project_root, run, say
-from services.stack.runtime import RUNTIMES
+from services.stack.runtime import RUNTIMES, recorded_runtime
 
 
 def network_links(name: str, root: Path) -> dict[LinkName, LinkSpec]:
@@ -67,7 +64,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         say(f"a {existing.get('runtime')} stack is recorded in {state_path(root)}: taking it down first")
         _down(root, existing)
     runtime = RUNTIMES[args.runtime].up(_spec(args), root, args.timeout_s)
-    if runtime.name == "local":
+    if not runtime.contained:
         say("tiers started as local processes (no cgroup limits; links shaped in userspace)")
         return print_status(runtime.state)
     say(f"stack up in {runtime.state['up_s']:.0f} s")
@@ -80,15 +77,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def _down(root: Path, state: dict[str, Any] | None) -> None:
     """Stop what ``state`` records; with no state, whatever the Docker project still has."""
-    runtime = runtime_for(state or {"runtime": "docker"}, state_path(root))
-    stopped = runtime.down()
-    if runtime.name == "local":
-        say(f"stopped local tiers: {', '.join(stopped) or 'none running'}")
-    elif runtime.name == "swarm":
-        say("swarm stack removed")
-    elif compose_available():
-        left = leftovers()
-        say("stack down" + ("" if not any(left.values()) else f"; still there: {left}"))
+    runtime = recorded_runtime(state or {"runtime": "docker"}, state_path(root))
+    say(runtime.said_down(runtime.down()))
     state_path(root).unlink(missing_ok=True)
 
 
@@ -108,7 +98,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def print_status(state: dict[str, Any]) -> int:
     runtime = state.get("runtime")
-    where = f"resources '{state.get('profile')}', " if runtime in ("docker", "swarm") else ""
+    contained = RUNTIMES[str(runtime)].contained if runtime in RUNTIMES else False
+    where = f"resources '{state.get('profile')}', " if contained else ""
     print(f"tierlab stack: {runtime}, {where}network '{state.get('network')}'")
     for tier, node in (state.get("nodes") or {}).items():
         print(f"  {tier:<6} on node {node['hostname']} ({node['address']}, {node['arch']}, {node['cpus']:g} CPUs)")
@@ -118,7 +109,7 @@ def print_status(state: dict[str, Any]) -> int:
         code, status = json_call(f"{url}/tierlab/status")
         if code != 200:
             healthy = False
-            process = runtime_for(state).processes()[tier] if code == 0 else None
+            process = recorded_runtime(state).processes()[tier] if code == 0 else None
             down = "DOWN" + (f" ({process.run})" if process else "")
             if process is not None and process.oom_killed:
                 down = "DOWN (OOM-killed: over its memory limit)"
@@ -161,7 +152,7 @@ def print_status(state: dict[str, Any]) -> int:
             print(f"  prometheus {prometheus}  targets up: {', '.join(up) or 'none yet'} ({len(active)} in all)")
         else:
             print(f"  prometheus {prometheus}  not answering")
-    if runtime in ("docker", "swarm"):
+    if contained:
         grafana, password = state.get("grafana"), state.get("grafana_admin_password_file")
         if grafana:
             print(f"  grafana    {grafana}  (dashboards open to view; admin's password in {password})")
@@ -172,7 +163,7 @@ def print_status(state: dict[str, Any]) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     root = project_root()
-    print(runtime_for(read_state(root) or {"runtime": "docker"}, state_path(root)).logs(args.tail))
+    print(recorded_runtime(read_state(root) or {"runtime": "docker"}, state_path(root)).logs(args.tail))
     return 0
 
 
@@ -246,11 +237,10 @@ def print_device_fits(urls: dict[TierName, str]) -> None:
 def cmd_loadgen(args: argparse.Namespace) -> int:
     root = project_root()
     state = read_state(root)
-    if state is None or state.get("runtime") != "docker":
-        print("the in-stack loadgen needs the Docker stack up (make up); with local tiers use make bench")
+    if state is None:
+        print("the in-stack loadgen needs the Docker stack up (make up)")
         return 1
-    spec = StackSpec.recorded(state, root)
-    return DockerStack(spec, root).run_loadgen(args.spec)
+    return recorded_runtime(state, state_path(root)).run_loadgen(args.spec)
 
 
 def cmd_images(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ Compose comes in two spellings: the v2 plugin (``docker compose``) and the v1.29
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -94,3 +95,14 @@ def say(message: str) -> None:
 
 def project_root() -> Path:
     return Path(__file__).resolve().parents[2]
+
+
+def docker_bridge_address() -> str | None:
+    """The host's address on docker0, which containers reach as ``host.docker.internal`` (host-gateway)."""
+    try:
+        text = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", "docker0"], capture_output=True,
+                              text=True, timeout=5, check=False).stdout  # fmt: skip
+    except OSError:
+        return None
+    match = re.search(r"inet (\d+\.\d+\.\d+\.\d+)", text)
+    return match.group(1) if match else None

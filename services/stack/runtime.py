@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from services.contracts.errors import ConfigError
-from services.contracts.runtime import TierLimits, TierProcess, TierRun, TierRuntime, Unsupported
+from services.contracts.runtime import TierLimits, TierProcess, TierRun, TierRuntime, Unsupported, runtime_for
 from services.contracts.specs import TIERS, TierName, network_profile_links
 from services.contracts.transport import json_call, new_control_token, use_stack_token
 from services.demo import local_deployment, write_deployment
@@ -35,6 +35,7 @@ from services.stack.compose import (
     StackSpec,
     compose_available,
     find_manifests,
+    leftovers,
     override_file,
     state_path,
     write_state,
@@ -48,7 +49,7 @@ from services.stack.containers import (
     update,
     update_nano_cpus,
 )
-from services.stack.docker import project_root
+from services.stack.docker import docker_bridge_address, project_root
 from services.stack.swarm import ENGINE_LABEL, STACK, SwarmStack, engine_client
 
 _POLL_INTERVAL_S = 0.1
@@ -73,9 +74,26 @@ class Runtime(ABC):
     def up(cls, spec: StackSpec, root: Path, timeout_s: float) -> Runtime:
         """Bring the tiers up as ``spec`` says, record the state in ``.local/stack.json``, wait until ready."""
 
+    contained = True  # tiers in containers with cgroup limits, beside Prometheus and Grafana
+
     @abstractmethod
     def down(self) -> list[str]:
         """Stop every tier and whatever else the runtime started; returns what was stopped."""
+
+    def said_down(self, stopped: list[str]) -> str:
+        """What ``make down`` tells the user once ``down`` returned ``stopped``."""
+        return "stack down"
+
+    def metrics_bind(self) -> str | None:
+        """The address a loadgen on this host listens on so that the stack's Prometheus scrapes it (as
+        ``host.docker.internal``); None where the stack's Prometheus cannot reach this host."""
+        return None
+
+    def run_loadgen(self, spec: str) -> int:
+        """Run an experiment from a loadgen inside the stack; its exit code."""
+        raise Unsupported(
+            f"the in-stack loadgen needs the Docker stack (make up); with {self.name} tiers use make bench"
+        )
 
     @abstractmethod
     def processes(self) -> dict[TierName, TierProcess]: ...
@@ -145,6 +163,10 @@ class LocalRuntime(Runtime):
     """Tier processes on this host (``make up RUNTIME=local``, and the integration test ring)."""
 
     name = "local"
+    contained = False
+
+    def said_down(self, stopped: list[str]) -> str:
+        return f"stopped local tiers: {', '.join(stopped) or 'none running'}"
 
     @classmethod
     def up(cls, spec: StackSpec, root: Path, timeout_s: float) -> Runtime:
@@ -389,6 +411,16 @@ class DockerRuntime(Runtime):
         DockerStack(StackSpec.recorded(self.state, self.root), self.root).down()
         return [t for t, p in self.processes().items() if p.run == "missing"]
 
+    def said_down(self, stopped: list[str]) -> str:
+        left = leftovers() if compose_available() else {}
+        return "stack down" + ("" if not any(left.values()) else f"; still there: {left}")
+
+    def metrics_bind(self) -> str | None:
+        return docker_bridge_address()
+
+    def run_loadgen(self, spec: str) -> int:
+        return DockerStack(StackSpec.recorded(self.state, self.root), self.root).run_loadgen(spec)
+
 
 # ------------------------------------------------------------------------------------------- swarm
 
@@ -455,10 +487,28 @@ class SwarmRuntime(DockerRuntime):
         self.stack.down(self.state)
         return list(TIERS)
 
+    def said_down(self, stopped: list[str]) -> str:
+        return "swarm stack removed"
+
+    def metrics_bind(self) -> str | None:
+        return None  # Prometheus runs on the overlay, which does not reach this host's docker0
+
+    def run_loadgen(self, spec: str) -> int:
+        return Runtime.run_loadgen(self, spec)
+
 
 RUNTIMES: dict[str, type[Runtime]] = {"local": LocalRuntime, "docker": DockerRuntime, "swarm": SwarmRuntime}
 
 
 def as_tier_runtime(runtime: Runtime) -> TierRuntime:
     """A runtime as its contract (the type checker proves every runtime here keeps it)."""
+    return runtime
+
+
+def recorded_runtime(state: dict[str, Any], state_file: Path | None = None) -> Runtime:
+    """The runtime that brought up the stack ``state`` describes, with what the stack's commands need
+    beyond the contract (down's message, the in-stack loadgen)."""
+    runtime = runtime_for(state, state_file)
+    if not isinstance(runtime, Runtime):
+        raise ConfigError(f"the {runtime.name} runtime installed here is not one of tierlab's stack runtimes")
     return runtime
