@@ -23,9 +23,10 @@ from rich.table import Table
 
 from loadgen import chaos
 from loadgen.records import RecordsFull
-from loadgen.spec import SCHEMA_FILE_NAME, SPECS_DIR, SWEEP_PREFIX, json_schema, load_spec
+from loadgen.spec import SCHEMA_FILE_NAME, SPECS_DIR, json_schema, load_spec
 from services.contracts.decisions import AnswerSpec
 from services.contracts.errors import ConfigError
+from services.contracts.runkey import SweepCell
 
 console = Console(stderr=True)
 SCHEMA_FILE = SPECS_DIR / SCHEMA_FILE_NAME
@@ -192,7 +193,7 @@ def print_ranking(summary: dict[str, Any], per_tier: int = 3) -> None:
     out = Console(width=None if console.is_terminal else 140)
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for e in summary["strategies"]:
-        if not e["network"].startswith(SWEEP_PREFIX):
+        if not SweepCell.names(e["network"]):
             groups.setdefault((e["subject"], e["scenario"], e["network"]), []).append(e)
     for (subject, scenario, network), entries in groups.items():
         table = Table(title=f"{subject} · {scenario} · network {network}", title_justify="left")

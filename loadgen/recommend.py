@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from loadgen.accuracy import IDENTITY, decide
-from loadgen.spec import SWEEP_PREFIX
 from services.contracts.decisions import (
     AccuracyDecisionSpec,
     AnswerSpec,
@@ -31,6 +30,7 @@ from services.contracts.decisions import (
     VariantAccuracySpec,
     VerdictSpec,
 )
+from services.contracts.runkey import Strategy, SweepCell
 
 MAX_ERROR_RATE = 0.01
 # the constraints the report and summary.json answer for: (name, p95 budget in ms or None, accuracy drop)
@@ -71,7 +71,7 @@ def groups_of(summary: Mapping[str, Any]) -> dict[tuple[str, str, str], list[dic
     """The summary's runs by subject × scenario × network (sweep cells are the heatmap's, not answered)."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for e in summary["strategies"]:
-        if not e["network"].startswith(SWEEP_PREFIX):
+        if not SweepCell.names(e["network"]):
             groups.setdefault((e["subject"], e["scenario"], e["network"]), []).append(e)
     return groups
 
@@ -183,7 +183,7 @@ def kinds_text(kinds: Mapping[str, int]) -> str:
 def _also(a: AnswerSpec) -> str:
     parts = []
     if a.undecided:
-        shown = ", ".join(f"{u.strategy.split('@')[0].split('.', 1)[1]}@{u.placement} (p95 {u.p95_ms:.2f})"
+        shown = ", ".join(f"{Strategy.parse(u.strategy).operator}@{u.placement} (p95 {u.p95_ms:.2f})"
                           for u in a.undecided[:2])  # fmt: skip
         parts.append(f"faster, accuracy undecided: {shown}")
     if a.winner is None and a.untrusted:

@@ -25,10 +25,10 @@ from loadgen.accuracy import describe_drop
 from loadgen.chaos import FAULT_COLUMNS
 from loadgen.recommend import ANSWER_HEAD, answer_rows, explain, standard_answers
 from loadgen.records import by_run
-from loadgen.spec import SWEEP_PREFIX
 from loadgen.stats import pareto_front
 from services.contracts.decisions import AnswerSpec, IntervalSpec, VariantAccuracySpec
 from services.contracts.device import DeviceModelSpec
+from services.contracts.runkey import SweepCell
 
 REPORT_FILE = "report.html"
 
@@ -379,7 +379,7 @@ def build_report(summary: dict[str, Any], records: list[dict[str, Any]], bundle:
     figures = _Figures()
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for e in entries:
-        if not e["network"].startswith(SWEEP_PREFIX):
+        if not SweepCell.names(e["network"]):
             groups.setdefault((e["subject"], e["scenario"], e["network"]), []).append(e)
     for (subject, scenario, network), group in groups.items():
         figures.group(f"{subject} · {scenario} · network {network}", group, grouped)

@@ -32,7 +32,7 @@ from loadgen.chaos import FaultInjector, FaultJournal, event_dicts
 from loadgen.engine import Done, Issue, RealClock, StopRule, drive
 from loadgen.loads import ModelLoads
 from loadgen.records import LOST_CAUSE, LOST_ERROR, RecordWriter, Resumed, mark_finished, resume_state
-from loadgen.spec import SWEEP_PREFIX, ExperimentSpec, ScenarioSpec, StoppingSpec
+from loadgen.spec import ExperimentSpec, ScenarioSpec, StoppingSpec
 from loadgen.target import Answer, PreparedRequest, Stack
 from loadgen.telemetry import LoadgenTelemetry
 from services.contracts import pipeline as p
@@ -40,6 +40,7 @@ from services.contracts.calibration import measure_speeds
 from services.contracts.device import CpuThrottlingSpec
 from services.contracts.errors import BadParameter, ConfigError, failure_of
 from services.contracts.manifest import ManifestSpec, load_manifest
+from services.contracts.runkey import Strategy, SweepCell
 from services.contracts.samples import SampleSet, load_samples
 from services.contracts.scoring import score_item
 from services.contracts.specs import LinkName, LinkSpec, network_profile_links, placements_for
@@ -60,7 +61,7 @@ class RunPlan:
 
     @property
     def strategy(self) -> str:
-        return f"{self.model}@{self.placement}"
+        return str(Strategy(self.model, self.placement))
 
     @property
     def key(self) -> str:
@@ -109,10 +110,6 @@ def network_links(name: str) -> dict[LinkName, LinkSpec]:
     return network_profile_links(PROJECT_ROOT / "compose" / f"network-{name}.yml")
 
 
-def sweep_network(row_rate: float, column_rate: float) -> str:
-    return f"{SWEEP_PREFIX}{row_rate:g}x{column_rate:g}"
-
-
 def plan_experiment(spec: ExperimentSpec, stack: Stack, models_dir: Path) -> Plan:
     """Every run the spec asks for that the stack can serve; what it cannot is listed, not silently dropped."""
     plan = Plan([])
@@ -153,12 +150,11 @@ def plan_experiment(spec: ExperimentSpec, stack: Stack, models_dir: Path) -> Pla
                 )
     if spec.sweep is not None:
         stopping = StoppingSpec(min_samples=spec.sweep.samples, max_samples=spec.sweep.samples, max_duration_s=60)
-        planned = {f"{m.name}@{pl}" for _, m, pl in chosen}
+        planned = {Strategy(m.name, pl) for _, m, pl in chosen}
         sweepable = []
-        for strategy in spec.sweep.strategies:
-            model, _, placement = strategy.partition("@")
-            if strategy in planned or placement in (stack.served_placements(model) or []):
-                sweepable.append((model, placement))
+        for strategy in map(Strategy.parse, spec.sweep.strategies):
+            if strategy in planned or strategy.placement in (stack.served_placements(strategy.model) or []):
+                sweepable.append((strategy.model, strategy.placement))
             else:
                 plan.skipped.append(f"sweep {strategy}: not served")
         for row, column in spec.sweep.cells():
@@ -171,7 +167,7 @@ def plan_experiment(spec: ExperimentSpec, stack: Stack, models_dir: Path) -> Pla
                         variant,
                         placement,
                         ScenarioSpec(kind="single-stream"),
-                        sweep_network(row, column),
+                        str(SweepCell(row, column)),
                         stopping,
                         2,
                     )
@@ -461,10 +457,10 @@ class Experiment:
 
     def network_links(self, network: str) -> dict[LinkName, LinkSpec]:
         """The link conditions of a network of this experiment (a profile, or a sweep cell)."""
-        if network.startswith(SWEEP_PREFIX):
+        if SweepCell.names(network):
             assert self.spec.sweep is not None
-            row, column = (float(v) for v in network.removeprefix(SWEEP_PREFIX).split("x"))
-            return self.spec.sweep.links(network_links(self.spec.networks[0]), row, column)
+            cell = SweepCell.parse(network)
+            return self.spec.sweep.links(network_links(self.spec.networks[0]), cell.row_mbit_s, cell.column_mbit_s)
         return network_links(network)
 
     def apply_network(self, network: str, bundle: dict[str, Any], *, measure: bool) -> None:
@@ -556,7 +552,7 @@ async def _execute(experiment: Experiment, plan: Plan, progress: Any) -> None:
         for i, run in enumerate(todo):
             if run.network != current_network:
                 _close_network(experiment, current_network, bundle, bundle_path)
-                experiment.apply_network(run.network, bundle, measure=not run.network.startswith(SWEEP_PREFIX))
+                experiment.apply_network(run.network, bundle, measure=not SweepCell.names(run.network))
                 write_json(bundle_path, bundle)
                 current_network = run.network
             why_not = loads.prepare(run.model, run.placement, run.network)

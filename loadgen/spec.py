@@ -22,8 +22,6 @@ from services.contracts.specs import LinkName, LinkSpec, TierName
 SPECS_DIR = Path(__file__).parent / "specs"
 SCHEMA_FILE_NAME = "schema.json"
 ScenarioKind = Literal["single-stream", "server", "offline", "burst"]
-# the network name of a sweep cell: sweep:<rows rate>x<columns rate>
-SWEEP_PREFIX = "sweep:"
 
 
 class ScenarioSpec(FrozenSpec):

@@ -23,8 +23,9 @@ from loadgen.chaos import fault_rows
 from loadgen.convergence import convergence
 from loadgen.recommend import standard_answers
 from loadgen.records import MAX_HOPS, by_run
-from loadgen.spec import SWEEP_PREFIX, SweepSpec
+from loadgen.spec import SweepSpec
 from loadgen.verdict import judge
+from services.contracts.runkey import SweepCell
 from services.contracts.scoring import OfflineOutcomes
 
 ALPHA = 0.05
@@ -187,7 +188,7 @@ def summarise(
             faults += [{"run": e["run"], "strategy": e["strategy"], "scenario": e["scenario"], **r} for r in rows]
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for e in entries:
-        if not e["network"].startswith(SWEEP_PREFIX):
+        if not SweepCell.names(e["network"]):
             groups[(e["subject"], e["scenario"], e["network"])].append(e)
     comparisons = [
         {"subject": s, "scenario": sc, "network": n, **compare_group(es, grouped)} for (s, sc, n), es in groups.items()
@@ -206,10 +207,10 @@ def summarise(
 
 
 def _sweep(entries: list[dict[str, Any]], spec: SweepSpec | None) -> dict[str, Any] | None:
-    cells = [e for e in entries if e["network"].startswith(SWEEP_PREFIX)]
+    cells = [e for e in entries if SweepCell.names(e["network"])]
     if not cells:
         return None
-    rates = [tuple(float(v) for v in e["network"].removeprefix(SWEEP_PREFIX).split("x")) for e in cells]
+    rates = [(c.row_mbit_s, c.column_mbit_s) for c in (SweepCell.parse(e["network"]) for e in cells)]
     rows, columns = sorted({r for r, _ in rates}), sorted({c for _, c in rates})
     strategies = sorted({e["strategy"] for e in cells})
     p50 = {s: [[math.nan] * len(columns) for _ in rows] for s in strategies}

@@ -42,6 +42,7 @@ from services.contracts.kernels import KernelClass, profile_shares
 from services.contracts.manifest import ManifestSpec, load_manifest, verify_stage_files
 from services.contracts.pipeline import HopTiming, PipelineRequest
 from services.contracts.repository import MIB, ModelState, RepositoryModelSpec, StartupModels, estimated_peak_mib
+from services.contracts.runkey import Strategy
 from services.contracts.specs import TIERS, DeploymentSpec, Placement, TierName, placements_for
 from services.tier.forwarder import Forwarder
 from services.tier.limits import (
@@ -98,7 +99,7 @@ class ServedModel:
         return next(starting_here, next(iter(self.placements)))
 
     def strategy(self, placement: str) -> str:
-        return f"{self.name}@{placement}"
+        return str(Strategy(self.name, placement))
 
     def stages_on(self, tier: TierName) -> list[int]:
         """Every stage some served placement puts on ``tier`` (the sessions the tier must load)."""
