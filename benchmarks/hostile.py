@@ -93,7 +93,9 @@ class Legit:
 def _attacker(stack: Stack, path: str, args: argparse.Namespace, header_bytes: int) -> subprocess.Popen[str]:
     """``benchmarks/attack.py`` in the tier image, on the device network (another address than this
     host's), limited to ``--attacker-cpus``: hostile clients on another machine."""
-    image = stack.state["images"]["tier"]
+    if stack.state.images is None:
+        raise ConfigError("the stack's state names no tier image: make up")
+    image = stack.state.images.tier
     script = Path(__file__).with_name("attack.py").resolve()
     argv = ["docker", "run", "--rm", "--network", f"{PROJECT}_device", "--cpus", f"{args.attacker_cpus:g}",
             "--memory", "1g", "-v", f"{script}:/attack.py:ro", "--entrypoint", "python", image, "/attack.py",

@@ -109,9 +109,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         for cleared in clear_left_in_force(folder, stack, stack.runtime_control()):
             console.print(cleared)
     stack.check_ready()
-    if spec.resources and stack.state.get("profile") != spec.resources:
+    if spec.resources and stack.state.profile != spec.resources:
         raise ConfigError(f"spec '{spec.name}' wants resources '{spec.resources}'; the stack is up with "
-                          f"'{stack.state.get('profile')}' (make up PROFILE={spec.resources})")  # fmt: skip
+                          f"'{stack.state.profile}' (make up PROFILE={spec.resources})")  # fmt: skip
     plan = plan_experiment(spec, stack, Path(args.models))
     for skipped in plan.skipped:
         console.print(f"skipped: {skipped}")

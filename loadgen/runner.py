@@ -247,7 +247,7 @@ def environment_bundle(stack: Stack, spec: ExperimentSpec) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "versions": {k: version(k) for k in ("onnxruntime", "numpy", "fastapi", "uvicorn", "tierlab")},
         "seed": spec.seed,
-        "stack": {k: stack.state.get(k) for k in ("runtime", "profile", "network", "images", "subjects", "nodes")},
+        "stack": stack.state.model_dump(include={"runtime", "profile", "network", "images", "subjects", "nodes"}),
         "tiers": {
             t: {k: status.get(k) for k in ("limits", "onnxruntime", "device", "device_model", "host")}
             for t, status in statuses.items()
@@ -573,6 +573,6 @@ async def _execute(experiment: Experiment, plan: Plan, progress: Any) -> None:
         loads.release()
         writer.close()
         experiment.stack.close()
-        own = experiment.stack.state.get("network")
+        own = experiment.stack.state.network
         if current_network is not None and own and own != current_network:
             experiment.stack.shape(network_links(str(own)))  # leave the stack as `make up` made it

@@ -28,6 +28,7 @@ from services.contracts.errors import ConfigError, MalformedBody, hop_name
 from services.contracts.repository import RepositoryModelSpec
 from services.contracts.runtime import TierRuntime, Unsupported, runtime_for
 from services.contracts.specs import TIERS, LinkMeasurementSpec, LinkName, LinkSpec, TierName
+from services.contracts.stack_state import StackStateSpec, read_stack_state
 from services.contracts.transport import Pool, Reply, probe_links, use_stack_token
 from services.contracts.transport import json_call as control
 
@@ -68,7 +69,7 @@ class Sent:
 class Stack:
     """The running tiers: where to send, how to re-shape and measure links, what they serve."""
 
-    def __init__(self, urls: dict[TierName, str], state: dict[str, Any], state_file: Path | None = None) -> None:
+    def __init__(self, urls: dict[TierName, str], state: StackStateSpec, state_file: Path | None = None) -> None:
         self.urls = urls
         self.state = state
         self.state_file = state_file
@@ -78,11 +79,13 @@ class Stack:
     @classmethod
     def from_state(cls, path: Path = STATE_FILE) -> Stack:
         """The stack ``make up`` recorded (``check_ready`` says whether it serves)."""
-        try:
-            state = json.loads(path.read_text())
-        except OSError:
-            raise ConfigError(f"no stack is up ({path} is missing): run `make up` first") from None
-        urls = {t: state["urls"][t] for t in TIERS}
+        state = read_stack_state(path)
+        if state is None:
+            raise ConfigError(f"no stack is up ({path} is missing or not a stack's state): run `make up` first")
+        missing = [t for t in TIERS if t not in state.urls]
+        if missing:
+            raise ConfigError(f"the stack in {path} has no {', '.join(missing)} tier: make up")
+        urls = {t: state.urls[t] for t in TIERS}
         use_stack_token(state)  # control calls (links, loads, probes) carry the stack's token
         return cls(urls, state, path)
 
@@ -90,7 +93,7 @@ class Stack:
 
     @property
     def runtime(self) -> str:
-        return str(self.state.get("runtime", "unknown"))
+        return self.state.runtime
 
     def check_ready(self) -> None:
         for tier in TIERS:

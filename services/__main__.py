@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -25,6 +24,7 @@ from pydantic import ValidationError
 
 from services.contracts.errors import ConfigError
 from services.contracts.repository import loaded_summary
+from services.contracts.stack_state import read_stack_state, write_stack_state
 from services.tier.settings import TierSettings
 
 
@@ -120,8 +120,7 @@ def run_local(args: argparse.Namespace) -> int:
     for tier in stack.tiers:
         print(f"{tier:>6}  {stack.url(tier)}  (log {stack.log_path(tier)})")
     if args.detach:
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        state_file.write_text(json.dumps(stack.state(), indent=2))
+        write_stack_state(state_file, stack.state())
         print(f"tiers ready in the background; stop them with: python -m services down --state {state_file}")
         return 0
     print("tiers ready; Ctrl-C stops them")
@@ -144,10 +143,11 @@ def run_down(args: argparse.Namespace) -> int:
     from services.stack.runtime import LocalRuntime
 
     state_file = Path(args.state)
-    if not state_file.exists():
+    state = read_stack_state(state_file)
+    if state is None:
         print("no local tiers running (nothing to stop)")
         return 0
-    stopped = LocalRuntime(json.loads(state_file.read_text())).down()
+    stopped = LocalRuntime(state).down()
     state_file.unlink()
     print(f"stopped: {', '.join(stopped) or 'none were still running'}")
     return 0

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from services.contracts.specs import TIERS, TierName, load_deployment
+from services.contracts.stack_state import LocalTierSpec, StackStateSpec
 from services.contracts.transport import json_call
 
 _POLL_INTERVAL_S = 0.1
@@ -133,18 +134,18 @@ class LocalStack:
                 process.wait()
         self.processes.clear()
 
-    def state(self) -> dict[str, object]:
+    def state(self) -> StackStateSpec:
         """What another process needs to find, stop and start the tiers again (``services.stack.runtime``)."""
-        return {
-            "runtime": "local",
-            "deployment": str(self.deployment),
-            "urls": {t: self.url(t) for t in self.processes},
-            "env": self.env_overrides,
-            "tiers": {
-                t: {"pid": p.pid, "url": self.url(t), "log": str(self.log_path(t)), "argv": self.argvs[t]}
+        return StackStateSpec(
+            runtime="local",
+            deployment=str(self.deployment),
+            urls={t: self.url(t) for t in self.processes},
+            env=self.env_overrides,
+            tiers={
+                t: LocalTierSpec(pid=p.pid, url=self.url(t), log=str(self.log_path(t)), argv=self.argvs[t])
                 for t, p in self.processes.items()
             },
-        }
+        )
 
     def __enter__(self) -> LocalStack:
         self.start()

@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from services.contracts.errors import ConfigError
 from services.contracts.specs import TierName
+from services.contracts.stack_state import StackStateSpec
 
 ENTRY_POINT_GROUP = "tierlab.runtimes"
 TierRun = Literal["running", "paused", "exited", "missing"]
@@ -55,7 +56,7 @@ class TierRuntime(Protocol):
     """The faults a chaos scenario injects and what it reads back, for one way of running the tiers."""
 
     name: str
-    state: dict[str, Any]
+    state: StackStateSpec
 
     def processes(self) -> dict[TierName, TierProcess]: ...
 
@@ -104,9 +105,9 @@ def installed_runtimes() -> dict[str, Any]:
     return {point.name: point for point in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def runtime_for(state: dict[str, Any], state_file: Path | None = None) -> TierRuntime:
+def runtime_for(state: StackStateSpec, state_file: Path | None = None) -> TierRuntime:
     """The runtime that brought up the stack ``state`` describes (``.local/stack.json``)."""
-    kind = str(state.get("runtime"))
+    kind = state.runtime
     installed = installed_runtimes()
     if kind not in installed:
         known = ", ".join(sorted(installed)) or "none"

@@ -27,6 +27,7 @@ import httptools
 from services.contracts.codec import Buffer
 from services.contracts.errors import ConfigError
 from services.contracts.specs import LINK_SENDERS, LinkMeasurementSpec, TierName
+from services.contracts.stack_state import StackStateSpec
 
 _MAX_IDLE_CONNECTIONS = 32
 CONTROL_TOKEN_FILE = "control-token"  # written by `make up` into the stack's folder, mounted into the tiers
@@ -59,9 +60,9 @@ def use_control_token(token: str | None) -> None:
     _control_token[:] = [token] if token else []
 
 
-def use_stack_token(state: Mapping[str, Any]) -> None:
+def use_stack_token(state: StackStateSpec) -> None:
     """Control calls to a stack carry the token its state file names (a stack without one is open)."""
-    path = state.get("control_token_file")
+    path = state.control_token_file
     use_control_token(read_control_token(path) if path else None)
 
 

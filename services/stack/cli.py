@@ -26,6 +26,7 @@ from services.contracts.specs import (
     TierName,
     network_profile_links,
 )
+from services.contracts.stack_state import StackStateSpec
 from services.contracts.transport import json_call, probe_links
 from services.stack.compose import (
     DEFAULT_SUBJECTS,
@@ -61,23 +62,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     root = project_root()
     existing = read_state(root)
     if existing is not None:
-        say(f"a {existing.get('runtime')} stack is recorded in {state_path(root)}: taking it down first")
+        say(f"a {existing.runtime} stack is recorded in {state_path(root)}: taking it down first")
         _down(root, existing)
     runtime = RUNTIMES[args.runtime].up(_spec(args), root, args.timeout_s)
     if not runtime.contained:
         say("tiers started as local processes (no cgroup limits; links shaped in userspace)")
         return print_status(runtime.state)
-    say(f"stack up in {runtime.state['up_s']:.0f} s")
+    say(f"stack up in {runtime.state.up_s or 0:.0f} s")
     code = cmd_status(args)
     print("device speed (the calibration model on each tier vs this host; `make fidelity` adds the links):")
-    for problem in print_speed_fidelity(runtime.state["urls"], runs=30):
+    for problem in print_speed_fidelity(runtime.state.urls, runs=30):
         print(f"  outside tolerance: {problem}")
     return code
 
 
-def _down(root: Path, state: dict[str, Any] | None) -> None:
+def _down(root: Path, state: StackStateSpec | None) -> None:
     """Stop what ``state`` records; with no state, whatever the Docker project still has."""
-    runtime = recorded_runtime(state or {"runtime": "docker"}, state_path(root))
+    runtime = recorded_runtime(state or StackStateSpec(runtime="docker", urls={}), state_path(root))
     say(runtime.said_down(runtime.down()))
     state_path(root).unlink(missing_ok=True)
 
@@ -96,16 +97,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return print_status(state)
 
 
-def print_status(state: dict[str, Any]) -> int:
-    runtime = state.get("runtime")
-    contained = RUNTIMES[str(runtime)].contained if runtime in RUNTIMES else False
-    where = f"resources '{state.get('profile')}', " if contained else ""
-    print(f"tierlab stack: {runtime}, {where}network '{state.get('network')}'")
-    for tier, node in (state.get("nodes") or {}).items():
+def print_status(state: StackStateSpec) -> int:
+    runtime = state.runtime
+    contained = RUNTIMES[runtime].contained if runtime in RUNTIMES else False
+    where = f"resources '{state.profile}', " if contained else ""
+    print(f"tierlab stack: {runtime}, {where}network '{state.network}'")
+    for tier, node in state.nodes.items():
         print(f"  {tier:<6} on node {node['hostname']} ({node['address']}, {node['arch']}, {node['cpus']:g} CPUs)")
     healthy = True
     for tier in TIERS:
-        url = state["urls"][tier]
+        url = state.urls[tier]
         code, status = json_call(f"{url}/tierlab/status")
         if code != 200:
             healthy = False
@@ -143,7 +144,7 @@ def print_status(state: dict[str, Any]) -> int:
                 f"delay {link['delay_ms']:g}±{link['jitter_ms']:g} ms, {rate}, loss {link['loss_pct']:g} % "
                 f"{link['note']}"
             )
-    prometheus = state.get("prometheus")
+    prometheus = state.prometheus
     if prometheus:
         code, targets = json_call(f"{prometheus}/api/v1/targets")
         if code == 200:
@@ -153,7 +154,7 @@ def print_status(state: dict[str, Any]) -> int:
         else:
             print(f"  prometheus {prometheus}  not answering")
     if contained:
-        grafana, password = state.get("grafana"), state.get("grafana_admin_password_file")
+        grafana, password = state.grafana, state.grafana_admin_password_file
         if grafana:
             print(f"  grafana    {grafana}  (dashboards open to view; admin's password in {password})")
         else:
@@ -163,7 +164,8 @@ def print_status(state: dict[str, Any]) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     root = project_root()
-    print(recorded_runtime(read_state(root) or {"runtime": "docker"}, state_path(root)).logs(args.tail))
+    state = read_state(root) or StackStateSpec(runtime="docker", urls={})
+    print(recorded_runtime(state, state_path(root)).logs(args.tail))
     return 0
 
 
@@ -172,11 +174,11 @@ def cmd_fidelity(args: argparse.Namespace) -> int:
     if state is None:
         print("no stack is up (make up)")
         return 1
-    problems = print_speed_fidelity(state["urls"], runs=args.runs)
+    problems = print_speed_fidelity(state.urls, runs=args.runs)
     print()
     print(f"{'link':<13}{'backend':<15}{'RTT configured':>15}{'measured p50':>14}{'path':>10}{'rate configured':>17}"
           f"{'goodput expected':>18}{'measured':>10}")  # fmt: skip
-    for m in probe_links(state["urls"], pings=args.pings, repeats=args.probes):
+    for m in probe_links(state.urls, pings=args.pings, repeats=args.probes):
         rate = m.configured.rate_mbit
         expected = m.expected_goodput_mbit
         print(

@@ -8,18 +8,17 @@ read-only ``/models`` mount, peers by compose service name); links come from the
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from services.contracts.device import DeviceModelSpec, DeviceSpec
 from services.contracts.errors import ConfigError
 from services.contracts.specs import TIERS, DeploymentSpec, ModelEntrySpec, TierEndpointSpec, TierName
+from services.contracts.stack_state import StackStateSpec, read_stack_state, write_stack_state
 from services.contracts.transport import CONTROL_TOKEN_FILE, json_call, new_control_token, use_stack_token
 from services.demo import DEFAULT_PORTS
 from services.devices.cli import device_models
@@ -56,14 +55,14 @@ class StackSpec:
     startup_models: str = "none"  # the tiers' TIERLAB_STARTUP_MODELS: none, all, or names
 
     @classmethod
-    def recorded(cls, state: dict[str, Any], root: Path) -> StackSpec:
+    def recorded(cls, state: StackStateSpec, root: Path) -> StackSpec:
         """The spec a recorded stack was brought up with (the defaults where a profile file is gone since:
         the containers are found by project and service name, not by the files)."""
-        profile, network = state.get("profile") or cls.profile, state.get("network") or cls.network
+        profile, network = state.profile or cls.profile, state.network or cls.network
         return cls(
             profile if profile in available("resources", root) else cls.profile,
             network if network in available("network", root) else cls.network,
-            Path(state.get("models_dir") or cls.models_dir),
+            Path(state.models_dir or cls.models_dir),
         )
 
     def compose_files(self, root: Path) -> list[Path]:
@@ -171,7 +170,7 @@ class DockerStack:
         )
         return manifests, token_file, grafana_password
 
-    def up(self, timeout_s: float = 300.0) -> dict[str, Any]:
+    def up(self, timeout_s: float = 300.0) -> StackStateSpec:
         require_engine()
         started = time.monotonic()
         images = ensure_images(with_grafana=self.spec.with_grafana)
@@ -180,32 +179,27 @@ class DockerStack:
         self._compose("up", "-d", "--remove-orphans", images=images, profiles=("grafana",) if grafana else ())
         self.wait_ready(timeout_s)
         self.wait_scraped(f"http://127.0.0.1:{PROMETHEUS_PORT}")
-        state = {
-            "runtime": "docker",
-            "profile": self.spec.profile,
-            "network": self.spec.network,
-            "models_dir": str(self.spec.models_dir),
-            "subjects": list(self.spec.subjects),
-            "urls": {t: f"http://127.0.0.1:{HOST_PORTS[t]}" for t in TIERS},
-            "prometheus": f"http://127.0.0.1:{PROMETHEUS_PORT}",
-            "grafana": f"http://127.0.0.1:{GRAFANA_PORT}" if grafana else None,
-            "grafana_admin_password_file": str(grafana_password) if grafana else None,
-            "images": {
-                "tier": images.tier,
-                "prometheus": images.prometheus,
-                "grafana": images.grafana,
-                "base": images.base,
-            },
-            "up_s": round(time.monotonic() - started, 1),
-            "control_token_file": str(token_file),
-        }
-        write_state(self.root, state)
+        state = StackStateSpec(
+            runtime="docker",
+            profile=self.spec.profile,
+            network=self.spec.network,
+            models_dir=str(self.spec.models_dir),
+            subjects=list(self.spec.subjects),
+            urls={t: f"http://127.0.0.1:{HOST_PORTS[t]}" for t in TIERS},
+            prometheus=f"http://127.0.0.1:{PROMETHEUS_PORT}",
+            grafana=f"http://127.0.0.1:{GRAFANA_PORT}" if grafana else None,
+            grafana_admin_password_file=str(grafana_password) if grafana else None,
+            images=images.spec(),
+            up_s=round(time.monotonic() - started, 1),
+            control_token_file=str(token_file),
+        )
+        write_stack_state(state_path(self.root), state)
         use_stack_token(state)
         # the same, as a loadgen container inside the stack sees the tiers
-        urls: dict[str, str] = {t: f"http://{t}:{CONTAINER_PORT}" for t in TIERS}
+        urls: dict[TierName, str] = {t: f"http://{t}:{CONTAINER_PORT}" for t in TIERS}
         urls["mobile"] = f"http://mobile-device:{CONTAINER_PORT}"
-        inside = {**state, "urls": urls, "control_token_file": f"{STACK_MOUNT}/{CONTROL_TOKEN_FILE}"}
-        (self.stack_dir / "stack-internal.json").write_text(json.dumps(inside, indent=2))
+        inside = state.model_copy(update={"urls": urls, "control_token_file": f"{STACK_MOUNT}/{CONTROL_TOKEN_FILE}"})
+        write_stack_state(self.stack_dir / "stack-internal.json", inside)
         return state
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -318,17 +312,9 @@ def state_path(root: Path) -> Path:
     return root / ".local" / "stack.json"
 
 
-def write_state(root: Path, state: dict[str, Any]) -> None:
-    path = state_path(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(state, indent=2))
-
-
-def read_state(root: Path) -> dict[str, Any] | None:
+def read_state(root: Path) -> StackStateSpec | None:
     """The running stack's state (None when none is up); this process's control calls carry its token."""
-    try:
-        state = dict(json.loads(state_path(root).read_text()))
-    except (OSError, ValueError):
-        return None
-    use_stack_token(state)
+    state = read_stack_state(state_path(root))
+    if state is not None:
+        use_stack_token(state)
     return state

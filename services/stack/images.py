@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.contracts.errors import ConfigError
+from services.contracts.stack_state import StackImagesSpec
 from services.stack.docker import image_exists, output, project_root, run, say, try_pull
 
 REGISTRY_BASE = "python:3.11-slim"
@@ -44,6 +45,10 @@ class ImageSet:
     prometheus: str
     grafana: str | None
     base: str
+
+    def spec(self) -> StackImagesSpec:
+        """As the stack's state records them."""
+        return StackImagesSpec(tier=self.tier, prometheus=self.prometheus, grafana=self.grafana, base=self.base)
 
     def environment(self) -> dict[str, str]:
         """The variables docker-compose.yml reads its image names from."""

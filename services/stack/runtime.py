@@ -15,7 +15,6 @@ engine (``services/stack/swarm.py``).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -27,6 +26,7 @@ from typing import Any
 from services.contracts.errors import ConfigError
 from services.contracts.runtime import TierLimits, TierProcess, TierRun, TierRuntime, Unsupported, runtime_for
 from services.contracts.specs import TIERS, TierName, network_profile_links
+from services.contracts.stack_state import LocalTierSpec, StackStateSpec, write_stack_state
 from services.contracts.transport import json_call, new_control_token, use_stack_token
 from services.demo import local_deployment, write_deployment
 from services.local import LocalStack
@@ -38,7 +38,6 @@ from services.stack.compose import (
     leftovers,
     override_file,
     state_path,
-    write_state,
 )
 from services.stack.containers import (
     PROJECT,
@@ -61,7 +60,7 @@ class Runtime(ABC):
 
     name: str
 
-    def __init__(self, state: dict[str, Any], state_file: Path | None = None) -> None:
+    def __init__(self, state: StackStateSpec, state_file: Path | None = None) -> None:
         self.state, self.state_file = state, state_file
 
     @property
@@ -148,7 +147,7 @@ class Runtime(ABC):
     def wait_ready(self, tier: TierName, timeout_s: float) -> float:
         """Seconds until ``tier`` answers ready (raises ``ConfigError`` after ``timeout_s``)."""
         started = time.monotonic()
-        url = f"{self.state['urls'][tier]}/v2/health/ready"
+        url = f"{self.state.urls[tier]}/v2/health/ready"
         while time.monotonic() - started < timeout_s:
             if json_call(url, timeout_s=1.0)[0] == 200:
                 return time.monotonic() - started
@@ -181,40 +180,41 @@ class LocalRuntime(Runtime):
         env = {"TIERLAB_STARTUP_MODELS": spec.startup_models, "TIERLAB_CONTROL_TOKEN_FILE": str(token_file)}
         stack = LocalStack(path, detach=True, log_dir=root / ".local" / "logs", env=env)
         stack.start(timeout_s)
-        state = {**stack.state(), "profile": None, "network": spec.network, "subjects": list(spec.subjects),
-                 "prometheus": None, "grafana": None, "control_token_file": str(token_file)}  # fmt: skip
-        write_state(root, state)
+        state = stack.state().model_copy(
+            update={"network": spec.network, "subjects": list(spec.subjects), "control_token_file": str(token_file)}
+        )
+        write_stack_state(state_path(root), state)
         use_stack_token(state)
         return cls(state, state_path(root))
 
-    def _info(self, tier: TierName) -> dict[str, Any]:
-        info = self.state.get("tiers", {}).get(tier)
+    def _info(self, tier: TierName) -> LocalTierSpec:
+        info = self.state.tiers.get(tier)
         if info is None:
             raise ConfigError(f"the local stack has no {tier} tier")
-        return dict(info)
+        return info
 
     def _signal(self, tier: TierName, signum: int) -> None:
         try:
-            os.kill(int(self._info(tier)["pid"]), signum)
+            os.kill(self._info(tier).pid, signum)
         except ProcessLookupError:
-            raise ConfigError(f"{tier} (pid {self._info(tier)['pid']}) is not running") from None
+            raise ConfigError(f"{tier} (pid {self._info(tier).pid}) is not running") from None
 
     def processes(self) -> dict[TierName, TierProcess]:
         found: dict[TierName, TierProcess] = {}
         for tier in TIERS:
-            if tier not in self.state.get("tiers", {}):
+            if tier not in self.state.tiers:
                 found[tier] = TierProcess(tier, "missing")
                 continue
-            found[tier] = TierProcess(tier, process_run(int(self._info(tier)["pid"])))
+            found[tier] = TierProcess(tier, process_run(self._info(tier).pid))
         return found
 
     def kill(self, tier: TierName) -> None:
-        pid = int(self._info(tier)["pid"])
+        pid = self._info(tier).pid
         self._signal(tier, signal.SIGKILL)
         wait_gone(pid, 10.0)
 
     def stop(self, tier: TierName) -> None:
-        pid = int(self._info(tier)["pid"])
+        pid = self._info(tier).pid
         if process_run(pid) == "paused":
             self.resume(tier)
         self._signal(tier, signal.SIGTERM)
@@ -223,14 +223,14 @@ class LocalRuntime(Runtime):
 
     def start(self, tier: TierName) -> None:
         info = self._info(tier)
-        if process_run(int(info["pid"])) in ("running", "paused"):
-            raise ConfigError(f"{tier} is still running (pid {info['pid']})")
-        argv, env = info.get("argv"), self.state.get("env", {})
-        if not argv:
+        if process_run(info.pid) in ("running", "paused"):
+            raise ConfigError(f"{tier} is still running (pid {info.pid})")
+        argv, env = info.argv, self.state.env
+        if not argv or info.log is None:
             raise Unsupported(f"the state file does not say how {tier} was started: bring the stack up again")
         # posix_spawn, not Popen: the tier outlives this process (its own session), and no Popen object is
         # left behind to be collected while the child runs
-        log = os.open(info["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        log = os.open(info.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             pid = os.posix_spawn(
                 argv[0],
@@ -241,9 +241,9 @@ class LocalRuntime(Runtime):
             )
         finally:
             os.close(log)
-        self.state["tiers"][tier] = {**info, "pid": pid}
+        self.state.tiers[tier] = info.model_copy(update={"pid": pid})
         if self.state_file is not None:  # `make down` must find the new process
-            self.state_file.write_text(json.dumps(self.state, indent=2))
+            write_stack_state(self.state_file, self.state)
 
     def pause(self, tier: TierName) -> None:
         self._signal(tier, signal.SIGSTOP)
@@ -255,7 +255,7 @@ class LocalRuntime(Runtime):
 
     def _until(self, tier: TierName, run: TierRun, timeout_s: float = 5.0) -> None:
         """Signals are delivered asynchronously: return once the kernel shows the process ``run``."""
-        pid = int(self._info(tier)["pid"])
+        pid = self._info(tier).pid
         deadline = time.monotonic() + timeout_s
         while process_run(pid) != run:
             if time.monotonic() > deadline:
@@ -275,9 +275,11 @@ class LocalRuntime(Runtime):
 
     def logs(self, tail: int = 100) -> str:
         out = []
-        for tier, info in self.state.get("tiers", {}).items():
-            lines = Path(info["log"]).read_text(errors="replace").splitlines(keepends=True)[-tail:]
-            out.append(f"==> {tier} ({info['log']})\n{''.join(lines)}")
+        for tier, info in self.state.tiers.items():
+            if info.log is None:
+                continue
+            lines = Path(info.log).read_text(errors="replace").splitlines(keepends=True)[-tail:]
+            out.append(f"==> {tier} ({info.log})\n{''.join(lines)}")
         return "\n".join(out)
 
     def set_limits(self, tier: TierName, limits: TierLimits) -> None:
@@ -438,10 +440,10 @@ class SwarmRuntime(DockerRuntime):
 
     @property
     def stack(self) -> SwarmStack:
-        return SwarmStack(StackSpec.recorded(self.state, self.root), self.root, self.state.get("manager"))
+        return SwarmStack(StackSpec.recorded(self.state, self.root), self.root, self.state.manager)
 
     def _engine(self, node_id: str) -> Any:
-        engine = (self.state.get("engines") or {}).get(node_id)
+        engine = self.state.engines.get(node_id)
         if engine is None:
             raise Unsupported(
                 f"this host cannot reach the engine of swarm node {node_id}: label the node "
@@ -505,7 +507,7 @@ def as_tier_runtime(runtime: Runtime) -> TierRuntime:
     return runtime
 
 
-def recorded_runtime(state: dict[str, Any], state_file: Path | None = None) -> Runtime:
+def recorded_runtime(state: StackStateSpec, state_file: Path | None = None) -> Runtime:
     """The runtime that brought up the stack ``state`` describes, with what the stack's commands need
     beyond the contract (down's message, the in-stack loadgen)."""
     runtime = runtime_for(state, state_file)

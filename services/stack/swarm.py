@@ -47,6 +47,7 @@ import yaml
 
 from services.contracts.errors import ConfigError
 from services.contracts.specs import TIERS, TierName
+from services.contracts.stack_state import StackStateSpec, write_stack_state
 from services.contracts.transport import CONTROL_TOKEN_FILE, json_call, use_stack_token
 from services.stack.compose import (
     GRAFANA_PORT,
@@ -56,7 +57,6 @@ from services.stack.compose import (
     DockerStack,
     StackSpec,
     state_path,
-    write_state,
 )
 from services.stack.containers import PROJECT, NoDockerAccess, client, swarm_service
 from services.stack.docker import require_engine, run, say
@@ -344,7 +344,7 @@ class SwarmStack:
             raise ConfigError("this engine is a swarm worker: point DOCKER_HOST at a manager (or run make up there)")
         return info, created
 
-    def up(self, timeout_s: float) -> dict[str, Any]:
+    def up(self, timeout_s: float) -> StackStateSpec:
         require_engine()
         started = time.monotonic()
         info, created = self.swarm()
@@ -366,32 +366,27 @@ class SwarmStack:
         tier_nodes = self.wait_running(timeout_s, by_id)
         manager_address = node_address(by_id[manager_id], manager_id, self.manager)
         urls = {t: f"http://{node_address(tier_nodes[t], manager_id, self.manager)}:{HOST_PORTS[t]}" for t in TIERS}
-        state: dict[str, Any] = {
-            "runtime": "swarm",
-            "profile": self.spec.profile,
-            "network": self.spec.network,
-            "models_dir": str(self.spec.models_dir),
-            "subjects": list(self.spec.subjects),
-            "urls": urls,
-            "manager": self.manager,
-            "nodes": {t: node_summary(tier_nodes[t]) for t in TIERS},
-            "engines": {n["ID"]: node_engine(n, manager_id, self.manager) for n in nodes},
-            "swarm_created": created,
-            "prometheus": f"http://{manager_address}:{PROMETHEUS_PORT}",
-            "grafana": f"http://{manager_address}:{GRAFANA_PORT}" if images.grafana else None,
-            "images": {
-                "tier": images.tier,
-                "prometheus": images.prometheus,
-                "grafana": images.grafana,
-                "base": images.base,
-            },
-            "control_token_file": str(self.root / ".local" / "stack" / CONTROL_TOKEN_FILE),
-        }
+        state = StackStateSpec(
+            runtime="swarm",
+            profile=self.spec.profile,
+            network=self.spec.network,
+            models_dir=str(self.spec.models_dir),
+            subjects=list(self.spec.subjects),
+            urls=urls,
+            manager=self.manager,
+            nodes={t: node_summary(tier_nodes[t]) for t in TIERS},
+            engines={n["ID"]: node_engine(n, manager_id, self.manager) for n in nodes},
+            swarm_created=created,
+            prometheus=f"http://{manager_address}:{PROMETHEUS_PORT}",
+            grafana=f"http://{manager_address}:{GRAFANA_PORT}" if images.grafana else None,
+            images=images.spec(),
+            control_token_file=str(self.root / ".local" / "stack" / CONTROL_TOKEN_FILE),
+        )
         use_stack_token(state)
         self.wait_ready(urls, timeout_s - (time.monotonic() - started))
-        self.compose.wait_scraped(state["prometheus"])
-        state["up_s"] = round(time.monotonic() - started, 1)
-        write_state(self.root, state)
+        self.compose.wait_scraped(f"http://{manager_address}:{PROMETHEUS_PORT}")
+        state.up_s = round(time.monotonic() - started, 1)
+        write_stack_state(state_path(self.root), state)
         return state
 
     def latest_task(self, tier: TierName) -> dict[str, Any] | None:
@@ -455,18 +450,18 @@ class SwarmStack:
             out.append(f"==> {name}\n{text.decode(errors='replace')}")
         return "\n".join(out)
 
-    def down(self, state: dict[str, Any]) -> None:
+    def down(self, state: StackStateSpec) -> None:
         """``docker stack rm``, then until no container or network of the stack is left on any node this host
         reaches; a one-node swarm made by ``up`` is left again."""
         run(["docker", "stack", "rm", STACK], check=False, quiet=True, timeout_s=120, env=self._cli_env())
-        engines = sorted({e for e in (state.get("engines") or {}).values() if e} | {self.manager or LOCAL_ENGINE})
+        engines = sorted({e for e in state.engines.values() if e} | {self.manager or LOCAL_ENGINE})
         deadline = time.monotonic() + 60
         while any((left := self.leftovers(engines)).values()):
             if time.monotonic() > deadline:
                 say(f"still there 60 s after docker stack rm: {left}")
                 break
             time.sleep(1.0)
-        if state.get("swarm_created"):
+        if state.swarm_created:
             self.engine.swarm.leave(force=True)
             say("left the one-node swarm make up had made")
         state_path(self.root).unlink(missing_ok=True)

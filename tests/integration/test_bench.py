@@ -24,6 +24,7 @@ import yaml
 from loadgen.__main__ import main as loadgen_main
 from loadgen.records import FIELDS, read_records
 from services.contracts.specs import TIERS, network_profile_links
+from services.contracts.stack_state import write_stack_state
 from services.contracts.transport import json_call
 from services.demo import local_deployment, write_deployment
 from services.local import LocalStack, free_ports
@@ -50,7 +51,7 @@ def stack_state(built_models: Path, tmp_path_factory: pytest.TempPathFactory) ->
         env={"TIERLAB_STARTUP_MODELS": "none"},
     ) as stack:
         state = folder / "stack.json"
-        state.write_text(json.dumps({**stack.state(), "network": "lan", "profile": None}))
+        write_stack_state(state, stack.state().model_copy(update={"network": "lan"}))
         yield state
 
 
@@ -216,7 +217,7 @@ def test_runs_a_tier_cannot_hold_are_not_runnable_and_the_experiment_goes_on(
     env = {"TIERLAB_STARTUP_MODELS": "none", "TIERLAB_MEMORY_BUDGET_MB": "1"}
     with LocalStack(write_deployment(deployment, tmp_path / "d.yaml"), log_dir=tmp_path / "logs", env=env) as stack:
         state = tmp_path / "stack.json"
-        state.write_text(json.dumps({**stack.state(), "network": "lan", "profile": None}))
+        write_stack_state(state, stack.state().model_copy(update={"network": "lan"}))
         code = run_loadgen("run", "--spec", str(tmp_path / "spec.yaml"), "--state", str(state), "--models",
                            str(built_models), "--results", str(tmp_path / "results"), "--run-id", "small")  # fmt: skip
     printed = capsys.readouterr()

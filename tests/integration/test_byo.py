@@ -33,6 +33,7 @@ from operators.training import export_onnx
 from services.contracts.manifest import load_manifest, verify_stage_files
 from services.contracts.samples import UNLABELLED, load_samples
 from services.contracts.specs import TIERS, network_profile_links
+from services.contracts.stack_state import write_stack_state
 from services.demo import local_deployment, write_deployment
 from services.local import LocalStack, free_ports
 from tests.realnets import fcn_resnet50, resnet50
@@ -169,7 +170,7 @@ def byo_stack(byo_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         write_deployment(deployment, folder / "deployment.yaml"), log_dir=folder / "logs", env=env
     ) as stack:
         state = folder / "stack.json"
-        state.write_text(json.dumps({**stack.state(), "network": "lan", "profile": None}))
+        write_stack_state(state, stack.state().model_copy(update={"network": "lan"}))
         yield state
 
 

@@ -23,6 +23,7 @@ from loadgen.__main__ import main as loadgen_main
 from loadgen.chaos import JOURNAL_FILE
 from loadgen.records import issued_seqs, read_records
 from services.contracts.specs import TIERS, network_profile_links
+from services.contracts.stack_state import StackStateSpec, write_stack_state
 from services.contracts.transport import json_call
 from services.demo import local_deployment, write_deployment
 from services.local import LocalStack, free_ports
@@ -59,11 +60,11 @@ def stack_state(built_models: Path, tmp_path: Path) -> Iterator[Path]:
     stack = LocalStack(write_deployment(deployment, tmp_path / "deployment.yaml"), log_dir=tmp_path / "logs",
                        env={"TIERLAB_STARTUP_MODELS": "none"})  # fmt: skip
     with stack:
-        state.write_text(json.dumps({**stack.state(), "network": "lan", "profile": None}))
+        write_stack_state(state, stack.state().model_copy(update={"network": "lan"}))
         try:
             yield state
         finally:  # a tier the runtime started again is not the fixture's child
-            LocalRuntime(json.loads(state.read_text())).down()
+            LocalRuntime(StackStateSpec.model_validate_json(state.read_text())).down()
 
 
 def test_kill_pause_and_cut_under_load_are_recorded_and_recovered(
@@ -124,7 +125,7 @@ def test_a_loadgen_killed_mid_fault_loses_nothing_and_the_resume_clears_the_faul
     time.sleep(1.5)  # well inside the pause: requests are out, waiting on the frozen cloud
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    runtime = LocalRuntime(json.loads(stack_state.read_text()))
+    runtime = LocalRuntime(StackStateSpec.model_validate_json(stack_state.read_text()))
     assert runtime.processes()["cloud"].run == "paused", "the kill left the fault in force"
     (run,) = issued_seqs(folder)
     recorded_at_kill = {int(r["seq"]) for r in read_records(folder)}

@@ -23,7 +23,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -37,6 +36,7 @@ from services.contracts.errors import ConfigError
 from services.contracts.repository import MIB
 from services.contracts.runtime import TierLimits, runtime_for
 from services.contracts.specs import LINKS, TIERS, TierName
+from services.contracts.stack_state import StackStateSpec
 from services.contracts.transport import json_call, probe_links
 from services.demo import build_demo_mlp
 from services.stack.cli import network_links, print_status
@@ -96,7 +96,7 @@ def require_docker_and_no_stack() -> None:
         pytest.skip(exc.message)
     state = read_state(ROOT)
     if state is not None and not os.environ.get("CI"):
-        pytest.skip(f"a {state.get('runtime')} stack of yours is up ({ROOT}/.local/stack.json): `make down` first")
+        pytest.skip(f"a {state.runtime} stack of yours is up ({ROOT}/.local/stack.json): `make down` first")
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def docker() -> Iterator[None]:
     DockerStack(StackSpec(), ROOT).down()
 
 
-def bring_up(models_dir: Path, profile: str, network: str) -> tuple[DockerStack, dict[str, Any]]:
+def bring_up(models_dir: Path, profile: str, network: str) -> tuple[DockerStack, StackStateSpec]:
     spec = StackSpec(profile, network, models_dir, ("demo-mlp",), with_grafana=True)
     stack = DockerStack(spec, ROOT)
     return stack, stack.up(timeout_s=180)
@@ -126,8 +126,8 @@ def wait_for_targets(prometheus: str, timeout_s: float = 30.0) -> dict[str, str]
     return health
 
 
-def check_stack(state: dict[str, Any], profile: str, network: str, models_dir: Path) -> None:
-    urls = state["urls"]
+def check_stack(state: StackStateSpec, profile: str, network: str, models_dir: Path) -> None:
+    urls = state.urls
     for tier in TIERS:
         code, status = json_call(f"{urls[tier]}/tierlab/status")
         assert code == 200 and status["ready"], f"{tier}: {code} {status}"
@@ -154,7 +154,8 @@ def check_stack(state: dict[str, Any], profile: str, network: str, models_dir: P
         assert m.backend in ("netem", "tbf+userspace"), f"{m.link} is shaped by {m.backend}"
         assert m.problems() == [], m.problems()
 
-    health = wait_for_targets(state["prometheus"])
+    assert state.prometheus is not None, "the Docker stack records its Prometheus"
+    health = wait_for_targets(state.prometheus)
     assert set(TIERS) <= set(health) and set(health.values()) == {"up"}, health
 
     check_speeds(urls)
@@ -231,7 +232,7 @@ def check_management_off_the_links(urls: dict[TierName, str], scrape_interval_s:
                 assert grown[network] < STRAY_BYTES, f"{tier}: {network} carried {grown[network]} bytes: {grown}"
 
 
-def check_an_oom_kill_is_named(state: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+def check_an_oom_kill_is_named(state: StackStateSpec, capsys: pytest.CaptureFixture[str]) -> None:
     """Squeeze mobile's memory limit to just above what it uses, then send it a batch whose tensors alone
     need more: the kernel OOM-kills the tier, and Docker's OOMKilled reaches `make status` and the loadgen."""
     name = "tierlab_mobile_1"
@@ -241,23 +242,23 @@ def check_an_oom_kill_is_named(state: dict[str, Any], capsys: pytest.CaptureFixt
     runtime.set_limits("mobile", TierLimits(runtime.limits("mobile").cpu_cores, limit))
     batch = np.zeros((190_000, 64), np.float32)  # 46 MiB of input, under the tier's 64 MiB body cap
     with pytest.raises(OSError):  # the connection drops as the tier dies (urllib's errors are OSErrors)
-        infer_over_http(state["urls"]["mobile"], "demo-mlp.identity", batch, placement="M")
+        infer_over_http(state.urls["mobile"], "demo-mlp.identity", batch, placement="M")
     deadline = time.monotonic() + 30
     while runtime.oom_killed() != ["mobile"] and time.monotonic() < deadline:
         time.sleep(0.5)
     assert runtime.oom_killed() == ["mobile"] and runtime.processes()["mobile"].run == "exited"
-    assert Stack(state["urls"], state).oom_killed() == ["mobile"]
+    assert Stack(state.urls, state).oom_killed() == ["mobile"]
     capsys.readouterr()
     assert print_status(state) != 0
     assert "mobile" in (printed := capsys.readouterr().out) and "DOWN (OOM-killed" in printed, printed
 
 
-def check_faults_through_the_runtime(state: dict[str, Any], profile: str) -> None:
+def check_faults_through_the_runtime(state: StackStateSpec, profile: str) -> None:
     """What a chaos scenario does to a Docker stack, one fault at a time, each undone: the runtime squeezes a
     tier's CPU and memory (read back from the kernel and by the tier), freezes it (a request through it times
     out at the hop into it), kills it (exited, not OOM) and starts it again; a cut link is a kernel blackhole
     at both ends (the hop over it times out) and serves again when restored."""
-    runtime, stack, urls = runtime_for(state), Stack(state["urls"], state), state["urls"]
+    runtime, stack, urls = runtime_for(state), Stack(state.urls, state), state.urls
     model, x = "demo-mlp.partition3", np.random.default_rng(6).normal(size=(2, 64)).astype(np.float32)
     assert not isinstance(stack.load("edge", model), str)  # check_stack unloaded edge's stage
 
@@ -284,7 +285,8 @@ def check_faults_through_the_runtime(state: dict[str, Any], profile: str) -> Non
     runtime.resume("edge")
     assert infer_over_http(urls["mobile"], model, x, placement="M-E-C").parameters["hops"] == 3
 
-    links = network_links(state["network"], ROOT)
+    assert state.network is not None
+    links = network_links(state.network, ROOT)
     cut = {**links, "edge-cloud": links["edge-cloud"].model_copy(update={"loss_pct": 100.0})}
     shaped = stack.shape(cut)
     assert {s["backend"] for s in shaped if s["link"] == "edge-cloud"} == {"blackhole"}, shaped
@@ -304,7 +306,7 @@ def test_stack_under_two_profiles_then_down_leaves_nothing(
     docker: None, models_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     stack, state = bring_up(models_dir, "laptop", "lan")
-    check_management_off_the_links(state["urls"])
+    check_management_off_the_links(state.urls)
     check_stack(state, "laptop", "lan", models_dir)
     laptop = {t: kernel_limits(t) for t in TIERS}
     check_faults_through_the_runtime(state, "laptop")
@@ -313,7 +315,7 @@ def test_stack_under_two_profiles_then_down_leaves_nothing(
     check_stack(state, "rpi4", "4g", models_dir)
     rpi4 = {t: kernel_limits(t) for t in TIERS}
     assert laptop != rpi4, "switching PROFILE changed nothing"
-    rtt = {m.link: m.rtt_ms_p50 for m in probe_links(state["urls"], pings=20)}
+    rtt = {m.link: m.rtt_ms_p50 for m in probe_links(state.urls, pings=20)}
     assert rtt["mobile-cloud"] > 50, "the 4g network profile is in force"
     check_an_oom_kill_is_named(state, capsys)
 

@@ -61,16 +61,14 @@ def test_the_stack_across_three_swarm_nodes(swarm: list[Node]) -> None:
     state = stack.up(timeout_s=300)
     runtime = runtime_for(state, state_path(ROOT))
     try:
-        urls = state["urls"]
+        urls = state.urls
         # placement: the node labelled for each tier, three distinct nodes, each tier says which
-        placed = {t: state["nodes"][t]["hostname"] for t in TIERS}
+        placed = {t: state.nodes[t]["hostname"] for t in TIERS}
         assert placed == {t: swarm[i].name for i, t in enumerate(TIERS)}, placed
         for tier in TIERS:
             code, status = json_call(f"{urls[tier]}/tierlab/status")
             assert code == 200 and status["ready"], (tier, code, status)
-            assert (
-                status["host"]["hostname"] == placed[tier] and status["host"]["node_id"] == state["nodes"][tier]["id"]
-            )
+            assert status["host"]["hostname"] == placed[tier] and status["host"]["node_id"] == state.nodes[tier]["id"]
 
         # limits: Swarm's NanoCpus are the profile's quota at 100 ms; the runtime, the kernel and the tier agree
         expected = profile_limits(PROFILE)

@@ -15,6 +15,7 @@ from loadgen.spec import ExperimentSpec, FaultSpec
 from loadgen.target import Stack
 from services.contracts.errors import failure_of
 from services.contracts.runtime import TierLimits, Unsupported
+from services.contracts.stack_state import LocalTierSpec, StackStateSpec
 from services.stack.runtime import LocalRuntime, process_run, wait_gone
 
 BASE: dict[str, Any] = {
@@ -109,11 +110,11 @@ def test_a_fault_that_was_not_injected_is_a_row_that_says_why() -> None:
 
 def test_the_local_runtime_pauses_kills_and_starts_a_real_process(tmp_path: Path) -> None:
     argv = [sys.executable, "-c", "import time; time.sleep(120)"]
-    state: dict[str, Any] = {"runtime": "local", "urls": {}, "tiers": {}, "env": {}}
+    state = StackStateSpec(runtime="local", urls={})
     runtime = LocalRuntime(state, tmp_path / "stack.json")
-    state["tiers"]["edge"] = {"pid": 2**22 + 1, "url": "", "log": str(tmp_path / "edge.log"), "argv": argv}
+    state.tiers["edge"] = LocalTierSpec(pid=2**22 + 1, url="", log=str(tmp_path / "edge.log"), argv=argv)
     runtime.start("edge")  # a pid that does not exist counts as exited: started
-    first = int(state["tiers"]["edge"]["pid"])
+    first = state.tiers["edge"].pid
     try:
         assert runtime.processes()["edge"].run == "running"
         assert runtime.processes()["mobile"].run == "missing"
@@ -124,7 +125,7 @@ def test_the_local_runtime_pauses_kills_and_starts_a_real_process(tmp_path: Path
         runtime.kill("edge")
         assert runtime.processes()["edge"].run == "exited"
         runtime.start("edge")
-        second = int(state["tiers"]["edge"]["pid"])
+        second = state.tiers["edge"].pid
         assert second != first and process_run(second) == "running"
         assert f'"pid": {second}' in (tmp_path / "stack.json").read_text()  # `make down` finds the new one
         assert runtime.limits("edge") == TierLimits(None, None)
@@ -140,8 +141,8 @@ def test_a_resume_undoes_only_the_faults_left_in_force(tmp_path: Path) -> None:
     """The journal: a fault injected and cleared, or refused, is closed; a torn last line is ignored; only a
     fault still in force is undone (here a paused process, thawed)."""
     argv = [sys.executable, "-c", "import time; time.sleep(120)"]
-    state: dict[str, Any] = {"runtime": "local", "urls": {"mobile": "http://127.0.0.1:9"}, "tiers": {}, "env": {}}
-    state["tiers"]["cloud"] = {"pid": 2**22 + 1, "url": "", "log": str(tmp_path / "cloud.log"), "argv": argv}
+    state = StackStateSpec(runtime="local", urls={"mobile": "http://127.0.0.1:9"})
+    state.tiers["cloud"] = LocalTierSpec(pid=2**22 + 1, url="", log=str(tmp_path / "cloud.log"), argv=argv)
     runtime = LocalRuntime(state)
     runtime.start("cloud")
     try:
@@ -154,7 +155,7 @@ def test_a_resume_undoes_only_the_faults_left_in_force(tmp_path: Path) -> None:
         runtime.pause("cloud")
         with (tmp_path / "faults.jsonl").open("a") as handle:
             handle.write('{"run": "run-a", "fault": "torn')
-        stack = Stack(state["urls"], state)
+        stack = Stack(state.urls, state)
         cleared = clear_left_in_force(tmp_path, stack, runtime)
         assert cleared == ["pause cloud @1+1s (run-a) was still in force: cleared"]
         assert runtime.processes()["cloud"].run == "running"
