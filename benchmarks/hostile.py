@@ -156,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench-hostile: {exc.message}", file=sys.stderr)
         return 2
     status = stack.status("mobile")
-    limits = status["limits"]
     container = "tierlab_mobile_1"
     before = _container_facts(container)
 
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     legit.run(args.rate, 5.0)
     legit.run(args.rate, args.quiet_s)
     quiet = {"p50_ms": statistics.median(legit.latencies_ms), "p99_ms": legit.p99_ms, "success": legit.success}
-    rss_before = stack.status("mobile")["memory"]["rss_mib"]
+    rss_before = stack.status("mobile").memory.rss_mib
     stack.reset_peak("mobile")
 
     print(f"{args.hostile_s:g} s with {args.hostile} hostile connections ({args.kinds}) from a container "
@@ -180,20 +179,20 @@ def main(argv: list[str] | None = None) -> int:
         attacker.kill()
         answers = {}
     after = _container_facts(container)
-    memory = stack.status("mobile")["memory"] if after["running"] else {}
+    peak_mib = stack.status("mobile").memory.peak_rss_mib if after["running"] else None
 
-    budget_mib = round(status["server"]["body_budget_bytes"] / MIB, 1)
-    bound_mib = round(rss_before + budget_mib + status["server"]["max_connections"] * MAX_HEAD_BYTES / MIB, 1)
+    budget_mib = round(status.server.body_budget_bytes / MIB, 1)
+    bound_mib = round(rss_before + budget_mib + status.server.max_connections * MAX_HEAD_BYTES / MIB, 1)
     result = {
         "hostile_connections": args.hostile,
         "oom_killed": after["oom_killed"],
         "restarted": after["started_at"] != before["started_at"] or not after["running"],
-        "memory_limit_mib": round(limits["memory_limit_bytes"] / MIB, 1) if limits["memory_limit_bytes"] else None,
+        "memory_limit_mib": round(limit / MIB, 1) if (limit := status.limits.memory_limit_bytes) else None,
         "rss_before_mib": rss_before,
-        "rss_peak_mib": memory.get("peak_rss_mib"),
+        "rss_peak_mib": peak_mib,
         "rss_bound_mib": bound_mib,
         "body_budget_mib": budget_mib,
-        "max_connections": status["server"]["max_connections"],
+        "max_connections": status.server.max_connections,
         "legit_quiet_p99_ms": round(quiet["p99_ms"], 2),
         "legit_hostile_p99_ms": round(legit.p99_ms, 2),
         "legit_p99_ratio": round(legit.p99_ms / quiet["p99_ms"], 2),

@@ -71,7 +71,7 @@ class RssSampler(threading.Thread):
         while not self.stopping.wait(self.interval_s):
             for tier in self.stack.urls:
                 try:
-                    rss = float(self.stack.status(tier)["memory"]["rss_mib"])
+                    rss = self.stack.status(tier).memory.rss_mib
                 except Exception:  # a tier that does not answer is a gap here: the errors show it
                     continue
                 self.samples[tier].append((time.monotonic() - started, rss))

@@ -249,7 +249,7 @@ def environment_bundle(stack: Stack, spec: ExperimentSpec) -> dict[str, Any]:
         "seed": spec.seed,
         "stack": stack.state.model_dump(include={"runtime", "profile", "network", "images", "subjects", "nodes"}),
         "tiers": {
-            t: {k: status.get(k) for k in ("limits", "onnxruntime", "device", "device_model", "host")}
+            t: status.model_dump(mode="json", include={"limits", "onnxruntime", "device", "device_model", "host"})
             for t, status in statuses.items()
         },
         "networks": {},
@@ -449,10 +449,9 @@ class Experiment:
                 status = self.stack.status(tier)
             except ConfigError:  # down (killed?): the run records it as unreachable
                 continue
-            if status.get("cpu_throttling") is not None:
-                throttling[tier] = CpuThrottlingSpec.model_validate(status["cpu_throttling"])
-            if status.get("memory"):
-                memory[tier] = {k: status["memory"][k] for k in ("rss_mib", "peak_rss_mib", "free_mib")}
+            if status.cpu_throttling is not None:
+                throttling[tier] = status.cpu_throttling
+            memory[tier] = status.memory.model_dump(include={"rss_mib", "peak_rss_mib", "free_mib"})
         return throttling, memory
 
     def network_links(self, network: str) -> dict[LinkName, LinkSpec]:

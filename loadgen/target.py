@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+from pydantic import ValidationError
 
 from services.contracts import codec
 from services.contracts import pipeline as p
@@ -29,6 +30,7 @@ from services.contracts.repository import RepositoryModelSpec
 from services.contracts.runtime import TierRuntime, Unsupported, runtime_for
 from services.contracts.specs import TIERS, LinkMeasurementSpec, LinkName, LinkSpec, TierName
 from services.contracts.stack_state import StackStateSpec, read_stack_state
+from services.contracts.tier_status import TierStatusSpec, read_tier_status
 from services.contracts.transport import Pool, Reply, probe_links, use_stack_token
 from services.contracts.transport import json_call as control
 
@@ -101,11 +103,14 @@ class Stack:
             if code != 200:
                 raise ConfigError(f"{tier} at {self.urls[tier]} is not ready ({code}: {body}); see `make status`")
 
-    def status(self, tier: TierName) -> dict[str, Any]:
+    def status(self, tier: TierName) -> TierStatusSpec:
         code, body = control(f"{self.urls[tier]}/tierlab/status")
         if code != 200:
             raise ConfigError(f"{tier} status failed: {code} {body}")
-        return dict(body)
+        try:
+            return read_tier_status(body)
+        except ValidationError as exc:
+            raise ConfigError(f"{tier} answered a status this loadgen cannot read: {exc}") from None
 
     def reset_peak(self, tier: TierName) -> None:
         """Start a new resident-memory peak on ``tier`` (best effort: a tier that is down has none)."""
@@ -163,9 +168,9 @@ class Stack:
         All tiers or none: a tier that refuses puts the tiers already re-shaped back as they were."""
         body = {name: spec.model_dump(mode="json") for name, spec in links.items()}
         states: list[dict[str, Any]] = []
-        done: dict[TierName, dict[str, Any]] = {}
+        done: dict[TierName, dict[LinkName, dict[str, Any]]] = {}
         for tier in TIERS:
-            before = {s["link"]: {k: s[k] for k in LinkSpec.model_fields} for s in self.status(tier)["links"]}
+            before = {s.link: s.conditions().model_dump(mode="json") for s in self.status(tier).links}
             code, reply = control(f"{self.urls[tier]}/tierlab/links", method="PUT", body=body)
             if code != 200:
                 for shaped, old in done.items():

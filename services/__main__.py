@@ -23,8 +23,8 @@ from typing import Any, get_args, get_origin
 from pydantic import ValidationError
 
 from services.contracts.errors import ConfigError
-from services.contracts.repository import loaded_summary
 from services.contracts.stack_state import read_stack_state, write_stack_state
+from services.contracts.tier_status import TierStatusSpec, read_tier_status
 from services.tier.settings import TierSettings
 
 
@@ -170,23 +170,24 @@ def run_status(args: argparse.Namespace) -> int:
             healthy = False
             print(f"{tier:>6}  {url}  DOWN" if code == 0 else f"{tier:>6}  {url}  answered {code}")
             continue
-        print(_status_line(tier, url, status))
-        for link in status.get("links", []):
+        read = read_tier_status(status)
+        print(_status_line(tier, url, read))
+        for link in read.links:
             print(
-                f"        link {link['link']:<12} {link['backend']:<14} delay {link['delay_ms']:g} ms, "
-                f"rate {link['rate_mbit'] or 'unlimited'} Mbit/s {link['note']}"
+                f"        link {link.link:<12} {link.backend:<14} delay {link.delay_ms:g} ms, "
+                f"rate {link.rate_mbit or 'unlimited'} Mbit/s {link.note}"
             )
     return 0 if healthy else 1
 
 
-def _status_line(tier: str, url: str, status: dict[str, Any]) -> str:
-    limits = status["limits"]
-    memory = limits["memory_limit_bytes"]
+def _status_line(tier: str, url: str, status: TierStatusSpec) -> str:
+    limits = status.limits
+    memory = limits.memory_limit_bytes
     memory_text = f"{memory / (1 << 20):.0f} MiB" if memory else "unlimited"
-    ready = "ready" if status["ready"] else f"NOT READY ({status.get('load_error') or 'loading'})"
+    ready = "ready" if status.ready else f"NOT READY ({status.load_error or 'loading'})"
     return (
-        f"{tier:>6}  {url}  {ready}; cpu {limits['cpu_cores']:g} cores ({limits['cgroup']}), memory {memory_text}, "
-        f"onnxruntime threads {status['onnxruntime']['intra_op_threads']}, {loaded_summary(status)}"
+        f"{tier:>6}  {url}  {ready}; cpu {limits.cpu_cores:g} cores ({limits.cgroup}), memory {memory_text}, "
+        f"onnxruntime threads {status.onnxruntime.intra_op_threads}, {status.loaded_summary()}"
     )
 
 

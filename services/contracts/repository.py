@@ -15,7 +15,7 @@ convolution chain (weights pre-packed on the first run), 1.1× for the fmnist Re
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 
@@ -67,17 +67,3 @@ def parse_startup_models(text: str) -> StartupModels:
         return "all" if cleaned.lower() == "all" else "none"
     names = tuple(n.strip() for n in cleaned.split(",") if n.strip())
     return names or "none"
-
-
-def loaded_summary(status: dict[str, Any]) -> str:
-    """A tier status's repository in a phrase: "3 of 28 variants loaded, 2 do not fit; 812 MiB free"."""
-    entries = [RepositoryModelSpec.model_validate(e) for e in status.get("models", {}).values()]
-    loaded = sum(e.ready for e in entries)
-    refused = sum(e.reason.startswith("does not fit") for e in entries)
-    memory = status.get("memory") or {}
-    text = f"{loaded} of {len(entries)} variants loaded"
-    if refused:
-        text += f", {refused} do not fit"
-    if "free_mib" in memory:
-        text += f"; {memory['free_mib']:.0f} MiB free of {memory['of']}"
-    return text

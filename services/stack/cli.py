@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from services.contracts.calibration import measure_speeds
-from services.contracts.device import DeviceModelSpec
 from services.contracts.errors import ConfigError
-from services.contracts.repository import loaded_summary
 from services.contracts.specs import (
     TIERS,
     LinkName,
@@ -27,6 +25,7 @@ from services.contracts.specs import (
     network_profile_links,
 )
 from services.contracts.stack_state import StackStateSpec
+from services.contracts.tier_status import TierStatusSpec, read_tier_status
 from services.contracts.transport import json_call, probe_links
 from services.stack.compose import (
     DEFAULT_SUBJECTS,
@@ -116,34 +115,7 @@ def print_status(state: StackStateSpec) -> int:
                 down = "DOWN (OOM-killed: over its memory limit)"
             print(f"  {tier:<6} {url}  {down if code == 0 else f'answered {code}'}")
             continue
-        limits = status["limits"]
-        quota = limits["cpu_quota_cores"]
-        memory = limits["memory_limit_bytes"]
-        ready = "ready" if status["ready"] else f"NOT READY ({status.get('load_error') or 'loading'})"
-        print(
-            f"  {tier:<6} {url}  {ready}  cgroup {limits['cgroup']}: cpu quota "
-            f"{f'{quota:g} cores' if quota else 'none'} (uses {limits['cpu_cores']:g}), memory "
-            f"{f'{memory / (1 << 30):.2f} GiB' if memory else 'unlimited'}, onnxruntime threads "
-            f"{status['onnxruntime']['intra_op_threads']}, {loaded_summary(status)}"
-        )
-        device, throttling = status["device"], status.get("cpu_throttling")
-        throttled = (
-            f"CFS throttled in {throttling['throttled_periods']} of {throttling['periods']} periods "
-            f"({throttling['throttled_s']:.2f} s)" if throttling else "no CFS statistics"
-        )  # fmt: skip
-        model = status.get("device_model")
-        what = f"device {model['name']} (measured)" if model else f"device speed {device['speed']:g} of a host core"
-        print(
-            f"         {what}, {device['cores']} core(s), {status.get('compute_slots', 1)} compute slot(s), "
-            f"CFS period {device['cfs_period_us'] / 1000:g} ms; {throttled}"
-        )
-        for link in status["links"]:
-            rate = f"{link['rate_mbit']:g} Mbit/s" if link["rate_mbit"] else "unlimited"
-            print(
-                f"         link {link['link']:<12} -> {link['peer']:<6} {link['backend']:<14} "
-                f"delay {link['delay_ms']:g}±{link['jitter_ms']:g} ms, {rate}, loss {link['loss_pct']:g} % "
-                f"{link['note']}"
-            )
+        _print_tier_status(url, read_tier_status(status))
     prometheus = state.prometheus
     if prometheus:
         code, targets = json_call(f"{prometheus}/api/v1/targets")
@@ -160,6 +132,33 @@ def print_status(state: StackStateSpec) -> int:
         else:
             print("  grafana    not running (no image here; see make up's output)")
     return 0 if healthy else 1
+
+
+def _print_tier_status(url: str, status: TierStatusSpec) -> None:
+    limits, device, throttling, model = status.limits, status.device, status.cpu_throttling, status.device_model
+    quota, memory = limits.cpu_quota_cores, limits.memory_limit_bytes
+    ready = "ready" if status.ready else f"NOT READY ({status.load_error or 'loading'})"
+    print(
+        f"  {status.tier:<6} {url}  {ready}  cgroup {limits.cgroup}: cpu quota "
+        f"{f'{quota:g} cores' if quota else 'none'} (uses {limits.cpu_cores:g}), memory "
+        f"{f'{memory / (1 << 30):.2f} GiB' if memory else 'unlimited'}, onnxruntime threads "
+        f"{status.onnxruntime.intra_op_threads}, {status.loaded_summary()}"
+    )
+    throttled = (
+        f"CFS throttled in {throttling.throttled_periods} of {throttling.periods} periods "
+        f"({throttling.throttled_s:.2f} s)" if throttling else "no CFS statistics"
+    )  # fmt: skip
+    what = f"device {model.name} (measured)" if model else f"device speed {device.speed:g} of a host core"
+    print(
+        f"         {what}, {device.cores} core(s), {status.compute_slots} compute slot(s), "
+        f"CFS period {device.cfs_period_us / 1000:g} ms; {throttled}"
+    )
+    for link in status.links:
+        rate = f"{link.rate_mbit:g} Mbit/s" if link.rate_mbit else "unlimited"
+        print(
+            f"         link {link.link:<12} -> {link.peer:<6} {link.backend:<14} "
+            f"delay {link.delay_ms:g}±{link.jitter_ms:g} ms, {rate}, loss {link.loss_pct:g} % {link.note}"
+        )
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -219,9 +218,9 @@ def print_device_fits(urls: dict[TierName, str]) -> None:
     rows = []
     for tier, url in urls.items():
         code, status = json_call(f"{url}/tierlab/status")
-        model = status.get("device_model") if code == 200 else None
-        if model:
-            rows.append((tier, DeviceModelSpec.model_validate(model)))
+        model = read_tier_status(status).device_model if code == 200 else None
+        if model is not None:
+            rows.append((tier, model))
     if not rows:
         return
     print("measured devices (speed above: this calibration model's factor), leave-one-network-out against their "

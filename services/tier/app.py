@@ -54,6 +54,14 @@ from services.contracts.specs import (
     link_between,
     load_deployment,
 )
+from services.contracts.tier_status import (
+    CgroupLimitsStatus,
+    HostStatus,
+    MemoryStatus,
+    OnnxruntimeStatus,
+    ServerStatus,
+    TierStatusSpec,
+)
 from services.contracts.transport import read_control_token, use_control_token
 from services.tier.dataplane import DataPlane, resolve_models
 from services.tier.forwarder import Forwarder
@@ -153,60 +161,62 @@ class Tier:
             log.info("%s link %s now %s %s", self.settings.tier, state.link, state.backend.value, state.note)
         return self.links
 
-    def memory_now(self) -> dict[str, Any]:
+    def memory_now(self) -> MemoryStatus:
         """Free memory (against the budget, the cgroup limit or the host), this process's resident set now
         and its peak since the last model load or peak reset (each starts a new peak)."""
         free_mib, of = self.dataplane.memory.free_mib()
-        return {
-            "free_mib": round(free_mib, 1),
-            "of": of,
-            "rss_mib": round(process_rss_bytes() / MIB, 1),
-            "peak_rss_mib": round(process_peak_rss_bytes() / MIB, 1),
-        }
+        return MemoryStatus(
+            free_mib=round(free_mib, 1),
+            of=of,
+            rss_mib=round(process_rss_bytes() / MIB, 1),
+            peak_rss_mib=round(process_peak_rss_bytes() / MIB, 1),
+        )
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> TierStatusSpec:
+        """This tier now (``GET /tierlab/status``; ``services.contracts.tier_status`` is its reader)."""
         plane = self.dataplane
         limits = read_limits()  # now: a runtime may squeeze a running tier (onnxruntime keeps its start threads)
-        return {
-            "tier": self.settings.tier,
-            "ready": plane.ready,
-            "load_error": plane.load_error,
-            "limits": {
-                "cgroup": limits.version,
-                "cpu_quota_cores": limits.cpu_quota_cores,
-                "cpuset_cpu_count": limits.cpuset_cpu_count,
-                "memory_limit_bytes": limits.memory_limit_bytes,
-                "cpu_cores": self.cpu_cores,
-            },
-            "device": plane.device.model_dump(mode="json"),
-            "device_model": plane.pacer.model.model_dump(mode="json") if plane.pacer.model else None,
-            "compute_slots": plane.compute_slots,
-            "host": self.host,
-            "cpu_throttling": throttling.model_dump(mode="json") if (throttling := read_cpu_throttling()) else None,
-            "onnxruntime": {"intra_op_threads": self.intra_op_threads, "allow_spinning": self.allow_spinning},
-            "links": [state.describe() for state in self.links],
-            "memory": self.memory_now(),
-            "server": self.server_now(),
-            "models": {entry.name: entry.model_dump(mode="json") for entry in plane.index()},
-        }
+        return TierStatusSpec(
+            tier=self.settings.tier,
+            ready=plane.ready,
+            load_error=plane.load_error,
+            limits=CgroupLimitsStatus(
+                cgroup=limits.version,
+                cpu_quota_cores=limits.cpu_quota_cores,
+                cpuset_cpu_count=limits.cpuset_cpu_count,
+                memory_limit_bytes=limits.memory_limit_bytes,
+                cpu_cores=self.cpu_cores,
+            ),
+            device=plane.device,
+            device_model=plane.pacer.model,
+            compute_slots=plane.compute_slots,
+            host=HostStatus.model_validate(self.host),
+            cpu_throttling=read_cpu_throttling(),
+            onnxruntime=OnnxruntimeStatus(intra_op_threads=self.intra_op_threads, allow_spinning=self.allow_spinning),
+            links=[state.describe() for state in self.links],
+            memory=self.memory_now(),
+            server=self.server_now(),
+            models={entry.name: entry for entry in plane.index()},
+        )
 
-    def server_now(self) -> dict[str, Any]:
+    def server_now(self) -> ServerStatus:
         """The HTTP server's limits and, under tierlab's own server, what it holds now: connections, the
         body budget's use and its peak."""
         server = self.http_server
         limits = server.limits if server is not None else self.server_limits()
-        found: dict[str, Any] = {
-            "http_server": self.settings.http_server,
-            "max_connections": limits.max_connections,
-            "max_connections_per_peer": limits.max_connections_per_peer,
-            "body_budget_bytes": limits.body_budget_bytes,
-            "body_min_rate_bytes_s": limits.body_min_rate_bytes_s,
-            "memory_bound_bytes": limits.memory_bound_bytes,
-        }
-        if server is not None and server.budget is not None:
-            found.update(connections=len(server.connections), budget_held_bytes=server.budget.held_bytes,
-                         budget_peak_bytes=server.budget.peak_bytes, budget_refusals=server.budget.refused)  # fmt: skip
-        return found
+        budget = server.budget if server is not None else None
+        return ServerStatus(
+            http_server=self.settings.http_server,
+            max_connections=limits.max_connections,
+            max_connections_per_peer=limits.max_connections_per_peer,
+            body_budget_bytes=limits.body_budget_bytes,
+            body_min_rate_bytes_s=limits.body_min_rate_bytes_s,
+            memory_bound_bytes=limits.memory_bound_bytes,
+            connections=len(server.connections) if server is not None and budget is not None else None,
+            budget_held_bytes=budget.held_bytes if budget is not None else None,
+            budget_peak_bytes=budget.peak_bytes if budget is not None else None,
+            budget_refusals=budget.refused if budget is not None else None,
+        )
 
 
 def link_targets(tier: TierName, deployment: DeploymentSpec, specs: Mapping[LinkName, LinkSpec]) -> list[LinkTarget]:
@@ -541,7 +551,7 @@ def create_app(tier: Tier) -> TierApp:
         body: dict[str, Any] = {
             "ready": plane.ready,
             "tier": settings.tier,
-            "links": [s.describe() for s in tier.links],
+            "links": [s.describe().model_dump(mode="json") for s in tier.links],
         }
         if plane.load_error:
             body["error"] = plane.load_error
@@ -622,18 +632,18 @@ def _add_control_routes(app: FastAPI, tier: Tier) -> None:
 
     @app.get("/tierlab/status")
     async def status() -> dict[str, Any]:
-        return tier.status()
+        return tier.status().model_dump(mode="json")
 
     @app.post("/tierlab/memory/reset-peak")
     async def reset_peak() -> dict[str, Any]:
         """Start a new resident-memory peak here (the loadgen does, before each run: a peak per run)."""
-        return {"reset": reset_peak_rss(), **tier.memory_now()}
+        return {"reset": reset_peak_rss(), **tier.memory_now().model_dump(mode="json")}
 
     @app.put("/tierlab/links")
     async def reshape(specs: dict[LinkName, LinkSpec]) -> dict[str, Any]:
         """Re-shape links between runs of a sweep; the body maps link names to conditions."""
         states = await asyncio.to_thread(tier.reshape, specs)
-        return {"tier": settings.tier, "links": [s.describe() for s in states]}
+        return {"tier": settings.tier, "links": [s.describe().model_dump(mode="json") for s in states]}
 
     @app.post(SINK_PATH)
     async def sink(request: Request) -> dict[str, int]:

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from services.contracts.clock import sleep_until
 from services.contracts.specs import ETHERNET_MTU, LinkName, LinkSpec, TierName
+from services.contracts.tier_status import LinkStatus
 
 # netem with no rate still queues every delayed packet; size for a fast veth
 _UNLIMITED_RATE_MBIT = 10_000.0
@@ -186,15 +187,15 @@ class LinkState:
             self.backend is LinkBackend.USERSPACE and self.spec.is_cut
         )
 
-    def describe(self) -> dict[str, object]:
-        return {
-            "link": self.link,
-            "peer": self.peer,
-            "backend": self.backend.value,
-            "device": self.device,
-            "note": self.note,
+    def describe(self) -> LinkStatus:
+        return LinkStatus(
+            link=self.link,
+            peer=self.peer,
+            backend=self.backend.value,
+            device=self.device,
+            note=self.note,
             **self.spec.model_dump(),
-        }
+        )
 
 
 @dataclass(frozen=True, slots=True)

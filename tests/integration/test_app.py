@@ -21,8 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 from services.contracts import codec
 from services.contracts.codec import InferResponse
 from services.contracts.errors import ConfigError
-from services.contracts.repository import loaded_summary
 from services.contracts.specs import TIERS
+from services.contracts.tier_status import read_tier_status
 from services.contracts.transport import new_control_token, use_control_token
 from services.demo import local_deployment, write_deployment
 from services.local import free_ports
@@ -62,6 +62,8 @@ async def test_health_metadata_and_status(tier_settings: SettingsFactory) -> Non
         status = (await client.get("/tierlab/status")).json()
         assert status["tier"] == "edge" and status["onnxruntime"]["intra_op_threads"] == tier.intra_op_threads
         assert status["models"]["demo-mlp.partition3"]["stages_here"] == [0, 1, 2]
+        read = read_tier_status(status)  # the wire document reads back as the contract says
+        assert read == tier.status().model_copy(update={"memory": read.memory, "cpu_throttling": read.cpu_throttling})
 
 
 async def test_single_tier_inference_matches_onnxruntime(
@@ -420,7 +422,9 @@ async def test_the_model_repository_loads_and_unloads_with_measured_costs(
         reply = await client.post("/v2/models/demo-mlp.partition3/infer", json=v2_json_request(X, placement="E"))
         assert reply.status_code == 400 and "unloaded" in reply.json()["error"]
         status = (await client.get("/tierlab/status")).json()
-        assert loaded_summary(status).startswith("1 of 3 variants loaded; ")  # identity again; partition3 unloaded
+        assert (
+            read_tier_status(status).loaded_summary().startswith("1 of 3 variants loaded; ")
+        )  # identity again; partition3 unloaded
         missing = await client.post("/v2/repository/models/no-such-model/load")
         assert missing.status_code == 404 and "not served here" in missing.json()["error"]
 

@@ -274,7 +274,7 @@ def check_faults_through_the_runtime(state: StackStateSpec, profile: str) -> Non
     runtime.set_limits("edge", TierLimits(0.2, 768 * MIB))
     cores, memory = kernel_limits("edge")
     assert cores == pytest.approx(0.2) and memory == 768 * MIB
-    assert stack.status("edge")["limits"]["cpu_quota_cores"] == pytest.approx(0.2)
+    assert stack.status("edge").limits.cpu_quota_cores == pytest.approx(0.2)
     assert infer_over_http(urls["mobile"], model, x, placement="M-E-C").parameters["hops"] == 3
     runtime.set_limits("edge", before)
     assert kernel_limits("edge") == profile_limits(profile)["edge"]
