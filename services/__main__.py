@@ -49,7 +49,8 @@ def _settings_from(args: argparse.Namespace) -> TierSettings:
 
 
 def run_tier(args: argparse.Namespace) -> int:
-    from services.tier.app import build_tier, create_app
+    from services.tier.app import build_tier
+    from services.tier.routes import create_app
 
     try:
         settings = _settings_from(args)

@@ -24,7 +24,8 @@ from services.contracts.manifest import ManifestSpec, load_manifest
 from services.contracts.specs import TIERS, LinkName, LinkSpec, TierName
 from services.demo import build_demo_mlp, local_deployment, write_deployment
 from services.local import free_ports
-from services.tier.app import Tier, build_tier, create_app
+from services.tier.app import Tier, build_tier
+from services.tier.routes import create_app
 from services.tier.settings import TierSettings
 
 DEMO_MODELS = ("identity", "partition3", "early-exit")

@@ -1,6 +1,6 @@
 """The error tree every part of tierlab raises, each class carrying its HTTP status.
 
-One handler (``services.tier.app``) renders any of them as the Open Inference Protocol error body
+One handler (``services.tier.infer.error_reply``) renders any of them as the Open Inference Protocol error body
 ``{"error": "<message>"}`` with the class's status, so the data plane never thinks about HTTP and a
 client always gets a message that names the problem::
 

@@ -29,7 +29,7 @@ from services.contracts.specs import TIERS, TierName
 from services.contracts.variant import StageModel, write_variant
 from services.demo import local_deployment, write_deployment
 from services.local import LocalStack, free_ports
-from services.tier.app import create_app
+from services.tier.routes import create_app
 from tests.conftest import serve_in_process, v2_json_request
 
 GRACE_S = 1.0
