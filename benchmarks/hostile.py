@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         stack, legit, header_bytes = _setup(args)
     except ConfigError as exc:
         print(f"bench-hostile: {exc.message}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     status = stack.status("mobile")
     container = "tierlab_mobile_1"
     before = _container_facts(container)

@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args))
     except ConfigError as exc:
         console.print(f"tierlab loadgen: {exc.message}")
-        return 2
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from services.contracts import codec
 from services.contracts import pipeline as p
 from services.contracts.codec import Buffer
-from services.contracts.errors import ConfigError, MalformedBody, hop_name
+from services.contracts.errors import ConfigError, MalformedBody, StackNotUp, hop_name
 from services.contracts.repository import RepositoryModelSpec
 from services.contracts.runtime import TierRuntime, Unsupported, runtime_for
 from services.contracts.specs import TIERS, LinkMeasurementSpec, LinkName, LinkSpec, TierName
@@ -83,10 +83,10 @@ class Stack:
         """The stack ``make up`` recorded (``check_ready`` says whether it serves)."""
         state = read_stack_state(path)
         if state is None:
-            raise ConfigError(f"no stack is up ({path} is missing or not a stack's state): run `make up` first")
+            raise StackNotUp(f"no stack is up ({path} is missing or not a stack's state): run `make up` first")
         missing = [t for t in TIERS if t not in state.urls]
         if missing:
-            raise ConfigError(f"the stack in {path} has no {', '.join(missing)} tier: make up")
+            raise StackNotUp(f"the stack in {path} has no {', '.join(missing)} tier: make up")
         urls = {t: state.urls[t] for t in TIERS}
         use_stack_token(state)  # control calls (links, loads, probes) carry the stack's token
         return cls(urls, state, path)
@@ -101,7 +101,7 @@ class Stack:
         for tier in TIERS:
             code, body = control(f"{self.urls[tier]}/v2/health/ready", timeout_s=5)
             if code != 200:
-                raise ConfigError(f"{tier} at {self.urls[tier]} is not ready ({code}: {body}); see `make status`")
+                raise StackNotUp(f"{tier} at {self.urls[tier]} is not ready ({code}: {body}); see `make status`")
 
     def status(self, tier: TierName) -> TierStatusSpec:
         code, body = control(f"{self.urls[tier]}/tierlab/status")

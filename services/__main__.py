@@ -64,7 +64,7 @@ def run_tier(args: argparse.Namespace) -> int:
         tier = build_tier(settings)
     except ConfigError as exc:
         print(f"tierlab tier {settings.tier}: {exc.message}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     graceful_s = 5.0
     app = create_app(tier)
     if settings.http_server == "uvicorn":
@@ -114,7 +114,7 @@ def run_local(args: argparse.Namespace) -> int:
         stack.start()
     except ConfigError as exc:
         print(f"tierlab local: {exc.message}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except (RuntimeError, TimeoutError) as exc:
         print(f"tierlab local: {exc}", file=sys.stderr)
         return 1
@@ -162,7 +162,7 @@ def run_status(args: argparse.Namespace) -> int:
         deployment = load_deployment(Path(args.deployment))
     except ConfigError as exc:
         print(f"tierlab status: {exc.message}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     healthy = True
     for tier in TIERS:
         url = deployment.tiers[tier].base_url
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(handler(args))
     except ConfigError as exc:
         print(f"tierlab: {exc.message}", file=sys.stderr)
-        return 2
+        return exc.exit_code
 
 
 if __name__ == "__main__":

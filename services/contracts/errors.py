@@ -2,11 +2,14 @@
 
 One handler (``services.tier.infer.error_reply``) renders any of them as the Open Inference Protocol error body
 ``{"error": "<message>"}`` with the class's status, so the data plane never thinks about HTTP and a
-client always gets a message that names the problem::
+client always gets a message that names the problem; a command line that stops on one exits with the
+class's ``exit_code`` (1 unless given)::
 
     TierlabError (500)
-    ├── ConfigError (500)              a manifest / deployment / settings file is wrong (start-up)
-    │   └── ChecksumMismatch (500)     a submodel file's sha256 differs from its manifest
+    ├── ConfigError (500, exit 2)      what the user gave is wrong: a spec, manifest, deployment, setting
+    │   ├── ChecksumMismatch (500)     a submodel file's sha256 differs from its manifest
+    │   ├── StackNotUp (exit 3)        no stack is up, or a tier of it does not answer ready (make up, make status)
+    │   └── MissingTool (exit 4)       this machine lacks what the command needs (Docker, an extra, a kernel feature)
     ├── BadRequest (400)
     │   ├── MalformedBody (400)        JSON or binary framing cannot be parsed
     │   ├── TensorMismatch (400)       wrong tensor name, datatype or shape for the model
@@ -32,6 +35,7 @@ class TierlabError(Exception):
     """Base of every error tierlab raises on purpose; ``status_code`` is what HTTP shows."""
 
     status_code: int = 500
+    exit_code: int = 1  # what a command line that stops on this error exits with
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -47,11 +51,25 @@ class TierlabError(Exception):
 
 
 class ConfigError(TierlabError):
-    """A manifest, deployment or settings file is invalid; raised before a tier serves."""
+    """What the user gave is wrong: a manifest, deployment, spec or settings file, or a command's options."""
+
+    exit_code = 2
 
 
 class ChecksumMismatch(ConfigError):
     """A submodel file does not hash to the sha256 its manifest records."""
+
+
+class StackNotUp(ConfigError):
+    """No stack is up, or one of its tiers does not answer ready: ``make up``, ``make status``."""
+
+    exit_code = 3
+
+
+class MissingTool(ConfigError):
+    """This machine lacks what the command needs: the Docker engine or SDK, a Python extra, a kernel feature."""
+
+    exit_code = 4
 
 
 class BadRequest(TierlabError):

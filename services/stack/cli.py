@@ -372,4 +372,4 @@ def main(args: argparse.Namespace) -> int:
         return int(args.handler(args))
     except ConfigError as exc:
         print(f"tierlab stack: {exc.message}", file=sys.stderr)
-        return 2
+        return exc.exit_code

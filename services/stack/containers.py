@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.contracts.errors import ConfigError
+from services.contracts.errors import ConfigError, MissingTool
 
 try:
     import docker
@@ -24,7 +24,7 @@ __all__ = ["PROJECT", "NoDockerAccess", "NotFound", "client", "exited", "project
 PROJECT = "tierlab"
 
 
-class NoDockerAccess(ConfigError):
+class NoDockerAccess(MissingTool):
     """No Docker SDK or engine reachable from this process."""
 
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.contracts.errors import ConfigError
+from services.contracts.errors import ConfigError, MissingTool
 
 NO_DOCKER_HELP = (
     "Docker is not available: {reason}.\n"
@@ -22,7 +22,7 @@ NO_DOCKER_HELP = (
 )
 
 
-class DockerUnavailable(ConfigError):
+class DockerUnavailable(MissingTool):
     """No Docker engine answers; the message says how to get one or how to go without."""
 
 

@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from services.contracts.errors import ConfigError
+from services.contracts.errors import ConfigError, StackNotUp
 from services.contracts.runtime import TierLimits, TierProcess, TierRun, TierRuntime, Unsupported, runtime_for
 from services.contracts.specs import TIERS, TierName, network_profile_links
 from services.contracts.stack_state import LocalTierSpec, StackStateSpec, write_stack_state
@@ -152,7 +152,7 @@ class Runtime(ABC):
             if json_call(url, timeout_s=1.0)[0] == 200:
                 return time.monotonic() - started
             time.sleep(_POLL_INTERVAL_S)
-        raise ConfigError(f"{tier} not ready within {timeout_s:g} s after it was started again")
+        raise StackNotUp(f"{tier} not ready within {timeout_s:g} s after it was started again")
 
 
 # ------------------------------------------------------------------------------------------- local
@@ -344,7 +344,7 @@ class DockerRuntime(Runtime):
     def _container(self, tier: TierName) -> Any:
         container = self._containers().get(tier)
         if container is None:
-            raise ConfigError(f"no {tier} container in the {self.project} project (make up)")
+            raise StackNotUp(f"no {tier} container in the {self.project} project (make up)")
         return container
 
     def processes(self) -> dict[TierName, TierProcess]:
@@ -472,7 +472,7 @@ class SwarmRuntime(DockerRuntime):
         stack = self.stack
         service = swarm_service(f"{STACK}_{tier}", stack.manager)
         if service is None:
-            raise ConfigError(f"no {tier} service in the {STACK} stack (make up RUNTIME=swarm)")
+            raise StackNotUp(f"no {tier} service in the {STACK} stack (make up RUNTIME=swarm)")
         if self.processes()[tier].run in ("running", "paused"):
             raise ConfigError(f"{tier} is still running")
         service.force_update()
