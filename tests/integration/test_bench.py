@@ -87,8 +87,10 @@ def check_one_answer_everywhere(folder: Path, summary: dict[str, Any], capsys: p
     for name, accuracy in variants.items():  # the deployed tiers compute what was evaluated offline
         assert accuracy["flag"] is None and accuracy["offline"]["n"] > 0, accuracy
         assert (accuracy["drop"] is None) == (name == "identity"), accuracy
-    # each placement answered its own share of the split: the variant's pooled items outnumber one run's
-    assert variants["identity"]["deployed"]["n"] > max(e["n"] for e in summary["strategies"])
+    # each placement answered its own share of the split: the variant's pooled items outnumber any one of its
+    # runs' (another variant's run may be longer: a bimodal early exit runs to its cap while identity converges)
+    identity_runs = [e["n"] for e in summary["strategies"] if e["variant"] == "identity"]
+    assert len(identity_runs) > 1 and variants["identity"]["deployed"]["n"] > max(identity_runs)
 
 
 def test_quick_spec_report_matches_its_records_and_renders(
