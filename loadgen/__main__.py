@@ -93,7 +93,8 @@ def _interrupted(signum: int, frame: object) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from loadgen.chaos import clear_left_in_force
-    from loadgen.runner import Experiment, execute, plan_experiment, start_folder
+    from loadgen.planning import plan_experiment
+    from loadgen.runner import Experiment, execute, start_folder
     from loadgen.target import Stack
     from loadgen.telemetry import LoadgenTelemetry
 

@@ -1,25 +1,20 @@
-"""The experiment runner: plan the runs of a spec against the stack, drive each, record every request.
+"""The experiment runner: drive each run ``loadgen.planning`` planned, record every request.
 
-An experiment writes ``results/<run-id>/``: ``spec.yaml``, ``bundle.json`` (what makes it reproducible:
-versions, kernel, git commit, seeds, stack and profiles, the link backend in force and each network's
-measured fidelity), ``records.csv`` (one row per request, as it comes) and ``runs.jsonl`` (one line per
-finished run). ``summary.json`` and ``report.html`` are made from the records at the end (and can be
-remade with ``python -m loadgen report``).
+An experiment writes ``results/<run-id>/``: ``spec.yaml``, ``bundle.json`` (``loadgen.environment``: what
+makes it reproducible: versions, kernel, git commit, seeds, stack and profiles, the link backend in force
+and each network's measured fidelity), ``records.csv`` (one row per request, as it comes) and
+``runs.jsonl`` (one line per finished run). ``summary.json`` and ``report.html`` are made from the
+records at the end (and can be remade with ``python -m loadgen report``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from importlib import metadata
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,42 +25,22 @@ import yaml
 from loadgen.accuracy import snapshot_offline
 from loadgen.chaos import FaultInjector, FaultJournal, event_dicts
 from loadgen.engine import Done, Issue, RealClock, StopRule, drive
+from loadgen.environment import environment_bundle
 from loadgen.loads import ModelLoads
+from loadgen.planning import Plan, RunPlan, network_links, placement_offset
 from loadgen.records import LOST_CAUSE, LOST_ERROR, RecordWriter, Resumed, mark_finished, resume_state
-from loadgen.spec import ExperimentSpec, ScenarioSpec, StoppingSpec
+from loadgen.spec import ExperimentSpec
 from loadgen.target import Answer, PreparedRequest, Stack
 from loadgen.telemetry import LoadgenTelemetry
 from services.contracts import pipeline as p
 from services.contracts.calibration import measure_speeds
 from services.contracts.device import CpuThrottlingSpec
 from services.contracts.errors import BadParameter, ConfigError, failure_of
-from services.contracts.manifest import ManifestSpec, load_manifest
-from services.contracts.runkey import Strategy, SweepCell
+from services.contracts.manifest import load_manifest
+from services.contracts.runkey import SweepCell
 from services.contracts.samples import SampleSet, load_samples
 from services.contracts.scoring import score_item
-from services.contracts.specs import LinkName, LinkSpec, network_profile_links, placements_for
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    subject: str
-    model: str
-    variant: str
-    placement: str
-    scenario: ScenarioSpec
-    network: str
-    stopping: StoppingSpec
-    warmup: int
-
-    @property
-    def strategy(self) -> str:
-        return str(Strategy(self.model, self.placement))
-
-    @property
-    def key(self) -> str:
-        return f"{self.strategy}|{self.scenario.name}|{self.network}"
+from services.contracts.specs import LinkName, LinkSpec
 
 
 @dataclass
@@ -87,92 +62,6 @@ class LoadgenShare:
             "complete_ms_mean": round(self.complete_ns / requests / 1e6, 4),
             "cpu_ms_per_request": round(cpu_s * 1e3 / requests, 4),
         }
-
-
-@dataclass
-class Plan:
-    runs: list[RunPlan]
-    skipped: list[str] = field(default_factory=list)
-
-
-# every placement, in a fixed order: each starts at its own share of a subject's sample order
-ALL_PLACEMENTS = tuple(placement.name for size in (1, 2, 3) for placement in placements_for(size)
-                       if size == 1 or len(placement.tiers) == size)  # fmt: skip
-
-
-def placement_offset(placement: str, samples: int) -> int:
-    """Where a placement's runs start in a subject's sample order (its share of the order)."""
-    index = ALL_PLACEMENTS.index(placement) if placement in ALL_PLACEMENTS else 0
-    return index * (samples // len(ALL_PLACEMENTS))
-
-
-def network_links(name: str) -> dict[LinkName, LinkSpec]:
-    return network_profile_links(PROJECT_ROOT / "compose" / f"network-{name}.yml")
-
-
-def plan_experiment(spec: ExperimentSpec, stack: Stack, models_dir: Path) -> Plan:
-    """Every run the spec asks for that the stack can serve; what it cannot is listed, not silently dropped."""
-    plan = Plan([])
-    chosen: list[tuple[str, ManifestSpec, str]] = []
-    for selection in spec.selections:
-        folders = sorted(p.parent for p in (models_dir / selection.subject).glob("*/manifest.json"))
-        if not folders:
-            raise ConfigError(f"no built variants of {selection.subject} in {models_dir}: run `make models`")
-        built = {f.name: f for f in folders if not f.name.startswith("_")}
-        wanted = list(built) if selection.variants == "all" else selection.variants
-        for variant in wanted:
-            if variant not in built:
-                plan.skipped.append(f"{selection.subject}.{variant}: not built")
-                continue
-            manifest = load_manifest(built[variant])
-            served = stack.served_placements(manifest.name)
-            if served is None:
-                plan.skipped.append(f"{manifest.name}: not served by the stack (make up SUBJECTS=…)")
-                continue
-            placements = served if selection.placements == "all" else [p for p in selection.placements if p in served]
-            for placement in placements:
-                chosen.append((selection.subject, manifest, placement))
-    for network in spec.networks:
-        for scenario in spec.scenarios:
-            for subject, manifest, placement in chosen:
-                variant = manifest.name.split(".", 1)[1]
-                plan.runs.append(
-                    RunPlan(
-                        subject,
-                        manifest.name,
-                        variant,
-                        placement,
-                        scenario,
-                        network,
-                        spec.stopping,
-                        spec.warmup_requests,
-                    )
-                )
-    if spec.sweep is not None:
-        stopping = StoppingSpec(min_samples=spec.sweep.samples, max_samples=spec.sweep.samples, max_duration_s=60)
-        planned = {Strategy(m.name, pl) for _, m, pl in chosen}
-        sweepable = []
-        for strategy in map(Strategy.parse, spec.sweep.strategies):
-            if strategy in planned or strategy.placement in (stack.served_placements(strategy.model) or []):
-                sweepable.append((strategy.model, strategy.placement))
-            else:
-                plan.skipped.append(f"sweep {strategy}: not served")
-        for row, column in spec.sweep.cells():
-            for model, placement in sweepable:
-                subject, variant = model.split(".", 1)
-                plan.runs.append(
-                    RunPlan(
-                        subject,
-                        model,
-                        variant,
-                        placement,
-                        ScenarioSpec(kind="single-stream"),
-                        str(SweepCell(row, column)),
-                        stopping,
-                        2,
-                    )
-                )
-    return plan
 
 
 def score(answer: Answer, output: str, target: np.ndarray) -> dict[str, Any]:
@@ -219,41 +108,6 @@ def request_record(
     else:
         record["failed_hop"], record["cause"] = failure_of(answer.status, answer.error, entry="mobile")
     return record
-
-
-def environment_bundle(stack: Stack, spec: ExperimentSpec) -> dict[str, Any]:
-    def version(package: str) -> str | None:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
-
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=PROJECT_ROOT, check=False, timeout=5
-            ).stdout.strip()
-            or None
-        )
-    except OSError:
-        commit = None
-    statuses = {t: stack.status(t) for t in stack.urls}
-    return {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "git_commit": commit,
-        "python": sys.version.split()[0],
-        "kernel": platform.release(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "versions": {k: version(k) for k in ("onnxruntime", "numpy", "fastapi", "uvicorn", "tierlab")},
-        "seed": spec.seed,
-        "stack": stack.state.model_dump(include={"runtime", "profile", "network", "images", "subjects", "nodes"}),
-        "tiers": {
-            t: status.model_dump(mode="json", include={"limits", "onnxruntime", "device", "device_model", "host"})
-            for t, status in statuses.items()
-        },
-        "networks": {},
-    }
 
 
 class Experiment:

@@ -11,8 +11,8 @@ import pytest
 from loadgen import stats
 from loadgen.accuracy import decide, variant_accuracies
 from loadgen.convergence import convergence
+from loadgen.planning import placement_offset
 from loadgen.recommend import answer
-from loadgen.runner import placement_offset
 from loadgen.summary import summarise
 from services.contracts.decisions import DropSpec
 from services.contracts.scoring import OfflineOutcomes, confusion, outcomes_of

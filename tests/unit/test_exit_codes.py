@@ -21,9 +21,7 @@ def test_each_kind_of_error_has_its_exit_code() -> None:
     assert isinstance(NoDockerAccess("x"), MissingTool) and isinstance(DockerUnavailable("x"), MissingTool)
 
 
-def test_no_stack_exits_3_and_says_make_up(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_no_stack_exits_3_and_says_make_up(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = loadgen_main(["run", "--spec", "quick", "--state", str(tmp_path / "stack.json"),
                          "--results", str(tmp_path / "results")])  # fmt: skip
     assert code == 3
