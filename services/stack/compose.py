@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -53,6 +54,17 @@ class StackSpec:
     subjects: tuple[str, ...] = DEFAULT_SUBJECTS  # () = every manifest under models_dir
     with_grafana: bool = True
     startup_models: str = "none"  # the tiers' TIERLAB_STARTUP_MODELS: none, all, or names
+
+    def state(self, runtime: str, **recorded: Any) -> StackStateSpec:
+        """The state a runtime records for a stack brought up from this spec (``recorded`` reads it back)."""
+        return StackStateSpec(
+            runtime=runtime,
+            profile=self.profile,
+            network=self.network,
+            models_dir=str(self.models_dir),
+            subjects=list(self.subjects),
+            **recorded,
+        )
 
     @classmethod
     def recorded(cls, state: StackStateSpec, root: Path) -> StackSpec:
@@ -179,12 +191,8 @@ class DockerStack:
         self._compose("up", "-d", "--remove-orphans", images=images, profiles=("grafana",) if grafana else ())
         self.wait_ready(timeout_s)
         self.wait_scraped(f"http://127.0.0.1:{PROMETHEUS_PORT}")
-        state = StackStateSpec(
-            runtime="docker",
-            profile=self.spec.profile,
-            network=self.spec.network,
-            models_dir=str(self.spec.models_dir),
-            subjects=list(self.spec.subjects),
+        state = self.spec.state(
+            "docker",
             urls={t: f"http://127.0.0.1:{HOST_PORTS[t]}" for t in TIERS},
             prometheus=f"http://127.0.0.1:{PROMETHEUS_PORT}",
             grafana=f"http://127.0.0.1:{GRAFANA_PORT}" if grafana else None,

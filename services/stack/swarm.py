@@ -366,12 +366,8 @@ class SwarmStack:
         tier_nodes = self.wait_running(timeout_s, by_id)
         manager_address = node_address(by_id[manager_id], manager_id, self.manager)
         urls = {t: f"http://{node_address(tier_nodes[t], manager_id, self.manager)}:{HOST_PORTS[t]}" for t in TIERS}
-        state = StackStateSpec(
-            runtime="swarm",
-            profile=self.spec.profile,
-            network=self.spec.network,
-            models_dir=str(self.spec.models_dir),
-            subjects=list(self.spec.subjects),
+        state = self.spec.state(
+            "swarm",
             urls=urls,
             manager=self.manager,
             nodes={t: node_summary(tier_nodes[t]) for t in TIERS},

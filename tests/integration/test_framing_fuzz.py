@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.tier.server import Server, ServerLimits
+from tests.integration.test_server import read_body
 
 CASES = 10_000
 ABSOLUTE_FORM = re.compile(rb"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/?]*/?(.*)$", re.DOTALL)
@@ -51,18 +52,13 @@ def _digest(body: bytes) -> str:
 async def echo(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
     """Answers every request with what it read, in headers, and an empty body."""
     if scope["type"] == "lifespan":
-        while (message := await receive())["type"] != "lifespan.shutdown":
+        while (await receive())["type"] != "lifespan.shutdown":
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return
-    body = bytearray()
-    more = True
-    while more:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        body += message["body"]
-        more = message.get("more_body", False)
+    body = await read_body(receive)
+    if body is None:
+        return
     target = scope["raw_path"] + (b"?" + scope["query_string"] if scope["query_string"] else b"")
     headers = [
         (b"x-method", scope["method"].encode()),

@@ -22,6 +22,21 @@ from services.tier.server import Server
 Scope = MutableMapping[str, Any]
 
 
+async def read_body(receive: Any, pieces: list[int] | None = None) -> bytearray | None:
+    """An ASGI request's whole body (each piece's size noted in ``pieces``), or None if the client left."""
+    body = bytearray()
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        if pieces is not None:
+            pieces.append(len(message["body"]))
+        body += message["body"]
+        more = message.get("more_body", False)
+    return body
+
+
 class Recorder:
     """An ASGI app that answers each request with what it received, and notes what it saw."""
 
@@ -57,15 +72,9 @@ class Recorder:
                 await send({"type": "http.response.body", "body": part, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
             return
-        body = bytearray()
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            self.pieces.append(len(message["body"]))
-            body += message["body"]
-            more = message.get("more_body", False)
+        body = await read_body(receive, self.pieces)
+        if body is None:
+            return
         self.bodies.append(bytes(body))
         if path == "/medium":  # more than a few answers' worth of a pipelining client's socket buffers
             await self._answer(send, 200, bytes(100_000))
